@@ -1,0 +1,116 @@
+"""Command line: ``gateway serve`` and ``gateway check-config``.
+
+Exit status 2 means a bad setting or usage; the message is one line naming the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+import uvloop
+
+from gateway.config import Config, ConfigError, load_config
+from gateway.hostname import check_domain
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gateway", description="Ingress gateway for sandbox apps.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, help_ in (("serve", "run the gateway"), ("check-config", "validate the configuration and exit")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--config", metavar="FILE", help="TOML settings file (default: $GATEWAY_CONFIG)")
+        p.add_argument("--listen", metavar="HOST:PORT", action="append", help="data-plane listener (repeatable)")
+        p.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener")
+        p.add_argument("--redis-url", metavar="URL", help="catalog Redis URL")
+        p.add_argument("--domain", metavar="DOMAIN", action="append", help="routed domain (repeatable)")
+    return ap
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if args.listen:
+        o["listen"] = tuple(args.listen)
+    if args.admin_listen:
+        o["admin_listen"] = args.admin_listen
+    if args.redis_url is not None:
+        o["redis_url"] = args.redis_url
+    if args.domain:
+        o["domains"] = tuple(args.domain)
+    return o
+
+
+def load(args: argparse.Namespace) -> Config:
+    path = args.config or os.environ.get("GATEWAY_CONFIG") or None
+    return load_config(path, overrides=_overrides(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load(args)
+    except ConfigError as e:
+        print(f"gateway: invalid {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=cfg.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for d in cfg.domains:
+        _, warning = check_domain(d)
+        if warning:
+            log.info("domain %s", warning)
+    if args.command == "check-config":
+        print("configuration ok")
+        return 0
+    try:
+        return uvloop.run(_serve(cfg))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(cfg: Config) -> int:
+    from dataclasses import replace
+
+    from gateway.embedded import Embedded
+    from gateway.server import Gateway
+
+    embedded: Embedded | None = None
+    if cfg.embedded:
+        embedded = Embedded(cfg.demo_port)
+        try:
+            url = await embedded.start(cfg.catalog_prefix)
+        except RuntimeError as e:
+            print(f"gateway: {e}", file=sys.stderr)
+            await embedded.stop()
+            return 1
+        cfg = replace(cfg, redis_url=url)
+    gw = Gateway(cfg)
+    try:
+        try:
+            await gw.start()
+        except OSError as e:
+            print(f"gateway: cannot listen: {e}", file=sys.stderr)
+            await gw.stop()
+            return 1
+        if embedded is not None:
+            host = cfg.listen_addrs[0][0]
+            shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::1", "::") else host
+            print(
+                f"gateway: embedded mode (local Redis {embedded.url}); demo sandbox on port {embedded.demo_port}.\n"
+                f"Open http://{embedded.demo_port}-demo.{cfg.domains[0]}:{gw.ports[0]}/  "
+                f"(or: curl -H 'Host: {embedded.demo_port}-demo.{cfg.domains[0]}' http://{shown}:{gw.ports[0]}/api/info)",
+                flush=True,
+            )
+        await gw.serve_until_signalled()
+    finally:
+        if embedded is not None:
+            await embedded.stop()
+    return 0
+

@@ -1,0 +1,258 @@
+"""One frozen Config: defaults < TOML file < GATEWAY_* environment < command-line flags.
+
+Every setting is declared once, below, with its default and a one-line meaning; the TOML file
+(config/gateway.toml), the environment variables and the docs are checked against this list by the
+tests. A bad value raises :class:`ConfigError` naming the setting, and the CLI exits with status 2.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_hostport", "settings_table"]
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value: ``setting`` names it, ``problem`` says what is wrong."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"setting {setting!r}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+def _s(default: Any, doc: str, check: Callable[[Any], str | None] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _port_or_zero(v: int) -> str | None:
+    return None if 0 <= v <= 65535 else "must be a TCP port (1-65535), or 0"
+
+
+def _hostports(v: tuple[str, ...]) -> str | None:
+    if not v:
+        return "needs at least one HOST:PORT"
+    for a in v:
+        try:
+            parse_hostport(a)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def _hostport(v: str) -> str | None:
+    return _hostports((v,))
+
+
+def _redis_url(v: str) -> str | None:
+    if v == "":
+        return None
+    u = urlsplit(v)
+    if u.scheme not in ("redis", "rediss", "unix"):
+        return f"{v!r}: scheme must be redis://, rediss:// or unix://"
+    return None
+
+
+def _cidrs(v: tuple[str, ...]) -> str | None:
+    for c in v:
+        try:
+            ipaddress.ip_network(c, strict=False)
+        except ValueError:
+            return f"{c!r} is not an IP network (CIDR) or address"
+    return None
+
+
+def _domains(v: tuple[str, ...]) -> str | None:
+    from gateway.hostname import check_domain
+
+    if not v:
+        return "needs at least one domain"
+    for d in v:
+        problem, _ = check_domain(d)
+        if problem:
+            return problem
+    return None
+
+
+def _tokens(v: tuple[str, ...]) -> str | None:
+    for t in v:
+        if not t or not t.replace("-", "").replace(".", "").isalnum():
+            return f"{t!r} is not an upgrade protocol token"
+    return None
+
+
+def _log_level(v: str) -> str | None:
+    return None if v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR") else "must be debug, info, warning or error"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of the gateway, with its default (see config/gateway.toml)."""
+
+    # Listeners
+    listen: tuple[str, ...] = _s(("127.0.0.1:8080",), "data-plane listeners, HOST:PORT (IPv6: [::1]:8080)", _hostports)
+    admin_listen: str = _s("127.0.0.1:8081", "admin listener (/health, /ready), HOST:PORT", _hostport)
+    domains: tuple[str, ...] = _s(
+        ("sandbox.localhost",), "domains whose {port}-{sandboxId}.{domain} hosts are routed", _domains
+    )
+    # Catalog
+    redis_url: str = _s(
+        "", "catalog Redis (redis://, rediss://, unix://); empty: start a local Redis and a demo sandbox", _redis_url
+    )
+    catalog_prefix: str = _s("sandbox:catalog:", "key prefix of catalog records")
+    redis_timeout: float = _s(0.25, "seconds one Redis call may take before it counts as failed", _positive)
+    cache_ttl: float = _s(2.0, "seconds a catalog record is used without asking Redis again", _non_negative)
+    negative_cache_ttl: float = _s(1.0, "seconds 'no such sandbox' and invalid records are remembered", _non_negative)
+    stale_if_error: float = _s(300.0, "seconds an expired record still routes while Redis fails", _non_negative)
+    cache_max_entries: int = _s(100_000, "records kept in the in-process cache", _positive)
+    node_port: int = _s(0, "0: connect to {address}:{port}; else to {address}:{node_port} (node mode)", _port_or_zero)
+    # Upstream
+    connect_timeout: float = _s(5.0, "seconds to establish a TCP connection to a sandbox (then 504)", _positive)
+    connect_wait: float = _s(1.0, "seconds to keep retrying a refused connection (then 502 port_not_open)", _non_negative)
+    upstream_idle_timeout: float = _s(4.0, "seconds an idle pooled upstream connection is kept", _positive)
+    pool_max_idle_per_upstream: int = _s(32, "idle pooled connections kept per (address, port, execution)", _non_negative)
+    pool_max_idle: int = _s(4096, "idle pooled connections kept in all", _non_negative)
+    max_response_head_size: int = _s(65536, "bytes of an upstream response head (then 502)", _positive)
+    # Downstream
+    trusted_proxies: tuple[str, ...] = _s((), "CIDRs whose X-Forwarded-*/Forwarded fields are kept and extended", _cidrs)
+    upgrade_protocols: tuple[str, ...] = _s(("websocket",), "Upgrade tokens tunnelled; others are dropped", _tokens)
+    max_request_head_size: int = _s(65536, "bytes of request line plus headers (then 431)", _positive)
+    max_header_count: int = _s(128, "header fields per request (then 431)", _positive)
+    request_head_timeout: float = _s(30.0, "seconds a client has to send a complete request head (then 408)", _positive)
+    client_idle_timeout: float = _s(620.0, "seconds an idle keep-alive client connection is kept", _positive)
+    # Lifecycle
+    drain_delay: float = _s(5.0, "seconds /ready reports 503 before listeners close on SIGTERM", _non_negative)
+    shutdown_timeout: float = _s(30.0, "seconds in-flight requests get to finish after listeners close", _non_negative)
+    log_level: str = _s("info", "debug, info, warning or error", _log_level)
+    demo_port: int = _s(3000, "embedded mode: port of the demo app (0: any free port)", _port_or_zero)
+
+    @property
+    def listen_addrs(self) -> list[tuple[str, int]]:
+        return [parse_hostport(a) for a in self.listen]
+
+    @property
+    def admin_addr(self) -> tuple[str, int]:
+        return parse_hostport(self.admin_listen)
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url == ""
+
+
+def parse_hostport(a: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` to ``(host, port)``; port 0 means any free port."""
+    if a.startswith("["):
+        host, sep, port = a[1:].partition("]:")
+    else:
+        host, sep, port = a.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{a!r} is not HOST:PORT")
+    return host, int(port)
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+ENV_PREFIX = "GATEWAY_"
+
+
+def settings_table() -> list[tuple[str, Any, str]]:
+    """``(name, default, meaning)`` of every setting, in declaration order."""
+    return [(f.name, f.default, f.metadata["doc"]) for f in fields(Config) if f.default is not MISSING]
+
+
+def _coerce(name: str, value: Any, from_text: bool) -> Any:
+    """Convert a TOML value (or, ``from_text``, an environment string) to the setting's type."""
+    default = _FIELDS[name].default
+    try:
+        if isinstance(default, bool):
+            if from_text:
+                low = str(value).strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                return low in ("1", "true", "yes", "on")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if isinstance(default, int):
+            if isinstance(value, bool) or (not from_text and not isinstance(value, int)):
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool) or (not from_text and not isinstance(value, int | float)):
+                raise ValueError
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if isinstance(default, tuple):
+            if from_text:
+                return tuple(x.strip() for x in str(value).split(",") if x.strip())
+            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                raise ValueError
+            return tuple(value)
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (TypeError, ValueError):
+        kind = type(default).__name__ if not isinstance(default, tuple) else "list of strings"
+        raise ConfigError(name, f"expected {kind}, got {value!r}") from None
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Merge defaults, the TOML file at ``path``, ``GATEWAY_*`` variables and ``overrides``."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("config", f"{path} is not valid TOML: {e}") from None
+        for k, v in doc.items():
+            if k not in _FIELDS:
+                raise ConfigError(k, f"unknown setting in {path}")
+            values[k] = _coerce(k, v, from_text=False)
+    env = os.environ if env is None else env
+    for k, v in env.items():
+        if not k.startswith(ENV_PREFIX):
+            continue
+        name = k[len(ENV_PREFIX) :].lower()
+        if name in _FIELDS:
+            values[name] = _coerce(name, v, from_text=True)
+        elif name not in _NOT_SETTINGS:
+            raise ConfigError(name, f"unknown setting (environment variable {k})")
+    for k, v in (overrides or {}).items():
+        if k not in _FIELDS:
+            raise ConfigError(k, "unknown setting")
+        values[k] = _coerce(k, v, from_text=False) if not isinstance(v, tuple) else v
+    cfg = replace(Config(), **values)
+    for name, f in _FIELDS.items():
+        check = f.metadata["check"]
+        if check is not None:
+            problem = check(getattr(cfg, name))
+            if problem:
+                raise ConfigError(name, problem)
+    return cfg
+
+
+# GATEWAY_* variables that are not settings (read by tooling, not by load_config).
+_NOT_SETTINGS = frozenset({"config"})

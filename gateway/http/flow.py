@@ -1,0 +1,55 @@
+"""Backpressure in one place: when a transport stops or resumes reading.
+
+A proxy must never read faster than it can write, or a fast sender and a slow receiver fill its
+memory. Each connection has one :class:`ReadGate`; several independent reasons can hold it shut
+(the peer's write buffer is full, pipelined requests are queued, a body is buffered while the
+upstream connects...). Reading resumes only when every reason is gone, so one reason clearing
+cannot undo another. Only this module and tunnel.py call ``pause_reading``/``resume_reading``.
+
+Writes need no code: asyncio calls ``pause_writing`` on a protocol when its transport's buffer
+passes the high-water mark, and the protocol closes the *other* side's gate with
+:data:`PEER_BUSY`; ``resume_writing`` opens it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+__all__ = ["BUFFERING", "PEER_BUSY", "QUEUED", "UPGRADING", "ReadGate", "tune"]
+
+PEER_BUSY: Final = 1  #: the transport we write this side's data to is full
+QUEUED: Final = 2  #: pipelined requests wait for the one in progress
+BUFFERING: Final = 4  #: a request body is held while the upstream connection is being set up
+UPGRADING: Final = 8  #: an Upgrade request waits for the sandbox's answer
+
+# Bytes buffered per transport before pause_writing: a few large reads' worth, so a fast
+# sender is not stopped for every read, and bounded, so a slow reader costs little memory.
+WRITE_HIGH: Final = 512 * 1024
+WRITE_LOW: Final = 128 * 1024
+
+
+class ReadGate:
+    """Pauses a transport's reading while any reason (a bit) holds."""
+
+    __slots__ = ("reasons", "transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.reasons = 0
+
+    def close(self, reason: int) -> None:
+        if not self.reasons and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.reasons |= reason
+
+    def open(self, reason: int) -> None:
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+
+def tune(transport: asyncio.Transport) -> None:
+    """Apply the gateway's write-buffer limits to a new transport."""
+    transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)

@@ -1,0 +1,116 @@
+"""The raw byte tunnel both connections become after a 101 (Switching Protocols).
+
+After the sandbox accepts an Upgrade (RFC 9110 §7.8) the gateway stops speaking HTTP on both
+connections: bytes pass unchanged in both directions, WebSocket frames included (never parsed, so
+subprotocols, extensions such as permessage-deflate, ping payloads and message sizes are whatever
+the two ends agreed). What the tunnel does keep:
+
+- backpressure both ways: when one side's write buffer fills, the other side stops reading;
+- half-close: a FIN from one side becomes a write shutdown towards the other (RFC 9293 §3.6);
+- prompt close: when either side resets, the other is reset too.
+
+Only this module and flow.py pause and resume reading on transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+from gateway.http import flow
+from gateway.http.context import Context
+
+__all__ = ["TunnelEnd", "splice"]
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class TunnelEnd(asyncio.Protocol):
+    """One side of a tunnel: what it reads, its peer writes."""
+
+    __slots__ = ("closed", "ctx", "eof", "gate", "is_client", "peer", "transport")
+
+    def __init__(self, ctx: Context, transport: asyncio.Transport, is_client: bool) -> None:
+        self.ctx = ctx
+        self.is_client = is_client
+        self.transport = transport
+        self.gate = flow.ReadGate(transport)
+        self.peer: TunnelEnd = None  # type: ignore[assignment]
+        self.eof = False
+        self.closed = False
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer.closed:
+            return False
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        if peer.eof:  # both directions are finished
+            peer.transport.close()
+            return False
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        peer = self.peer
+        self.ctx.tunnels.discard(self if self.is_client else peer)
+        if not peer.closed:
+            if exc is not None:
+                _reset(peer.transport)
+            else:
+                peer.transport.close()
+
+    def pause_writing(self) -> None:
+        self.peer.gate.close(flow.PEER_BUSY)
+
+    def resume_writing(self) -> None:
+        self.peer.gate.open(flow.PEER_BUSY)
+
+    def close(self) -> None:
+        """Close both sides (shutdown)."""
+        self.transport.close()
+        self.peer.transport.close()
+
+
+def _reset(t: asyncio.Transport) -> None:
+    sock = t.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    t.abort()
+
+
+def splice(
+    ctx: Context,
+    client: asyncio.Transport,
+    upstream: asyncio.Transport,
+    client_early: bytes,
+    *,
+    client_write_paused: bool,
+    upstream_write_paused: bool,
+) -> None:
+    """Join two transports; ``client_early`` are bytes the client sent after its Upgrade head."""
+    a = TunnelEnd(ctx, client, True)
+    b = TunnelEnd(ctx, upstream, False)
+    a.peer, b.peer = b, a
+    ctx.tunnels.add(a)
+    client.set_protocol(a)
+    upstream.set_protocol(b)
+    # Start from a known state: reading on, except towards a side whose buffer is already full.
+    client.resume_reading()
+    upstream.resume_reading()
+    if upstream_write_paused:
+        a.gate.close(flow.PEER_BUSY)
+    if client_write_paused:
+        b.gate.close(flow.PEER_BUSY)
+    if client_early:
+        upstream.write(client_early)
