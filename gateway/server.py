@@ -57,8 +57,9 @@ class Gateway:
         client = connect_redis(cfg.redis_url, cfg.redis_timeout)
         cache = CatalogCache(cfg.cache_ttl, cfg.negative_cache_ttl, cfg.stale_if_error, cfg.cache_max_entries)
         self.catalog = Catalog(client, cache, cfg.catalog_prefix, cfg.redis_timeout)
-        self.pool = Pool(cfg.upstream_idle_timeout, cfg.pool_max_idle_per_upstream, cfg.pool_max_idle,
-                         cfg.max_response_head_size)
+        self.pool = Pool(
+            cfg.upstream_idle_timeout, cfg.pool_max_idle_per_upstream, cfg.pool_max_idle, cfg.max_response_head_size
+        )
         ctx = self.ctx = Context(cfg, self.catalog, self.pool)
         for host, port in cfg.listen_addrs:
             sock = _listen_socket(host, port)
@@ -130,9 +131,12 @@ class Gateway:
             s.close()
         for c in list(ctx.connections):
             c.check_timeouts(ctx.loop.time())  # idle keep-alive connections close now
-        deadline = ctx.loop.time() + self.config.shutdown_timeout
-        while (ctx.connections or ctx.tunnels) and ctx.loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        ctx.closed_one()  # maybe nothing is open already
+        try:
+            async with asyncio.timeout(self.config.shutdown_timeout):
+                await ctx.drained.wait()
+        except TimeoutError:
+            pass
         left = len(ctx.connections) + len(ctx.tunnels)
         if left:
             log.warning("shutdown timeout: closing %d connections still open", left)
@@ -154,7 +158,7 @@ class Gateway:
             for c in list(self.ctx.connections):
                 c.reset()
         if self.pool is not None:
-            self.pool.drop()
+            self.pool.close_all()
         if self.admin is not None:
             await self.admin.stop()
         if self.catalog is not None:

@@ -12,7 +12,8 @@ request, and turns every Redis hiccup into an outage. So answers are kept here:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.catalog.record import SandboxRecord
 
@@ -27,34 +28,36 @@ class Entry:
     invalid: str | None
     fresh_until: float
     stale_until: float
+    #: What the data plane derived from this answer (routing decisions per port), dropped with it.
+    memo: dict[int, Any] = field(default_factory=dict)
 
 
 class CatalogCache:
-    __slots__ = ("_entries", "max_entries", "negative_ttl", "stale_if_error", "ttl")
+    __slots__ = ("entries", "max_entries", "negative_ttl", "stale_if_error", "ttl")
 
     def __init__(self, ttl: float, negative_ttl: float, stale_if_error: float, max_entries: int) -> None:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.stale_if_error = stale_if_error
         self.max_entries = max_entries
-        self._entries: dict[str, Entry] = {}
+        self.entries: dict[str, Entry] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def get(self, sandbox_id: str) -> Entry | None:
         """The entry for ``sandbox_id``, fresh or not (compare ``fresh_until`` with the time)."""
-        return self._entries.get(sandbox_id)
+        return self.entries.get(sandbox_id)
 
     def fresh(self, sandbox_id: str, now: float) -> Entry | None:
-        e = self._entries.get(sandbox_id)
+        e = self.entries.get(sandbox_id)
         if e is not None and now < e.fresh_until:
             return e
         return None
 
     def stale(self, sandbox_id: str, now: float) -> Entry | None:
         """An expired record still inside its stale-if-error window (records only, never misses)."""
-        e = self._entries.get(sandbox_id)
+        e = self.entries.get(sandbox_id)
         if e is not None and e.record is not None and now < e.stale_until:
             return e
         return None
@@ -64,20 +67,20 @@ class CatalogCache:
             e = Entry(record, None, now + self.ttl, now + self.ttl + self.stale_if_error)
         else:
             e = Entry(None, invalid, now + self.negative_ttl, now + self.negative_ttl)
-        entries = self._entries
+        entries = self.entries
         if entries.pop(sandbox_id, None) is None and len(entries) >= self.max_entries:
             self._evict(now)
         entries[sandbox_id] = e
         return e
 
     def invalidate(self, sandbox_id: str) -> Entry | None:
-        return self._entries.pop(sandbox_id, None)
+        return self.entries.pop(sandbox_id, None)
 
     def clear(self) -> None:
-        self._entries.clear()
+        self.entries.clear()
 
     def _evict(self, now: float) -> None:
-        entries = self._entries
+        entries = self.entries
         dead = [k for k, e in entries.items() if e.stale_until <= now]
         for k in dead:
             del entries[k]

@@ -55,6 +55,7 @@ class Catalog:
         "_loop",
         "cache",
         "degraded",
+        "hits",
         "last_error",
         "prefix",
         "reached",
@@ -73,13 +74,14 @@ class Catalog:
         self.reached = False  # Redis answered at least once since start
         self.degraded = False  # the last Redis call failed
         self.last_error = ""
-        self.stats = {"hits": 0, "misses": 0, "stale": 0, "redis_errors": 0}
+        self.stats = {"misses": 0, "stale": 0, "redis_errors": 0}
+        self.hits = 0  # counted by the data plane, which reads cache.entries directly
 
     def cached(self, sandbox_id: str) -> Entry | None:
-        """The fresh cached entry, or None: the data plane's synchronous fast path."""
+        """The fresh cached entry, or None."""
         e = self.cache.fresh(sandbox_id, self._loop.time())
         if e is not None:
-            self.stats["hits"] += 1
+            self.hits += 1
         return e
 
     async def lookup(self, sandbox_id: str) -> Entry:

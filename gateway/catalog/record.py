@@ -69,9 +69,7 @@ def parse_record(raw: bytes | str) -> SandboxRecord:
     ports = doc.get("ports")
     port_set: frozenset[int] | None = None
     if ports is not None:
-        if not isinstance(ports, list) or not all(
-            type(p) is int and 1 <= p <= 65535 for p in ports
-        ):
+        if not isinstance(ports, list) or not all(type(p) is int and 1 <= p <= 65535 for p in ports):
             raise RecordError("'ports' must be a list of integers 1-65535")
         port_set = frozenset(ports)
     return SandboxRecord(address, execution_id, state, token, mask, port_set)

@@ -26,6 +26,7 @@ class Context:
         "clock",
         "config",
         "connections",
+        "drained",
         "draining",
         "loop",
         "pool",
@@ -47,3 +48,9 @@ class Context:
         self.tunnels: set[TunnelEnd] = set()  # client ends of open tunnels
         self.clock = self.loop.time()
         self.draining = False
+        self.drained = asyncio.Event()  # set once draining and nothing is open any more
+
+    def closed_one(self) -> None:
+        """A client connection or tunnel ended; while draining, note when none is left."""
+        if self.draining and not self.connections and not self.tunnels:
+            self.drained.set()

@@ -1,10 +1,11 @@
-"""The client side: one protocol per client connection, parsing requests with httptools (llhttp).
+"""The client side: one protocol per client connection.
 
-Every request is framed by the parser before a byte of it goes upstream: heads are parsed and
-re-serialised by the header policy (headers.py), bodies are passed as the parser delimits them.
-Anything the parser or the policy refuses is answered 400 (431 for oversized heads) with a reason
-code, and the connection is closed, since after a framing error nobody can know where the next
-request would begin (RFC 9112 §11.2).
+The connection finds message boundaries itself (head end, Content-Length count, chunked framer)
+and feeds httptools (llhttp) exactly the bytes of each request before any of them goes upstream:
+llhttp validates the syntax, and its idea of where the message ends must match the gateway's.
+Anything refused is answered 400 (431 for oversized heads) with a reason code and the connection
+closes, since after a framing error nobody can know where the next request would begin
+(RFC 9112 §11.2).
 
 Requests on one connection are answered in order. Pipelined requests (a head arriving while an
 earlier response is still streaming) wait in a queue while reading pauses, so a pipeline costs at
@@ -15,11 +16,11 @@ sandboxes down one connection.
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import collections
 import logging
 import socket
 import struct
+from typing import cast
 
 import httptools
 
@@ -27,7 +28,7 @@ from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing, tunnel
 from gateway.http.context import Context
-from gateway.http.headers import Peer, prepare_request
+from gateway.http.headers import REQUEST_SPELLINGS, Peer, RequestHead, analyze_request
 from gateway.http.proxy import Exchange
 from gateway.http.upstream import UpstreamConnection
 
@@ -36,21 +37,18 @@ __all__ = ["ClientConnection"]
 log = logging.getLogger("gateway.downstream")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+_HEAD, _LENGTH, _CHUNKED = range(3)
 
 
 class _Reject(Exception):
-    """Raised from a parser callback to refuse the request with ``reason``."""
+    """The request is refused with ``reason``; the connection cannot continue."""
 
     def __init__(self, reason: Reason) -> None:
         super().__init__(reason.code)
         self.reason = reason
 
 
-class _Stop(Exception):
-    """Raised from a parser callback when nothing more on this connection will be served."""
-
-
-def _parser_reason(e: httptools.HttpParserError) -> Reason:
+def _parser_reason(e: Exception) -> Reason:
     msg = str(e).lower()
     if "content-length" in msg or "transfer-encoding" in msg or "chunk" in msg:
         return errors.INVALID_FRAMING
@@ -66,16 +64,22 @@ class ClientConnection(asyncio.Protocol):
         "closing",
         "ctx",
         "eof",
+        "fed",
+        "framer",
         "gate",
-        "head_size",
         "in_feed",
         "last_active",
         "listen_port",
+        "llhttp_done",
         "parser",
         "parsing",
         "peer",
+        "pending",
         "pumping",
         "queue",
+        "remaining",
+        "special",
+        "state",
         "tls",
         "transport",
         "write_paused",
@@ -89,8 +93,15 @@ class ClientConnection(asyncio.Protocol):
         self.gate: flow.ReadGate = None  # type: ignore[assignment]
         self.peer: Peer = None  # type: ignore[assignment]
         self.parser = httptools.HttpRequestParser(self)
+        self.state = _HEAD
+        self.pending = b""  # an incomplete head, already fed to llhttp
+        self.fed = 0  # how much of ``pending`` llhttp has seen
+        self.remaining = 0
+        self.framer: framing.ChunkedFramer | None = None
+        self.special: list[tuple[bytes, bytes]] = []  # fields the policy must look at
+        self.llhttp_done = False
         self.active: Exchange | None = None  # the exchange whose response is being sent
-        self.parsing: Exchange | None = None  # the exchange whose request is being parsed
+        self.parsing: Exchange | None = None  # the exchange whose body is being received
         self.queue: collections.deque[Exchange] = collections.deque()
         self.in_feed = False
         self.pumping = False
@@ -98,17 +109,16 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False
         self.eof = False
         self.broken: Reason | None = None
-        self.head_size = 0
         self.last_active = ctx.clock
 
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = transport = cast(asyncio.Transport, transport)
-        self.gate = flow.ReadGate(transport)
-        flow.tune(transport)
-        peername = transport.get_extra_info("peername")
+        self.transport = t = cast(asyncio.Transport, transport)
+        self.gate = flow.ReadGate(t)
+        flow.tune(t)
+        peername = t.get_extra_info("peername")
         ip = peername[0] if isinstance(peername, tuple) else "unix"
         self.peer = Peer.make(ip, self.listen_port, self.tls, self.ctx.trusted)
         self.ctx.connections.add(self)
@@ -118,37 +128,85 @@ class ClientConnection(asyncio.Protocol):
             return
         self.in_feed = True
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            self._upgraded(data[e.args[0] :])
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, _Reject):
-                self._protocol_error(cause.reason)
-            elif not isinstance(cause, _Stop):
-                log.error("request handling failed", exc_info=cause)
-                self._protocol_error(errors.INTERNAL_ERROR)
-                if cause is not None and not isinstance(cause, Exception):
-                    raise cause from None
-        except httptools.HttpParserError as e:
-            if self.parsing is not None or not self.closing:
-                self._protocol_error(_parser_reason(e))
-        finally:
-            self.in_feed = False
+            if self.pending:
+                data = self.pending + data
+                self.pending = b""
+            pos = 0
+            n = len(data)
+            parser = self.parser
+            while pos < n and not self.closing:
+                st = self.state
+                if st == _HEAD:
+                    end = data.find(b"\r\n\r\n", pos)
+                    fed = self.fed
+                    if end < 0:
+                        rest = data[pos:] if pos else data
+                        if len(rest) > self.ctx.config.max_request_head_size:
+                            raise _Reject(errors.HEAD_TOO_LARGE)
+                        if not fed:
+                            self.last_active = self.ctx.clock
+                        parser.feed_data(rest[fed:] if fed else rest)  # refuse bad syntax early
+                        self.pending = rest
+                        self.fed = len(rest)
+                        break
+                    end += 4
+                    head = data if (pos == 0 and end == n) else data[pos:end]
+                    self.fed = 0
+                    pos = end
+                    try:
+                        parser.feed_data(head[fed:] if fed else head)
+                    except httptools.HttpParserUpgrade:
+                        self.parser = parser = httptools.HttpRequestParser(self)  # HTTP unless 101
+                        if self._head(head, True):
+                            self._upgrade_pending(data[pos:])
+                            break
+                        continue
+                    self._head(head, False)
+                elif st == _LENGTH:
+                    take = self.remaining if self.remaining < n - pos else n - pos
+                    piece = data if (pos == 0 and take == n) else data[pos : pos + take]
+                    parser.feed_data(piece)
+                    pos += take
+                    self.remaining -= take
+                    x = self.parsing
+                    assert x is not None
+                    x.on_request_body(piece)
+                    if not self.remaining:
+                        self._message_end()
+                else:
+                    framer = self.framer
+                    assert framer is not None
+                    end = framer.scan(data, pos)
+                    stop = n if end < 0 else end
+                    piece = data if (pos == 0 and stop == n) else data[pos:stop]
+                    parser.feed_data(piece)  # validates chunk syntax before anything is forwarded
+                    pos = stop
+                    x = self.parsing
+                    assert x is not None
+                    x.on_request_body(piece)
+                    if end >= 0:
+                        self._message_end()
+        except _Reject as e:
+            self._protocol_error(e.reason)
+        except (httptools.HttpParserError, framing.FramingError) as e:
+            self._protocol_error(_parser_reason(e))
+        except Exception:
+            log.exception("request handling failed")
+            self._protocol_error(errors.INTERNAL_ERROR)
+        self.in_feed = False
         x = self.active
-        if x is not None and x.up is not None and not x.done:
+        if x is not None and x.up_buf and x.up is not None:
             x.flush_up()
 
     def eof_received(self) -> bool:
         # A client may half-close after its request (RFC 9112 §9.6 allows it): answer, then close.
         self.eof = True
-        if self.active is None and self.parsing is None and not self.queue:
-            return False
-        return True
+        return self.active is not None or self.parsing is not None or bool(self.queue)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.ctx.connections.discard(self)
+        self.ctx.closed_one()
         for x in (self.active, self.parsing, *self.queue):
             if x is not None:
                 x.abort()
@@ -167,79 +225,72 @@ class ClientConnection(asyncio.Protocol):
         if x is not None and x.up is not None:
             x.up.gate.open(flow.PEER_BUSY)
 
-    # ---- httptools callbacks
+    # ---- llhttp callbacks (it validates; the gateway frames)
 
     def on_message_begin(self) -> None:
-        if self.closing:
-            raise _Stop
-        self.parsing = Exchange(self)
-        self.head_size = 0
-        self.last_active = self.ctx.clock
-
-    def on_url(self, url: bytes) -> None:
-        x = self.parsing
-        assert x is not None
-        x.url += url
-        self.head_size += len(url)
-        if self.head_size > self.ctx.config.max_request_head_size:
-            raise _Reject(errors.HEAD_TOO_LARGE)
+        if self.state != _HEAD or self.parsing is not None:
+            raise _Reject(errors.INVALID_FRAMING)  # llhttp sees a new message where we see a body
+        self.special = []
+        self.llhttp_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        x = self.parsing
-        assert x is not None
-        self.head_size += len(name) + len(value) + 4
-        if x.head_done:
-            x.trailers.append((name, value))
-            if self.head_size > self.ctx.config.max_request_head_size:
-                raise _Reject(errors.HEAD_TOO_LARGE)
-            return
-        x.headers.append((name, value))
-        if self.head_size > self.ctx.config.max_request_head_size or len(x.headers) > self.ctx.config.max_header_count:
-            raise _Reject(errors.HEAD_TOO_LARGE)
+        if REQUEST_SPELLINGS.get(name) != 0:
+            self.special.append((name, value))
 
-    def on_headers_complete(self) -> None:
-        x = self.parsing
-        assert x is not None
-        if self.closing:
-            raise _Stop
-        x.head_done = True
-        self.head_size = 0
-        p = self.parser
-        version = p.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise _Reject(errors.MALFORMED_REQUEST)
-        x.method = p.get_method()
-        x.http10 = version == "1.0"
-        x.keep_alive = p.should_keep_alive()
-        prep = prepare_request(x.headers, self.peer, x.http10, self.ctx.upgrade_protocols)
-        if isinstance(prep, Reason):
-            raise _Reject(prep)
-        if p.should_upgrade() and prep.body != framing.NONE:
+    def on_message_complete(self) -> None:
+        self.llhttp_done = True
+
+    # ---- messages
+
+    def _head(self, raw: bytes, upgrade: bool) -> bool:
+        """A complete request head: check it, start or queue its exchange. True: an Upgrade waits."""
+        if raw.count(b"\r\n") - 2 > self.ctx.config.max_header_count:
+            raise _Reject(errors.HEAD_TOO_LARGE)
+        req = analyze_request(raw, self.special, self.ctx.upgrade_protocols)
+        if not isinstance(req, RequestHead):
+            raise _Reject(req)
+        if upgrade and req.body != framing.NONE:
             # llhttp treats what follows an Upgrade head as the new protocol; a body there is
             # ambiguous (body or tunnel bytes?) and so refused, like any other framing doubt.
             raise _Reject(errors.INVALID_FRAMING)
-        x.prep = prep
+        x = Exchange(self, req)
+        self.last_active = self.ctx.clock
+        if req.body == framing.LENGTH:
+            self.state = _LENGTH
+            self.remaining = req.content_length
+            self.parsing = x
+        elif req.body == framing.CHUNKED:
+            self.state = _CHUNKED
+            self.framer = framing.ChunkedFramer()
+            self.parsing = x
+        else:
+            if not self.llhttp_done:
+                raise _Reject(errors.INVALID_FRAMING)
+            x.req_done = True
         if self.active is None:
             self.active = x
             x.start()
         else:
             self.queue.append(x)
             self.gate.close(flow.QUEUED)
+        return upgrade and req.upgrade is not None and not x.done
 
-    def on_body(self, body: bytes) -> None:
+    def _body(self, piece: bytes) -> None:
         x = self.parsing
         assert x is not None
-        x.on_request_body(body)
+        x.on_request_body(piece)
 
-    def on_message_complete(self) -> None:
+    def _message_end(self) -> None:
+        if not self.llhttp_done:
+            raise _Reject(errors.INVALID_FRAMING)  # llhttp expects more of this message than we do
         x = self.parsing
         assert x is not None
         self.parsing = None
+        self.state = _HEAD
+        self.framer = None
         x.on_request_complete()
         if self.eof and self.active is None and not self.queue:
             self.close()
-
-    # ---- exchanges
 
     def exchange_done(self, x: Exchange, keep_alive: bool) -> None:
         """``x``'s response is complete: serve the next request, or close."""
@@ -250,11 +301,13 @@ class ClientConnection(asyncio.Protocol):
         if not keep_alive or self.closing:
             self.close()
             return
-        if x.early:  # an Upgrade that was refused: what followed it is the next request
-            data, x.early = x.early, b""
+        if x.early is not None:  # an Upgrade the sandbox refused: what followed is the next request
+            data, x.early = x.early, None
             self.gate.open(flow.UPGRADING)
-            self.ctx.loop.call_soon(self.data_received, data)
-        self._pump()
+            if data:
+                self.ctx.loop.call_soon(self.data_received, data)
+        if self.queue or self.broken is not None or self.eof:
+            self._pump()
 
     def _pump(self) -> None:
         if self.pumping:
@@ -276,6 +329,7 @@ class ClientConnection(asyncio.Protocol):
     def _protocol_error(self, reason: Reason) -> None:
         """The byte stream cannot be parsed further: answer what can be answered, then close."""
         self.broken = reason
+        self.pending = b""
         bad = self.parsing
         self.parsing = None
         if bad is not None:
@@ -295,32 +349,26 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(errors.render(reason, close=True))
             self.close()
 
-    def _upgraded(self, rest: bytes) -> None:
-        """llhttp stopped after an Upgrade (or CONNECT) request; ``rest`` is what followed it."""
-        x = self.parsing or self._last_exchange()
-        if x is None or x.done or x.prep is None or x.prep.upgrade is None:
-            # The Upgrade was dropped (or refused): the connection stays HTTP/1.1.
-            if rest and not self.closing:
-                self.data_received(rest)
-            return
-        x.early += rest
+    def _upgrade_pending(self, rest: bytes) -> None:
+        """An Upgrade request waits for the sandbox's answer; keep what followed it aside."""
+        x = self.queue[-1] if self.queue else self.active
+        assert x is not None
+        x.early = rest
         self.gate.close(flow.UPGRADING)
-
-    def _last_exchange(self) -> Exchange | None:
-        if self.queue:
-            return self.queue[-1]
-        return self.active
 
     def become_tunnel(self, x: Exchange, up: UpstreamConnection, early: bytes) -> None:
         """The sandbox accepted the Upgrade: hand both transports to a byte tunnel."""
         self.active = None
         self.closing = True
-        self.ctx.connections.discard(self)
-        for q in self.queue:  # nothing may follow an Upgrade request on the same connection
-            q.abort()
-        self.queue.clear()
-        tunnel.splice(self.ctx, self.transport, up.transport, early, client_write_paused=self.write_paused,
-                      upstream_write_paused=up.write_paused)
+        self.ctx.connections.discard(self)  # the tunnel now counts in ctx.tunnels
+        tunnel.splice(
+            self.ctx,
+            self.transport,
+            up.transport,
+            early,
+            client_write_paused=self.write_paused,
+            upstream_write_paused=up.write_paused,
+        )
 
     # ---- closing
 
@@ -344,15 +392,12 @@ class ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         """Called about once a second: slow request heads get 408, idle connections close."""
         cfg = self.ctx.config
-        x = self.parsing
-        if x is not None and not x.head_done:
+        if self.state == _HEAD and self.fed and self.parsing is None:
             if now - self.last_active > cfg.request_head_timeout:
-                self.parsing = None
-                x.abort()
                 if self.active is None and not self.queue:
                     self.transport.write(errors.render(errors.REQUEST_TIMEOUT, close=True))
                 self.close()
-        elif self.active is None and x is None and not self.queue:
+        elif self.active is None and self.parsing is None and not self.queue:
             limit = cfg.client_idle_timeout if not self.ctx.draining else 0.0
             if now - self.last_active >= limit:
                 self.close()

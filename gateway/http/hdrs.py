@@ -43,6 +43,4 @@ HOP_BY_HOP: Final = frozenset({CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRA
 
 # The forwarding fields a gateway sets (RFC 7239 and the de-facto X-Forwarded-*): kept from a
 # trusted proxy, replaced otherwise.
-FORWARDING: Final = frozenset(
-    {X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, X_FORWARDED_PORT, FORWARDED}
-)
+FORWARDING: Final = frozenset({X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, X_FORWARDED_PORT, FORWARDED})

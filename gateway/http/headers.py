@@ -1,72 +1,166 @@
-"""The header policy: what is forwarded, what is removed, what is added (pure: no I/O).
+"""The header policy: what is forwarded, removed and added (pure: no I/O).
+
+Heads pass as the peer wrote them, byte for byte (spelling, order, duplicates, whitespace), except:
 
 Requests (client to sandbox):
 
 - Hop-by-hop fields are removed: Connection and every field it names, Keep-Alive,
-  Proxy-Connection, TE, Transfer-Encoding and Upgrade (RFC 9110 §7.6.1). The gateway frames the
-  upstream message itself (framing.py) and adds its own Transfer-Encoding when the body is chunked.
+  Proxy-Connection, TE and Upgrade (RFC 9110 §7.6.1). Transfer-Encoding stays, because the body is
+  passed on in the same chunked coding it arrived in.
 - An Upgrade whose protocol is in ``upgrade_protocols`` is kept with ``Connection: upgrade``
-  (RFC 9110 §7.8); any other is dropped and the request proceeds as plain HTTP (no h2c).
+  (RFC 9110 §7.8); any other is removed and the request proceeds as plain HTTP (no h2c).
 - ``Expect: 100-continue`` is answered by the gateway once the sandbox is connected and is not
   forwarded (RFC 9110 §10.1.1 lets a proxy answer it; the client learns of routing errors before
   it sends the body, and sandbox servers that ignore Expect never stall it).
 - X-Forwarded-For gets the client address appended; X-Forwarded-Proto, -Host, -Port and
   Forwarded (RFC 7239) are set. From a peer in ``trusted_proxies`` incoming values are kept
-  (For and Forwarded extended); from anyone else they are replaced, so a client cannot forge them.
-- Host and every other field pass unchanged, in order, with the sender's spelling.
+  (For and Forwarded extended); from anyone else they are removed first, so nobody can forge them.
+- The request line keeps its method and target byte for byte; the version sent is HTTP/1.1.
+- The record's ``mask_request_host`` may replace the Host value (the original is in
+  X-Forwarded-Host).
 
-Responses (sandbox to client): hop-by-hop fields are removed the same way and the gateway states
-its own framing and connection handling. Nothing else changes.
+Responses (sandbox to client): hop-by-hop fields are removed the same way; the gateway states its
+own ``Connection`` and, where it re-frames the body (framing.py), ``Transfer-Encoding``. The status
+line's version becomes HTTP/1.1, code and reason phrase stay.
 
-Framing checks that guard against request smuggling (RFC 9112 §6.1, §6.3) are also here: llhttp
-already refuses Content-Length with Transfer-Encoding and repeated Content-Length, and this module
-refuses any Transfer-Encoding but exactly ``chunked`` and Transfer-Encoding in HTTP/1.0.
+Framing checks against request smuggling (RFC 9112 §6.1, §6.3): llhttp refuses Content-Length
+with Transfer-Encoding and repeated Content-Length; this module refuses any Transfer-Encoding but
+exactly ``chunked``, Transfer-Encoding in HTTP/1.0, and more than one Host (RFC 9112 §3.2).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection
-from dataclasses import dataclass
 
 from gateway import errors
 from gateway.errors import Reason
 from gateway.http import framing, hdrs
 
 __all__ = [
+    "REQUEST_SPELLINGS",
+    "RESPONSE_SPELLINGS",
     "Peer",
-    "PreparedRequest",
-    "PreparedResponse",
+    "RequestHead",
+    "ResponseHead",
+    "analyze_request",
+    "analyze_response",
     "find_header",
-    "prepare_request",
-    "prepare_response",
-    "request_line",
+    "raw_fields",
 ]
 
-_REQUEST_SPECIAL = hdrs.HOP_BY_HOP | hdrs.FORWARDING | {hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.EXPECT}
-_RESPONSE_SPECIAL = hdrs.HOP_BY_HOP | {hdrs.CONTENT_LENGTH}
+# Fields that are certainly not special in the spellings clients and servers use; checking this
+# set first saves lower-casing most field names.
+_PLAIN = frozenset(
+    b"User-Agent Accept Accept-Language Accept-Encoding Cookie Referer Origin Cache-Control Pragma "
+    b"Authorization Content-Type Sec-Ch-Ua Sec-Ch-Ua-Mobile Sec-Ch-Ua-Platform Sec-Fetch-Dest "
+    b"Sec-Fetch-Mode Sec-Fetch-Site Sec-Fetch-User Upgrade-Insecure-Requests If-None-Match "
+    b"If-Modified-Since Range Priority DNT Server Date Last-Modified ETag Vary Set-Cookie "
+    b"Strict-Transport-Security X-Content-Type-Options Access-Control-Allow-Origin Accept-Ranges "
+    b"Content-Encoding X-Request-Id Expires Location Link Sec-WebSocket-Key Sec-WebSocket-Version "
+    b"Sec-WebSocket-Extensions Sec-WebSocket-Protocol Sec-WebSocket-Accept "
+    b"user-agent accept accept-encoding accept-language cookie content-type authorization origin "
+    b"referer cache-control date server etag vary set-cookie last-modified location".split()
+)
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
-# Fields a Connection header may not remove: framing and routing are not hop-by-hop options,
-# and honouring "Connection: content-length" would desynchronise the two hops.
-_NEVER_DROPPED = frozenset({hdrs.HOST, hdrs.CONTENT_LENGTH})
+# Fields a Connection header may not remove: honouring "Connection: content-length" would
+# desynchronise the two hops, and Host is not a hop-by-hop option.
+_NEVER_DROPPED = frozenset({hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING})
 
 
-@dataclass(frozen=True, slots=True)
+def _tokens(value: bytes) -> list[bytes]:
+    return [t.strip(b" \t").lower() for t in value.split(b",")]
+
+
+def raw_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """Every field of a head that llhttp has validated, in order (for the rare paths that need
+    more than the fields the parser callbacks kept: CRLF line ends and no obs-fold are certain)."""
+    out = []
+    for line in raw.split(b"\r\n")[1:]:
+        if not line:
+            break
+        name, _, value = line.partition(b":")
+        out.append((name, value.strip(b" \t")))
+    return out
+
+
+def find_header(headers: list[tuple[bytes, bytes]], lname: bytes) -> bytes | None:
+    """The first value of the field ``lname`` (lower case), for the rare paths that need one."""
+    for n, v in headers:
+        if n.lower() == lname:
+            return v
+    return None
+
+
+def _cut(raw: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+    """``raw`` without the lines of ``fields`` (as parsed: name and value, each occurrence once)."""
+    for name, value in fields:
+        line = b"\r\n" + name + b":"
+        i = raw.find(line)
+        while i >= 0:
+            j = raw.find(b"\r\n", i + len(line))
+            if raw[i + len(line) : j].strip(b" \t") == value:
+                raw = raw[:i] + raw[j:]
+                break
+            i = raw.find(line, j)
+    return raw
+
+
+def _remove_line(raw: bytes, field: tuple[bytes, bytes]) -> bytes:
+    """``raw`` without one field line; the usual ``Name: value`` spelling costs one replace."""
+    line = b"\r\n" + field[0] + b": " + field[1] + b"\r\n"
+    out = raw.replace(line, b"\r\n", 1)
+    return out if len(out) != len(raw) else _cut(raw, [field])
+
+
+def _replace_value(raw: bytes, field: tuple[bytes, bytes], value: bytes) -> bytes:
+    """``raw`` with one field's value replaced (its name keeps the client's spelling)."""
+    line = b"\r\n" + field[0] + b":"
+    i = raw.find(line + b" " + field[1] + b"\r\n")
+    if i < 0:
+        i = raw.find(line)
+    j = raw.find(b"\r\n", i + len(line))
+    return raw[: i + len(line)] + b" " + value + raw[j:]
+
+
 class Peer:
     """Who is on the other end of a client connection, computed once per connection."""
 
-    ip: str
-    trusted: bool
-    proto: bytes
-    port: bytes
+    __slots__ = ("fwd_pre", "ip", "port", "proto", "trusted")
+
+    def __init__(self, ip: str, trusted: bool, proto: bytes, port: bytes) -> None:
+        self.ip = ip
+        self.trusted = trusted
+        self.proto = proto
+        self.port = port
+        node = f'"[{ip}]"'.encode() if ":" in ip else ip.encode()
+        # What every request from this peer gets, up to the per-request Host.
+        self.fwd_pre = (
+            b"X-Forwarded-For: "
+            + ip.encode()
+            + b"\r\nX-Forwarded-Proto: "
+            + proto
+            + b"\r\nX-Forwarded-Port: "
+            + port
+            + b"\r\nForwarded: for="
+            + node
+            + b";proto="
+            + proto
+            + b";host="
+        )
 
     @property
-    def for_token(self) -> bytes:
-        """The RFC 7239 §6 node for this peer: IPv6 in brackets, quoted."""
+    def for_node(self) -> bytes:
+        """This peer as an RFC 7239 §6 node: IPv6 in brackets, quoted."""
         return f'"[{self.ip}]"'.encode() if ":" in self.ip else self.ip.encode()
 
     @staticmethod
-    def make(ip: str, listen_port: int, tls: bool, trusted: Collection[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Peer:
+    def make(
+        ip: str,
+        listen_port: int,
+        tls: bool,
+        trusted: Collection[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    ) -> Peer:
         try:
             addr = ipaddress.ip_address(ip)
         except ValueError:
@@ -79,255 +173,307 @@ class Peer:
         return Peer(ip, is_trusted, b"https" if tls else b"http", str(listen_port).encode())
 
 
-class PreparedRequest:
-    """A parsed request head, checked and filtered, ready to be written upstream."""
-
-    __slots__ = (
-        "body",
-        "close",
-        "content_length",
-        "expect_continue",
-        "host",
-        "host_index",
-        "lines",
-        "upgrade",
-    )
-
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
-        self.host: bytes | None = None
-        self.host_index = -1
-        self.body = framing.NONE
-        self.content_length = -1
-        self.expect_continue = False
-        self.upgrade: bytes | None = None
-        self.close = False
-
-    def head(self, request_line: bytes, host: bytes | None = None) -> bytes:
-        """The upstream head; ``host`` replaces the Host value (the record's mask_request_host)."""
-        lines = self.lines
-        if host is not None and self.host_index >= 0:
-            lines = lines.copy()
-            lines[self.host_index] = b"Host: " + host + b"\r\n"
-        return request_line + b"".join(lines)
-
-
-def request_line(method: bytes, target: bytes) -> bytes:
-    """The upstream request line; the target is passed byte for byte, the version is ours."""
-    return method + b" " + target + b" HTTP/1.1\r\n"
-
-
-def _tokens(value: bytes) -> list[bytes]:
-    return [t.strip(b" \t").lower() for t in value.split(b",")]
-
-
-def prepare_request(
-    headers: list[tuple[bytes, bytes]],
-    peer: Peer,
-    http10: bool,
-    upgrade_protocols: Collection[bytes],
-) -> PreparedRequest | Reason:
-    """Check and filter a request's header fields (see the module docstring for the policy)."""
-    p = PreparedRequest()
-    lines = p.lines
-    host_count = 0
-    te: bytes | None = None
-    conn_tokens: list[bytes] = []
-    upgrade: bytes | None = None
-    xff: list[bytes] = []
-    fwd: list[bytes] = []
-    kept: set[bytes] = set()
-    trusted = peer.trusted
-    for name, value in headers:
-        ln = name.lower()
-        if ln not in _REQUEST_SPECIAL:
-            lines.append(name + b": " + value + b"\r\n")
-        elif ln == hdrs.HOST:
-            host_count += 1
-            p.host = value
-            p.host_index = len(lines)
-            lines.append(name + b": " + value + b"\r\n")
-        elif ln == hdrs.CONTENT_LENGTH:
-            # llhttp has validated it (digits only, one field); Content-Length is end-to-end.
-            p.content_length = int(value)
-            lines.append(name + b": " + value + b"\r\n")
-        elif ln == hdrs.TRANSFER_ENCODING:
-            if te is not None:
-                return errors.INVALID_FRAMING
-            te = value
-        elif ln == hdrs.CONNECTION:
-            conn_tokens += _tokens(value)
-        elif ln == hdrs.UPGRADE:
-            upgrade = value
-        elif ln == hdrs.EXPECT:
-            if value.strip(b" \t").lower() == b"100-continue":
-                p.expect_continue = True
-            else:
-                lines.append(name + b": " + value + b"\r\n")
-        elif ln in hdrs.FORWARDING:
-            if trusted:
-                if ln == hdrs.X_FORWARDED_FOR:
-                    xff.append(value)
-                elif ln == hdrs.FORWARDED:
-                    fwd.append(value)
-                else:
-                    kept.add(ln)
-                    lines.append(name + b": " + value + b"\r\n")
-        # else: Keep-Alive, Proxy-Connection, TE: hop-by-hop, dropped.
-    if host_count > 1:
-        return errors.INVALID_HOST
-    if te is not None:
-        if http10 or te.strip(b" \t").lower() != b"chunked":
-            return errors.INVALID_FRAMING
-        p.body = framing.CHUNKED
-    elif p.content_length > 0:
-        p.body = framing.LENGTH
-    if b"close" in conn_tokens:
-        p.close = True
-    if upgrade is not None and b"upgrade" in conn_tokens:
-        proto = upgrade.split(b",")[0].strip(b" \t").split(b"/")[0].lower()
-        if proto in upgrade_protocols:
-            p.upgrade = upgrade
-    extra = [t for t in conn_tokens if t and t not in _CONNECTION_OPTIONS and t not in _NEVER_DROPPED]
-    if extra:
-        _drop_named(p, extra)
-    if p.body == framing.CHUNKED:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
-    if p.upgrade is not None:
-        lines.append(b"Connection: upgrade\r\nUpgrade: " + p.upgrade + b"\r\n")
-    _forwarding(p, peer, xff, fwd, kept)
-    lines.append(b"\r\n")
-    return p
-
-
-def _drop_named(p: PreparedRequest, names: list[bytes]) -> None:
-    """Remove the fields the Connection header named (RFC 9110 §7.6.1)."""
-    drop = set(names)
-    kept: list[bytes] = []
-    for i, line in enumerate(p.lines):
-        if line.split(b":", 1)[0].lower() in drop:
-            continue
-        if i == p.host_index:
-            p.host_index = len(kept)
-        kept.append(line)
-    p.lines[:] = kept
-
-
-def _forwarding(p: PreparedRequest, peer: Peer, xff: list[bytes], fwd: list[bytes], kept: set[bytes]) -> None:
-    """Add the forwarding fields; ``kept`` are the X-Forwarded-* names a trusted peer sent."""
-    lines = p.lines
-    ip = peer.ip.encode()
-    host = p.host if p.host is not None else b""
-    lines.append(b"X-Forwarded-For: " + b", ".join([*xff, ip]) + b"\r\n")
-    node = b"for=" + peer.for_token
-    if host:
-        node += b";host=" + _quoted(host)
-    node += b";proto=" + peer.proto
-    lines.append(b"Forwarded: " + b", ".join([*fwd, node]) + b"\r\n")
-    if hdrs.X_FORWARDED_PROTO not in kept:
-        lines.append(b"X-Forwarded-Proto: " + peer.proto + b"\r\n")
-    if hdrs.X_FORWARDED_HOST not in kept and host:
-        lines.append(b"X-Forwarded-Host: " + host + b"\r\n")
-    if hdrs.X_FORWARDED_PORT not in kept:
-        lines.append(b"X-Forwarded-Port: " + peer.port + b"\r\n")
-
-
-_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
 def _quoted(v: bytes) -> bytes:
-    """An RFC 7239 value: a token as is, anything else as a quoted-string (RFC 9110 §5.6.4)."""
-    if v and _TOKEN_CHARS.issuperset(v):
-        return v
+    """An RFC 7239 value as a quoted-string (RFC 9110 §5.6.4)."""
     return b'"' + v.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-def find_header(headers: list[tuple[bytes, bytes]], lname: bytes) -> bytes | None:
-    """The first value of the field ``lname`` (lower case), for the rare paths that need one."""
-    for n, v in headers:
-        if n.lower() == lname:
-            return v
-    return None
+class RequestHead:
+    """A request head as received, what the policy learned from it, and how to send it upstream."""
+
+    __slots__ = (
+        "body",
+        "content_length",
+        "cuts",
+        "expect_continue",
+        "forwarding",
+        "host",
+        "host_field",
+        "http10",
+        "keep_alive",
+        "method",
+        "raw",
+        "target",
+        "upgrade",
+    )
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.method = b""
+        self.target = b""
+        self.http10 = False
+        self.host: bytes | None = None
+        self.host_field: tuple[bytes, bytes] | None = None
+        self.body = framing.NONE
+        self.content_length = 0
+        self.keep_alive = True
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.cuts: list[tuple[bytes, bytes]] | None = None  # fields to remove
+        self.forwarding: list[tuple[bytes, bytes]] | None = None  # X-Forwarded-*/Forwarded received
+
+    def upstream_head(self, peer: Peer, host: bytes | None = None) -> bytes:
+        """The head to send upstream; ``host`` replaces the Host value (mask_request_host)."""
+        raw = self.raw
+        original = self.host or b""
+        if (
+            self.cuts is None
+            and not self.http10
+            and host is None
+            and self.upgrade is None
+            and (self.forwarding is None or not peer.trusted)
+        ):  # the common case, in one join
+            return b"".join((raw[:-2], peer.fwd_pre, b'"', original, b'"\r\nX-Forwarded-Host: ', original, b"\r\n\r\n"))
+        if self.cuts:
+            for h in self.cuts:
+                raw = _remove_line(raw, h)
+        if self.http10:
+            eol = raw.find(b"\r\n")
+            raw = raw[: eol - 3] + b"1.1" + raw[eol:]
+        if host is not None and self.host_field is not None:
+            raw = _replace_value(raw, self.host_field, host)
+        if self.upgrade is not None:
+            raw = raw[:-2] + b"Connection: upgrade\r\nUpgrade: " + self.upgrade + b"\r\n\r\n"
+        if self.forwarding is None or not peer.trusted:
+            return b"".join(
+                (raw[:-2], peer.fwd_pre, _quoted(original), b"\r\nX-Forwarded-Host: ", original, b"\r\n\r\n")
+            )
+        return raw[:-2] + _trusted_forwarding(self.forwarding, peer, original) + b"\r\n"
 
 
-class PreparedResponse:
-    """A parsed response head, filtered, with the framing decided for both hops."""
+def _trusted_forwarding(received: list[tuple[bytes, bytes]], peer: Peer, host: bytes) -> bytes:
+    """Forwarding fields for a request from a trusted proxy: its values kept, ours appended."""
+    xff = [v for n, v in received if n.lower() == hdrs.X_FORWARDED_FOR]
+    fwd = [v for n, v in received if n.lower() == hdrs.FORWARDED]
+    first = {n.lower(): v for n, v in reversed(received)}
+    node = b"for=" + peer.for_node + b";proto=" + peer.proto + b";host=" + _quoted(host)
+    out = [
+        b"X-Forwarded-For: " + b", ".join([*xff, peer.ip.encode()]),
+        b"X-Forwarded-Proto: " + first.get(hdrs.X_FORWARDED_PROTO, peer.proto),
+        b"X-Forwarded-Port: " + first.get(hdrs.X_FORWARDED_PORT, peer.port),
+        b"Forwarded: " + b", ".join([*fwd, node]),
+        b"X-Forwarded-Host: " + first.get(hdrs.X_FORWARDED_HOST, host),
+    ]
+    return b"\r\n".join(out) + b"\r\n"
 
-    __slots__ = ("body_in", "body_out", "head", "keep_alive", "upstream_reusable")
 
-    def __init__(self, head: bytes, body_in: int, body_out: int, keep_alive: bool, upstream_reusable: bool) -> None:
-        self.head = head
-        self.body_in = body_in
-        self.body_out = body_out
-        self.keep_alive = keep_alive
-        self.upstream_reusable = upstream_reusable
+# Request field names to the role they play; REQUEST_SPELLINGS maps the spellings clients use
+# (0: plain), so on_header can skip most fields without lower-casing them.
+_HOST, _CL, _TE, _CONN, _UPG, _HOP, _EXPECT, _FWD = 1, 2, 3, 4, 5, 6, 7, 8
+_REQUEST_ROLES = {
+    hdrs.HOST: _HOST,
+    hdrs.CONTENT_LENGTH: _CL,
+    hdrs.TRANSFER_ENCODING: _TE,
+    hdrs.CONNECTION: _CONN,
+    hdrs.UPGRADE: _UPG,
+    hdrs.KEEP_ALIVE: _HOP,
+    hdrs.PROXY_CONNECTION: _HOP,
+    hdrs.TE: _HOP,
+    hdrs.EXPECT: _EXPECT,
+    hdrs.X_FORWARDED_FOR: _FWD,
+    hdrs.X_FORWARDED_PROTO: _FWD,
+    hdrs.X_FORWARDED_HOST: _FWD,
+    hdrs.X_FORWARDED_PORT: _FWD,
+    hdrs.FORWARDED: _FWD,
+}
 
 
-def prepare_response(
+def _spellings(roles: dict[bytes, int]) -> dict[bytes, int]:
+    out = dict.fromkeys(_PLAIN, 0)
+    for name, role in roles.items():
+        out[name] = out[name.title()] = out[name.upper()] = role
+    return out
+
+
+REQUEST_SPELLINGS = _spellings(_REQUEST_ROLES)
+
+
+def analyze_request(
+    raw: bytes,
+    special: list[tuple[bytes, bytes]],
+    upgrade_protocols: Collection[bytes],
+) -> RequestHead | Reason:
+    """Check a parsed request head (llhttp validated its syntax) and decide what to forward.
+
+    ``special`` are the fields, in order, whose spelling is not known to be plain (see
+    REQUEST_SPELLINGS): the parser callback keeps only those.
+    """
+    r = RequestHead(raw)
+    r.method, r.target, version = raw[: raw.find(b"\r\n")].split(b" ", 2)
+    if version != b"HTTP/1.1":
+        if version != b"HTTP/1.0":
+            return errors.MALFORMED_REQUEST
+        r.http10 = True
+        r.keep_alive = False
+    if not special:
+        return r
+    te: bytes | None = None
+    conn: list[bytes] | None = None
+    upgrade: bytes | None = None
+    cuts: list[tuple[bytes, bytes]] | None = None
+    fwd: list[tuple[bytes, bytes]] | None = None
+    spellings = REQUEST_SPELLINGS
+    for h in special:
+        role = spellings.get(h[0])
+        if role is None:
+            role = _REQUEST_ROLES.get(h[0].lower(), 0)
+            if not role:
+                continue
+        value = h[1]
+        if role == _HOST:
+            if r.host is not None:
+                return errors.INVALID_HOST
+            r.host = value
+            r.host_field = h
+        elif role == _CL:
+            r.content_length = int(value)  # llhttp checked: digits, one field
+            if r.content_length:
+                r.body = framing.LENGTH
+        elif role == _TE:
+            te = value
+        elif role == _CONN:
+            t = [value.lower()] if b"," not in value else _tokens(value)
+            conn = t if conn is None else conn + t
+            cuts = [h] if cuts is None else [*cuts, h]
+        elif role == _UPG:
+            upgrade = value
+            cuts = [h] if cuts is None else [*cuts, h]
+        elif role == _EXPECT:
+            if value.lower() == b"100-continue":
+                r.expect_continue = True
+                cuts = [h] if cuts is None else [*cuts, h]
+        elif role == _FWD:
+            fwd = [h] if fwd is None else [*fwd, h]
+            cuts = [h] if cuts is None else [*cuts, h]
+        else:  # Keep-Alive, Proxy-Connection, TE
+            cuts = [h] if cuts is None else [*cuts, h]
+    if te is not None:
+        if r.http10 or te.lower() != b"chunked":
+            return errors.INVALID_FRAMING
+        r.body = framing.CHUNKED
+    if conn is not None:
+        if r.http10:
+            r.keep_alive = b"keep-alive" in conn
+        else:
+            r.keep_alive = b"close" not in conn
+        if upgrade is not None and b"upgrade" in conn:
+            proto = upgrade.split(b",")[0].strip(b" \t").split(b"/")[0].lower()
+            if proto in upgrade_protocols:
+                r.upgrade = upgrade
+        if not _CONNECTION_OPTIONS.issuperset(conn):
+            named = {t for t in conn if t not in _CONNECTION_OPTIONS and t not in _NEVER_DROPPED and t}
+            more = [h for h in raw_fields(raw) if h[0].lower() in named]
+            cuts = more if cuts is None else cuts + [h for h in more if h not in cuts]
+    r.cuts = cuts
+    r.forwarding = fwd
+    return r
+
+
+# Response field names to the role they play (0: none), and in the spellings servers use.
+_RESPONSE_ROLES = {
+    hdrs.CONTENT_LENGTH: _CL,
+    hdrs.TRANSFER_ENCODING: _TE,
+    hdrs.CONNECTION: _CONN,
+    hdrs.UPGRADE: _UPG,
+    hdrs.KEEP_ALIVE: _HOP,
+    hdrs.PROXY_CONNECTION: _HOP,
+    hdrs.TE: _HOP,
+}
+RESPONSE_SPELLINGS = _spellings(_RESPONSE_ROLES)
+
+
+#: What analyze_response decides: (head for the client, body framing from the sandbox, body
+#: framing to the client, Content-Length, client connection stays open, upstream reusable).
+ResponseHead = tuple[bytes, int, int, int, bool, bool]
+
+
+def analyze_response(
+    raw: bytes,
+    special: list[tuple[bytes, bytes]],
     status: int,
-    phrase: bytes,
-    headers: list[tuple[bytes, bytes]],
-    *,
     head_request: bool,
     client_http10: bool,
     client_keep_alive: bool,
-    upstream_keep_alive: bool,
-) -> PreparedResponse:
-    """Filter a response head and decide framing both ways (RFC 9112 §6.3).
+) -> ResponseHead:
+    """Decide framing both ways (RFC 9112 §6.3) and the head the client gets.
 
-    ``client_keep_alive`` is what the client's request allowed; the result says whether the
-    client connection stays open after this response.
+    ``client_keep_alive`` is what the request allows; the result says whether the client
+    connection stays open after this response and whether the upstream one can be reused.
+    ``special`` are the fields whose spelling is not known to be plain (RESPONSE_SPELLINGS).
     """
-    lines = [b"HTTP/1.1 %d " % status + phrase + b"\r\n"]
-    chunked = False
+    content_length = 0
+    body_in = body_out = framing.NONE
+    keep_alive = reusable = False
+    te: bytes | None = None
     has_length = False
-    conn_tokens: list[bytes] = []
-    upgrade: bytes | None = None
-    for name, value in headers:
-        ln = name.lower()
-        if ln not in _RESPONSE_SPECIAL:
-            lines.append(name + b": " + value + b"\r\n")
-        elif ln == hdrs.CONTENT_LENGTH:
+    conn: list[bytes] | None = None
+    cuts: list[tuple[bytes, bytes]] | None = None
+    te_field: tuple[bytes, bytes] | None = None
+    roles = RESPONSE_SPELLINGS
+    for h in special:
+        role = roles.get(h[0])
+        if role is None:
+            role = _RESPONSE_ROLES.get(h[0].lower(), 0)
+        if not role:
+            continue
+        if role == _CL:
             has_length = True
-            lines.append(name + b": " + value + b"\r\n")
-        elif ln == hdrs.TRANSFER_ENCODING:
-            chunked = _tokens(value)[-1] == b"chunked"
-        elif ln == hdrs.CONNECTION:
-            conn_tokens += _tokens(value)
-        elif ln == hdrs.UPGRADE:
-            upgrade = value
+            content_length = int(h[1])
+        elif role == _TE:
+            te = h[1]
+            te_field = h
+        elif role == _CONN:
+            v = h[1]
+            t = [v.lower()] if b"," not in v else _tokens(v)
+            conn = t if conn is None else conn + t
+            cuts = [h] if cuts is None else [*cuts, h]
+        elif role == _UPG:
+            if status != 101:
+                cuts = [h] if cuts is None else [*cuts, h]
+        else:  # Keep-Alive, Proxy-Connection, TE
+            cuts = [h] if cuts is None else [*cuts, h]
+    extra = b""
     if status == 101:
-        body_in = body_out = framing.NONE
-        keep_alive = False
-        lines.append(b"Connection: upgrade\r\n")
-        if upgrade is not None:
-            lines.append(b"Upgrade: " + upgrade + b"\r\n")
+        extra = b"Connection: upgrade\r\n"
     else:
         if head_request or status < 200 or status in (204, 304):
             body_in = framing.NONE
-        elif chunked:
-            body_in = framing.CHUNKED
+        elif te is not None:
+            body_in = framing.CHUNKED if _tokens(te)[-1] == b"chunked" else framing.CLOSE
         elif has_length:
             body_in = framing.LENGTH
         else:
             body_in = framing.CLOSE
         body_out = body_in
-        if body_in == framing.CHUNKED or body_in == framing.CLOSE:
-            body_out = framing.CLOSE if client_http10 else framing.CHUNKED
-        if body_in == framing.CHUNKED and has_length:  # RFC 9112 §6.3 (3): chunked wins
-            lines = [ln for ln in lines if not ln.lower().startswith(b"content-length:")]
+        if body_in == framing.CHUNKED and client_http10:
+            body_out = framing.CLOSE
+            assert te_field is not None
+            cuts = [te_field] if cuts is None else [*cuts, te_field]
+        elif body_in == framing.CLOSE and not client_http10:
+            body_out = framing.CHUNKED
+            extra = b"Transfer-Encoding: chunked\r\n"
         keep_alive = client_keep_alive and body_out != framing.CLOSE
-        if body_out == framing.CHUNKED:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
         if status >= 200:
             if not keep_alive:
-                lines.append(b"Connection: close\r\n")
+                extra += b"Connection: close\r\n"
             elif client_http10:
-                lines.append(b"Connection: keep-alive\r\n")
-    extra = [t for t in conn_tokens if t and t not in _CONNECTION_OPTIONS and t not in _NEVER_DROPPED]
+                extra += b"Connection: keep-alive\r\n"
+        if body_in != framing.CLOSE:
+            if raw[5:8] == b"1.1":
+                reusable = conn is None or b"close" not in conn
+            else:
+                reusable = conn is not None and b"keep-alive" in conn
+    if conn is not None and not _CONNECTION_OPTIONS.issuperset(conn):
+        named = [t for t in conn if t not in _CONNECTION_OPTIONS and t not in _NEVER_DROPPED and t]
+        if named:
+            drop = set(named)
+            more = [h for h in raw_fields(raw) if h[0].lower() in drop]
+            cuts = more if cuts is None else cuts + [h for h in more if h not in cuts]
+    if cuts is not None:
+        for h in cuts:
+            raw = _remove_line(raw, h)
+    if raw[5:8] != b"1.1":
+        raw = b"HTTP/1.1" + raw[8:]
     if extra:
-        drop = set(extra)
-        lines = [lines[0]] + [ln for ln in lines[1:] if ln.split(b":", 1)[0].lower() not in drop]
-    lines.append(b"\r\n")
-    reusable = upstream_keep_alive and b"close" not in conn_tokens and body_in != framing.CLOSE
-    return PreparedResponse(b"".join(lines), body_in, body_out, keep_alive, reusable)
+        raw = raw[:-2] + extra + b"\r\n"
+    return raw, body_in, body_out, content_length, keep_alive, reusable

@@ -1,6 +1,6 @@
 """One request and its response: route, look up, connect, relay, and answer every failure.
 
-An :class:`Exchange` is created when a request head begins and lives until its response is
+An :class:`Exchange` is created when a request head is complete and lives until its response is
 complete. The common case is synchronous from the request head to the upstream write: the Host
 is memoised by the router, the sandbox is in the catalog cache and an idle connection waits in
 the pool. Only a catalog miss or a new connection costs a task.
@@ -11,8 +11,8 @@ Failure rules (reason codes in errors.py):
   browser navigation);
 - after that, the client connection is reset, so a truncated body can never look complete;
 - a request that fails on a *reused* pooled connection before any response byte is retried once on
-  a new connection when that is safe: the method is idempotent and its body was kept for replay,
-  or no body byte had been sent.
+  a new connection when that is safe: the method is idempotent and the request was kept for
+  replay, or no body byte had been sent.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from gateway.catalog.reader import CatalogUnavailable
 from gateway.errors import Reason
 from gateway.hostname import Route, authority_matches
 from gateway.http import flow, framing, hdrs
-from gateway.http.headers import PreparedRequest, PreparedResponse, find_header, prepare_response, request_line
+from gateway.http.headers import RequestHead, analyze_response, find_header, raw_fields
 from gateway.http.upstream import UpstreamConnection, connect_failure
 from gateway.policy import Forward, decide
 
@@ -50,6 +50,8 @@ class Exchange:
     """A request from the client and the response to it."""
 
     __slots__ = (
+        "body_in",
+        "body_out",
         "client",
         "ctx",
         "done",
@@ -57,85 +59,86 @@ class Exchange:
         "early",
         "fwd",
         "head",
-        "head_done",
-        "headers",
-        "http10",
         "keep_alive",
-        "method",
-        "pending_head",
-        "prep",
+        "req",
         "req_done",
-        "resp",
-        "resp_101",
         "resp_started",
         "retried",
+        "reusable",
         "route",
         "sent",
         "sent_body",
         "task",
-        "trailers",
         "up",
         "up_buf",
         "up_buf_size",
-        "url",
     )
 
-    def __init__(self, client: ClientConnection) -> None:
+    def __init__(self, client: ClientConnection, req: RequestHead) -> None:
         self.client = client
         self.ctx = client.ctx
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] = []
-        self.head_done = False
-        self.method = b""
-        self.http10 = False
-        self.keep_alive = True
-        self.prep: PreparedRequest = None  # type: ignore[assignment]  # set with the head
+        self.req = req
         self.route: Route | None = None
         self.fwd: Forward | None = None
         self.up: UpstreamConnection | None = None
-        self.up_buf: list[bytes] = []
+        self.up_buf: list[bytes] = []  # request bytes waiting for the upstream connection
         self.up_buf_size = 0
         self.head = b""
-        self.pending_head = False
-        self.sent: list[bytes] | None = None
+        self.sent: list[bytes] | None = None  # the first write to a reused connection, for a replay
         self.sent_body = 0
         self.req_done = False
-        self.resp: PreparedResponse | None = None
-        self.resp_101 = False
         self.resp_started = False
+        self.body_in = self.body_out = framing.NONE
+        self.keep_alive = False  # the client connection stays open after the response
+        self.reusable = False  # the upstream connection can serve another request
         self.down_buf: list[bytes] = []
         self.done = False
         self.task: asyncio.Task[None] | None = None
         self.retried = False
-        self.early = b""
+        self.early: bytes | None = None  # after an Upgrade request: what the client sent next
 
     # ---- request side (called by ClientConnection)
 
     def start(self) -> None:
-        """Route the request and send it on; called once it is this connection's turn."""
-        prep = self.prep
-        if self.method == b"CONNECT":
-            self.fail(errors.METHOD_NOT_ALLOWED, close=True)
-            return
-        host = prep.host
-        if host is None:
-            self.fail(errors.INVALID_HOST, "The request has no Host header.")
-            return
-        if self.url[:1] != b"/" and authority_matches(self.url, host) is False:
-            self.fail(errors.INVALID_HOST, "The absolute-form request target names another host than Host.")
-            return
-        r = self.ctx.router.route(host)
+        """Route the request and send it on; called once it is this connection's turn.
+
+        The common case (a known Host, a fresh catalog entry, an idle pooled connection) runs
+        without a task and without leaving this method and :meth:`_forward`.
+        """
+        req = self.req
+        ctx = self.ctx
+        host = req.host
+        if host is None or req.target[:1] != b"/" or req.method == b"CONNECT":
+            if not self._check_unusual():
+                return
+            assert host is not None
+        r = ctx.router.route(host)
         if type(r) is not Route:
             assert isinstance(r, Reason)
             self.fail(r)
             return
         self.route = r
-        e = self.ctx.catalog.cached(r.sandbox_id)
-        if e is None:
-            self.task = self.ctx.loop.create_task(self._lookup(r.sandbox_id))
-        else:
-            self._forward(e)
+        catalog = ctx.catalog
+        e = catalog.cache.entries.get(r.sandbox_id)
+        if e is None or e.fresh_until <= ctx.loop.time():
+            self.task = ctx.loop.create_task(self._lookup(r.sandbox_id))
+            return
+        catalog.hits += 1
+        self._forward(e)
+
+    def _check_unusual(self) -> bool:
+        """CONNECT, a missing Host, an absolute-form target: False if the request was answered."""
+        req = self.req
+        if req.method == b"CONNECT":
+            self.fail(errors.METHOD_NOT_ALLOWED, close=True)
+            return False
+        if req.host is None:
+            self.fail(errors.INVALID_HOST, "The request has no Host header.")
+            return False
+        if req.target[:1] != b"/" and authority_matches(req.target, req.host) is False:
+            self.fail(errors.INVALID_HOST, "The absolute-form request target names another host than Host.")
+            return False
+        return True
 
     async def _lookup(self, sandbox_id: str) -> None:
         try:
@@ -149,18 +152,21 @@ class Exchange:
             self._forward(e)
 
     def _forward(self, e: Entry) -> None:
-        record = e.record
         route = self.route
         assert route is not None
-        if record is None:
-            self.fail(errors.SANDBOX_NOT_FOUND if e.invalid is None else errors.CATALOG_RECORD_INVALID)
-            return
-        d = decide(route, record, self.ctx.config.node_port)
-        if not isinstance(d, Forward):
-            self.fail(d)
-            return
+        d = e.memo.get(route.port)
+        if d is None:
+            record = e.record
+            if record is None:
+                self.fail(errors.SANDBOX_NOT_FOUND if e.invalid is None else errors.CATALOG_RECORD_INVALID)
+                return
+            d = decide(route, record, self.ctx.config.node_port)
+            if not isinstance(d, Forward):
+                self.fail(d)
+                return
+            e.memo[route.port] = d
         self.fwd = d
-        self.head = self.prep.head(request_line(self.method, self.url), d.host)
+        self.head = self.req.upstream_head(self.client.peer, d.host)
         up = self.ctx.pool.acquire(d.key)
         if up is not None:
             self._attach(up)
@@ -203,52 +209,42 @@ class Exchange:
         client = self.client
         if client.write_paused:
             up.gate.close(flow.PEER_BUSY)
-        if up.reused:
-            self.sent = []
-        if self.prep.expect_continue and not self.http10 and not self.up_buf_size and not self.req_done:
+        req = self.req
+        if req.expect_continue and not req.http10 and not self.up_buf_size and not self.req_done:
             client.transport.write(CONTINUE)
-        self.pending_head = True
+        if self.up_buf:
+            self.up_buf.insert(0, self.head)
+        else:
+            self.up_buf = [self.head]
         if not client.in_feed:
             self.flush_up()
-        client.gate.open(flow.BUFFERING)
+        if client.gate.reasons & flow.BUFFERING:
+            client.gate.open(flow.BUFFERING)
 
     def on_request_body(self, data: bytes) -> None:
         if self.done:
             return
-        if self.prep.body == framing.CHUNKED:
-            self.up_buf += (framing.chunk_head(len(data)), data, framing.CRLF)
-        else:
-            self.up_buf.append(data)
+        self.up_buf.append(data)
         self.up_buf_size += len(data)
         if self.up is None and self.up_buf_size > BUFFER_LIMIT:
             self.client.gate.close(flow.BUFFERING)
 
     def on_request_complete(self) -> None:
         self.req_done = True
-        if not self.done and self.prep.body == framing.CHUNKED:
-            self.up_buf.append(framing.last_chunk(self.trailers) if self.trailers else framing.LAST_CHUNK)
 
     def flush_up(self) -> None:
-        """Write what the request has for the upstream (head first); called after each client read."""
+        """Write what the request has for the upstream; called after each client read."""
         up = self.up
-        if up is None:
-            return
         buf = self.up_buf
-        body = self.up_buf_size
-        if self.pending_head:
-            self.pending_head = False
-            buf.insert(0, self.head)
-        if not buf:
+        if up is None or not buf:
             return
         self.up_buf = []
+        if up.reused and buf[0] is self.head:
+            # Keep the first write (head and what body came with it) for a replay on a new
+            # connection, in case this reused one turns out to be closed by the sandbox.
+            self.sent = buf if self.up_buf_size <= REPLAY_LIMIT else None
+        self.sent_body += self.up_buf_size
         self.up_buf_size = 0
-        sent = self.sent
-        if sent is not None:
-            if sum(map(len, sent)) + sum(map(len, buf)) <= REPLAY_LIMIT:
-                sent += buf
-            else:
-                self.sent = None
-        self.sent_body += body
         if len(buf) == 1:
             up.transport.write(buf[0])
         else:
@@ -256,59 +252,52 @@ class Exchange:
 
     # ---- response side (called by UpstreamConnection)
 
-    def on_response_head(self, up: UpstreamConnection) -> bool:
-        """A response head arrived; True means "this message has no body, stop parsing it"."""
-        status = up.parser.get_status_code()
-        if status < 200:
-            if status == 101:
-                self.resp_101 = True
-            elif status != 100 and not self.http10:  # 100 was ours to send; 1.0 clients get no 1xx
-                r = prepare_response(
-                    status, up.phrase, up.headers, head_request=False, client_http10=False,
-                    client_keep_alive=True, upstream_keep_alive=True,
-                )
-                self.down_buf.append(r.head)
-            return False
-        ctx = self.ctx
-        r = prepare_response(
-            status,
-            up.phrase,
-            up.headers,
-            head_request=self.method == b"HEAD",
-            client_http10=self.http10,
-            client_keep_alive=self.keep_alive and self.req_done and not ctx.draining,
-            upstream_keep_alive=up.parser.should_keep_alive(),
-        )
-        self.resp = r
-        self.resp_started = True
-        self.down_buf.append(r.head)
-        return self.method == b"HEAD"
+    def on_interim(self, head: bytes, headers: list[tuple[bytes, bytes]], status: int) -> None:
+        """A 1xx response other than 101: pass it on (not 100, which was the gateway's to send,
+        and not to HTTP/1.0 clients, which do not understand 1xx; RFC 9110 §15.2)."""
+        if status != 100 and not self.req.http10:
+            self.down_buf.append(analyze_response(head, headers, status, False, False, True)[0])
 
-    def on_response_body(self, data: bytes) -> None:
-        r = self.resp
-        if r is None or not data:
-            return
-        if r.body_out == framing.CHUNKED:
-            self.down_buf += (framing.chunk_head(len(data)), data, framing.CRLF)
+    def on_response_head(self, head: bytes, headers: list[tuple[bytes, bytes]], status: int) -> tuple[int, int]:
+        """The final response head: queue it for the client; returns (body framing, length)."""
+        req = self.req
+        out, body_in, self.body_out, length, self.keep_alive, self.reusable = analyze_response(
+            head,
+            headers,
+            status,
+            req.method == b"HEAD",
+            req.http10,
+            req.keep_alive and self.req_done and not self.ctx.draining,
+        )
+        self.body_in = body_in
+        self.resp_started = True
+        self.down_buf.append(out)
+        return body_in, length
+
+    def on_close_delimited(self, data: bytes) -> None:
+        """Body bytes of a response that ends when the sandbox closes."""
+        if self.body_out == framing.CHUNKED:
+            self.down_buf += framing.chunk(data)
         else:
             self.down_buf.append(data)
 
     def on_response_complete(self, up: UpstreamConnection) -> None:
-        r = self.resp
-        if r is None or self.resp_101:
-            return  # an interim (1xx) response ended; the final one follows
-        if r.body_out == framing.CHUNKED:
-            self.down_buf.append(framing.last_chunk(up.trailers) if up.trailers else framing.LAST_CHUNK)
-        self._finish(up, r)
-
-    def _finish(self, up: UpstreamConnection, r: PreparedResponse) -> None:
+        """The response ended where its framing says: finish it, free both connections."""
+        buf = self.down_buf
+        if self.body_out == framing.CHUNKED and self.body_in != framing.CHUNKED:
+            buf.append(framing.LAST_CHUNK)
         self.done = True
-        self.flush_down()
-        if not (r.upstream_reusable and self.req_done and not self.up_buf):
+        t = self.client.transport
+        if len(buf) == 1:
+            t.write(buf[0])
+        else:
+            t.writelines(buf)
+        self.down_buf = []
+        if not (self.reusable and self.req_done and not self.up_buf):
             up.reusable = False
         self.up = None
         up.detach()
-        self.client.exchange_done(self, r.keep_alive and self.req_done)
+        self.client.exchange_done(self, self.keep_alive and self.req_done)
 
     def flush_down(self) -> None:
         buf = self.down_buf
@@ -320,27 +309,23 @@ class Exchange:
             else:
                 t.writelines(buf)
 
-    def on_upstream_upgrade(self, rest: bytes) -> None:
+    def on_upstream_upgrade(self, up: UpstreamConnection, head: bytes, rest: bytes) -> None:
         """The sandbox answered 101: from now on both connections are one byte tunnel."""
-        up = self.up
-        if up is None or self.done:
+        if self.done or self.up is not up:
+            up.close()
             return
-        upgrade = find_header(up.headers, hdrs.UPGRADE)
-        if not self.resp_101 or self.prep.upgrade is None or upgrade is None:
+        headers = up.special
+        if self.req.upgrade is None or find_header(headers, hdrs.UPGRADE) is None:
             self.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, "101 without an Upgrade it was asked for")
             return
-        r = prepare_response(
-            101, up.phrase, up.headers, head_request=False, client_http10=False,
-            client_keep_alive=False, upstream_keep_alive=False,
-        )
-        self.down_buf.append(r.head)
+        self.down_buf.append(analyze_response(head, headers, 101, False, False, False)[0])
         if rest:
             self.down_buf.append(rest)
         self.flush_down()
         self.done = True
         self.up = None
-        up.exchange = None
-        early, self.early = self.early, b""
+        early = self.early or b""
+        self.early = None
         self.client.become_tunnel(self, up, early)
 
     def on_upstream_error(self, reason: Reason, detail: str) -> None:
@@ -357,17 +342,13 @@ class Exchange:
         else:
             self.fail(reason)
 
-    def on_upstream_closed(self, exc: Exception | None, eof: bool) -> None:
+    def on_upstream_closed(self, up: UpstreamConnection, exc: Exception | None, eof: bool) -> None:
         """The upstream connection ended (FIN, reset or error) while this exchange used it."""
-        up = self.up
-        if up is None or self.done:
+        if self.up is not up or self.done:
             return
-        r = self.resp
-        if eof and r is not None and r.body_in == framing.CLOSE:
-            if r.body_out == framing.CHUNKED:
-                self.down_buf.append(framing.LAST_CHUNK)
+        if eof and self.resp_started and self.body_in == framing.CLOSE:
             up.reusable = False
-            self._finish(up, r)
+            self.on_response_complete(up)
             return
         self.up = None
         up.close()
@@ -375,16 +356,21 @@ class Exchange:
             self.done = True
             self.flush_down()
             self.client.reset()
-        elif (
-            up.reused
-            and not up.got_bytes
-            and not self.retried
-            and self.sent is not None
-            and (self.method in IDEMPOTENT or self.sent_body == 0)
-        ):
+        elif up.reused and not up.got_bytes and not self.retried and self._replayable():
             self._retry()
         else:
             self.fail(errors.UPSTREAM_RESET)
+
+    def _replayable(self) -> bool:
+        """Whether the request can be sent again: no byte of its body was sent, or all that was
+        sent is kept and the method is idempotent (RFC 9110 §9.2.2)."""
+        sent = self.sent
+        if sent is None:
+            return False
+        if not self.sent_body:
+            return True
+        kept_body = sum(map(len, sent)) - len(self.head)
+        return self.req.method in IDEMPOTENT and kept_body == self.sent_body
 
     def _retry(self) -> None:
         """Send the request again on a new connection (the reused one was stale)."""
@@ -392,7 +378,7 @@ class Exchange:
         self.retried = True
         replay = self.sent[1:]  # [0] is the head, which _attach queues again
         self.up_buf = replay + self.up_buf
-        self.up_buf_size = 0
+        self.up_buf_size = sum(map(len, self.up_buf))
         self.sent_body = 0
         self.sent = None
         self.task = self.ctx.loop.create_task(self._connect(self.fwd))
@@ -417,8 +403,9 @@ class Exchange:
             self.flush_down()
             client.reset()
             return
-        h = self.headers
-        keep = self.keep_alive and not close and not self.ctx.draining
+        req = self.req
+        h = raw_fields(req.raw)
+        keep = req.keep_alive and not close and not self.ctx.draining
         route = self.route
         self.down_buf.append(
             errors.render(
@@ -430,7 +417,7 @@ class Exchange:
                     find_header(h, hdrs.SEC_FETCH_MODE), find_header(h, hdrs.ACCEPT), find_header(h, hdrs.USER_AGENT)
                 ),
                 origin=find_header(h, hdrs.ORIGIN),
-                head_only=self.method == b"HEAD",
+                head_only=req.method == b"HEAD",
                 close=not keep,
             )
         )
@@ -448,4 +435,3 @@ class Exchange:
         if up is not None:
             self.up = None
             up.close()
-

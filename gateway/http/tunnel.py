@@ -61,6 +61,7 @@ class TunnelEnd(asyncio.Protocol):
         self.closed = True
         peer = self.peer
         self.ctx.tunnels.discard(self if self.is_client else peer)
+        self.ctx.closed_one()
         if not peer.closed:
             if exc is not None:
                 _reset(peer.transport)

@@ -1,10 +1,14 @@
 """The sandbox side: one protocol per upstream connection, and the keep-alive pool.
 
-Each :class:`UpstreamConnection` parses responses with httptools (llhttp) and hands the events to
-the exchange it serves. Idle connections wait in the :class:`Pool`, keyed by (address, port,
-execution_id), for at most ``upstream_idle_timeout`` seconds: shorter than the keep-alive timeout
-of common app servers (Node's 5 s, uvicorn's 5 s), so the gateway closes an idle connection before
-the sandbox does and rarely writes into one the sandbox is closing.
+An :class:`UpstreamConnection` frames responses the same way the client side frames requests
+(head end, Content-Length count, chunked framer, or until close) and feeds llhttp exactly each
+message's bytes, so a response that llhttp would frame differently is refused (502) instead of
+desynchronising a pooled connection.
+
+Idle connections wait in the :class:`Pool`, keyed by (address, port, execution_id), for at most
+``upstream_idle_timeout`` seconds: shorter than the keep-alive timeout of common app servers
+(Node's 5 s, uvicorn's 5 s), so the gateway closes an idle connection before the sandbox does and
+rarely writes into one the sandbox is closing.
 """
 
 from __future__ import annotations
@@ -17,23 +21,22 @@ import httptools
 
 from gateway import errors
 from gateway.errors import Reason
-from gateway.http import flow
+from gateway.http import flow, framing
+from gateway.http.headers import RESPONSE_SPELLINGS
 from gateway.policy import PoolKey
 
 if TYPE_CHECKING:
     from gateway.http.proxy import Exchange
 
-__all__ = ["Pool", "UpstreamConnection"]
+__all__ = ["Pool", "UpstreamConnection", "connect_failure"]
 
 log = logging.getLogger("gateway.upstream")
 
-
-class _HeadDone(Exception):
-    """Raised from a parser callback to end a bodiless response httptools would wait on."""
+_HEAD, _LENGTH, _CHUNKED, _CLOSE = range(4)
 
 
-class _TooLarge(Exception):
-    pass
+class _Invalid(Exception):
+    """The response cannot be framed; the exchange fails with upstream_invalid_response."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -41,21 +44,23 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "closed",
+        "dechunk",
         "exchange",
+        "fed",
+        "framer",
         "gate",
         "got_bytes",
-        "head_done",
-        "head_size",
-        "headers",
         "idle_since",
         "key",
-        "max_head",
+        "llhttp_done",
         "parser",
-        "phrase",
+        "pending",
         "pool",
+        "remaining",
         "reusable",
         "reused",
-        "trailers",
+        "special",
+        "state",
         "transport",
         "write_paused",
     )
@@ -63,16 +68,18 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: Pool, key: PoolKey) -> None:
         self.pool = pool
         self.key = key
-        self.max_head = pool.max_head
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.gate: flow.ReadGate = None  # type: ignore[assignment]
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] = []
-        self.phrase = b""
-        self.head_done = False
-        self.head_size = 0
+        self.state = _HEAD
+        self.pending = b""
+        self.fed = 0
+        self.remaining = 0
+        self.framer: framing.ChunkedFramer | None = None
+        self.dechunk = False
+        self.special: list[tuple[bytes, bytes]] = []  # fields the policy must look at
+        self.llhttp_done = False
         self.got_bytes = False
         self.reused = False
         self.reusable = True
@@ -83,10 +90,9 @@ class UpstreamConnection(asyncio.Protocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = transport = cast(asyncio.Transport, transport)
-        self.gate = flow.ReadGate(transport)
-        flow.tune(transport)
+        self.transport = t = cast(asyncio.Transport, transport)
+        self.gate = flow.ReadGate(t)
+        flow.tune(t)
         self.pool.opened += 1
 
     def data_received(self, data: bytes) -> None:
@@ -96,36 +102,101 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as e:
-            x.on_upstream_upgrade(data[e.args[0] :])
-            return
-        except httptools.HttpParserCallbackError as e:
-            cause = e.__context__
-            if isinstance(cause, _HeadDone):
-                # No body follows a HEAD response; anything after its head is garbage.
-                self.parser = httptools.HttpResponseParser(self)
-                if not data.endswith(b"\r\n\r\n"):
-                    self.reusable = False
-                x.on_response_complete(self)
-            elif isinstance(cause, _TooLarge):
-                x.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, "response head too large")
-            else:
-                x.on_upstream_error(errors.INTERNAL_ERROR, f"{cause!r}")
-                if cause is not None and not isinstance(cause, Exception):
-                    raise cause from None
-                log.error("response handling failed", exc_info=cause)
-        except httptools.HttpParserError as e:
-            x.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, str(e))
-        if self.exchange is not None:
-            self.exchange.flush_down()
-        elif x.down_buf:
+            if self.pending:
+                data = self.pending + data
+                self.pending = b""
+            pos = 0
+            n = len(data)
+            parser = self.parser
+            while pos < n:
+                st = self.state
+                if st == _HEAD:
+                    end = data.find(b"\r\n\r\n", pos)
+                    fed = self.fed
+                    if end < 0:
+                        rest = data[pos:] if pos else data
+                        if len(rest) > self.pool.max_head:
+                            raise _Invalid("response head too large")
+                        parser.feed_data(rest[fed:] if fed else rest)
+                        self.pending = rest
+                        self.fed = len(rest)
+                        break
+                    end += 4
+                    head = data if (pos == 0 and end == n) else data[pos:end]
+                    self.fed = 0
+                    pos = end
+                    try:
+                        parser.feed_data(head[fed:] if fed else head)
+                    except httptools.HttpParserUpgrade:
+                        self.exchange = None
+                        x.on_upstream_upgrade(self, head, data[pos:])
+                        return
+                    status = parser.get_status_code()
+                    if status < 200:
+                        x.on_interim(head, self.special, status)
+                        continue
+                    body, length = x.on_response_head(head, self.special, status)
+                    if body == framing.NONE or (body == framing.LENGTH and not length):
+                        if not self.llhttp_done:  # a HEAD response llhttp expects a body for
+                            self.parser = parser = httptools.HttpResponseParser(self)
+                        self._complete(x, pos < n)
+                        return
+                    if body == framing.LENGTH:
+                        self.state = _LENGTH
+                        self.remaining = length
+                    elif body == framing.CHUNKED:
+                        self.state = _CHUNKED
+                        self.framer = framing.ChunkedFramer()
+                        self.dechunk = x.body_out == framing.CLOSE
+                    else:
+                        self.state = _CLOSE
+                elif st == _LENGTH:
+                    take = self.remaining if self.remaining < n - pos else n - pos
+                    piece = data if (pos == 0 and take == n) else data[pos : pos + take]
+                    parser.feed_data(piece)
+                    pos += take
+                    self.remaining -= take
+                    x.down_buf.append(piece)
+                    if not self.remaining:
+                        self._complete(x, pos < n)
+                        return
+                elif st == _CHUNKED:
+                    framer = self.framer
+                    assert framer is not None
+                    segments: list[tuple[int, int]] | None = [] if self.dechunk else None
+                    end = framer.scan(data, pos, segments)
+                    stop = n if end < 0 else end
+                    piece = data if (pos == 0 and stop == n) else data[pos:stop]
+                    parser.feed_data(piece)
+                    pos = stop
+                    if segments is None:
+                        x.down_buf.append(piece)
+                    else:
+                        x.down_buf += [data[a:b] for a, b in segments if b > a]
+                    if end >= 0:
+                        self._complete(x, pos < n)
+                        return
+                else:  # _CLOSE: everything until the sandbox closes is body
+                    x.on_close_delimited(data[pos:] if pos else data)
+                    break
+        except (httptools.HttpParserError, framing.FramingError, _Invalid, ValueError) as e:
+            x.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, str(e) or type(e).__name__)
+        if x.down_buf:
             x.flush_down()
+
+    def _complete(self, x: Exchange, extra: bool) -> None:
+        if not self.llhttp_done:
+            raise _Invalid("llhttp and the gateway disagree on where the response ends")
+        self.state = _HEAD
+        self.framer = None
+        if extra:  # bytes after a complete response, unasked for: the connection is not trustworthy
+            self.reusable = False
+        x.on_response_complete(self)
 
     def eof_received(self) -> bool:
         x = self.exchange
         if x is not None:
-            x.on_upstream_closed(None, eof=True)
+            x.on_upstream_closed(self, None, eof=True)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -134,7 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
         x = self.exchange
         if x is not None:
             self.exchange = None
-            x.on_upstream_closed(exc, eof=False)
+            x.on_upstream_closed(self, exc, eof=False)
         else:
             self.pool.forget(self)
 
@@ -150,45 +221,20 @@ class UpstreamConnection(asyncio.Protocol):
         if x is not None:
             x.client.gate.open(flow.PEER_BUSY)
 
-    # ---- httptools callbacks
+    # ---- llhttp callbacks (it validates; the gateway frames)
 
     def on_message_begin(self) -> None:
-        self.headers = []
-        self.phrase = b""
-        self.head_done = False
-        self.head_size = 0
-
-    def on_status(self, phrase: bytes) -> None:
-        self.phrase += phrase
-        self.head_size += len(phrase)
-        if self.head_size > self.max_head:
-            raise _TooLarge
+        if self.state != _HEAD:
+            raise _Invalid("llhttp sees a new response where the gateway sees a body")
+        self.special = []
+        self.llhttp_done = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_done:
-            self.trailers.append((name, value))
-            return
-        self.headers.append((name, value))
-        self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.max_head:
-            raise _TooLarge
-
-    def on_headers_complete(self) -> None:
-        self.head_done = True
-        x = self.exchange
-        assert x is not None
-        if x.on_response_head(self):
-            raise _HeadDone
-
-    def on_body(self, body: bytes) -> None:
-        x = self.exchange
-        assert x is not None
-        x.on_response_body(body)
+        if RESPONSE_SPELLINGS.get(name) != 0:
+            self.special.append((name, value))
 
     def on_message_complete(self) -> None:
-        x = self.exchange
-        assert x is not None
-        x.on_response_complete(self)
+        self.llhttp_done = True
 
     # ---- pool side
 
@@ -202,8 +248,7 @@ class UpstreamConnection(asyncio.Protocol):
     def detach(self) -> None:
         """The exchange is over: back to the pool if the connection can serve another."""
         self.exchange = None
-        self.trailers = []
-        if self.write_paused or self.gate.reasons:
+        if self.write_paused or self.gate.reasons or self.state != _HEAD or self.pending:
             self.reusable = False
         self.pool.release(self)
 
@@ -224,6 +269,7 @@ class Pool:
         self.opened = 0
 
     def acquire(self, key: PoolKey) -> UpstreamConnection | None:
+        """The most recently used idle connection for ``key`` that is still fresh, or None."""
         conns = self._idle.get(key)
         if not conns:
             return None
@@ -231,22 +277,21 @@ class Pool:
         while conns:
             c = conns.pop()
             self.idle_count -= 1
-            if not c.closed and c.idle_since > limit:
-                if not conns:
-                    del self._idle[key]
+            if c.idle_since > limit and not c.closed:
                 c.reused = True
                 c.got_bytes = False
                 return c
             c.close()
-        del self._idle[key]
         return None
 
     def release(self, c: UpstreamConnection) -> None:
         if c.closed or not c.reusable or self.idle_count >= self.max_idle:
             c.close()
             return
-        conns = self._idle.setdefault(c.key, [])
-        if len(conns) >= self.max_per_key:
+        conns = self._idle.get(c.key)
+        if conns is None:
+            conns = self._idle[c.key] = []
+        elif len(conns) >= self.max_per_key:
             c.close()
             return
         c.idle_since = self._loop.time()
@@ -268,6 +313,8 @@ class Pool:
         for key in list(self._idle):
             conns = self._idle[key]
             keep = [c for c in conns if c.idle_since > limit and not c.closed]
+            if len(keep) == len(conns):
+                continue
             for c in conns:
                 if c not in keep:
                     c.close()
@@ -277,7 +324,7 @@ class Pool:
             else:
                 del self._idle[key]
 
-    def drop(self, predicate: object = None) -> None:
+    def close_all(self) -> None:
         """Close every idle connection (shutdown)."""
         for conns in self._idle.values():
             for c in conns:

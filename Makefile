@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh Debian machine with Python 3.11: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+BENCH  ?= ../shared/bench/run.py
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint typecheck pytest bench config clean
+
+# `make install`: .venv with an editable install and the dev extras (tests, types, lint).
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Python >= 3.11 is needed (found: $$($(PYTHON) --version))"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
+	  { echo "python3 -m venv failed: on Debian, apt-get install python3-venv"; rm -rf $(VENV); exit 1; }
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# The gateway on 127.0.0.1:8080 (admin :8081) with a local Redis and a demo sandbox. Ctrl-C stops all.
+run: install
+	$(BIN)/gateway serve $(ARGS)
+
+# The whole suite: lint, types, tests (real Redis, real sockets, real peers).
+test: install lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check .
+
+typecheck: install
+	$(BIN)/mypy --strict gateway
+
+pytest: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The referee benchmark: nginx, haproxy and this gateway side by side (see ../shared/bench/README.md).
+bench: install
+	$(PYTHON) $(BENCH) $(BENCH_ARGS)
+
+# Regenerate config/gateway.toml from the settings declared in gateway/config.py.
+config: install
+	$(BIN)/python -c 'from gateway.config import example_toml; print(example_toml(), end="")' > config/gateway.toml
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

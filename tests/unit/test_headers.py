@@ -1,0 +1,231 @@
+"""The header policy on raw heads (pure). Each rule cites the RFC section it follows."""
+
+from __future__ import annotations
+
+import httptools
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import errors
+from gateway.http import framing
+from gateway.http.headers import (
+    REQUEST_SPELLINGS,
+    RESPONSE_SPELLINGS,
+    Peer,
+    RequestHead,
+    analyze_request,
+    analyze_response,
+    raw_fields,
+)
+
+PEER = Peer.make("203.0.113.9", 8080, False, ())
+WS = frozenset({b"websocket"})
+
+
+def fields(head: bytes, spellings: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """What the parser callback keeps: fields whose spelling is not known to be plain."""
+    return [f for f in raw_fields(head) if spellings.get(f[0]) != 0]
+
+
+def req(head: bytes, peer: Peer = PEER) -> RequestHead:
+    r = analyze_request(head, fields(head, REQUEST_SPELLINGS), WS)
+    assert isinstance(r, RequestHead)
+    return r
+
+
+def upstream(head: bytes, peer: Peer = PEER, host: bytes | None = None) -> bytes:
+    return req(head, peer).upstream_head(peer, host)
+
+
+def test_plain_request_passes_byte_for_byte_plus_forwarding() -> None:
+    head = b"GET /a%2Fb%20c?q=%41&x HTTP/1.1\r\nHost: 3000-abc.e2b.dev\r\nuser-agent: x\r\nAccept:  */*\r\n\r\n"
+    assert upstream(head) == head[:-2] + (
+        b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: 8080\r\n"
+        b'Forwarded: for=203.0.113.9;proto=http;host="3000-abc.e2b.dev"\r\n'
+        b"X-Forwarded-Host: 3000-abc.e2b.dev\r\n\r\n"
+    )
+
+
+def test_hop_by_hop_fields_are_removed() -> None:
+    # RFC 9110 §7.6.1: Connection, the fields it names, Keep-Alive, Proxy-Connection, TE, Upgrade.
+    head = (
+        b"GET / HTTP/1.1\r\nHost: h.e2b.dev\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n"
+        b"X-Secret: 1\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Kept: 2\r\n\r\n"
+    )
+    out = upstream(head)
+    assert out.startswith(b"GET / HTTP/1.1\r\nHost: h.e2b.dev\r\nX-Kept: 2\r\nX-Forwarded-For:")
+    for name in (b"Connection", b"Keep-Alive", b"X-Secret", b"Proxy-Connection", b"TE:", b"Upgrade"):
+        assert name not in out
+
+
+def test_connection_cannot_remove_framing_or_host() -> None:
+    head = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: content-length, host\r\n\r\n"
+    out = upstream(head)
+    assert b"Content-Length: 3\r\n" in out and b"Host: h\r\n" in out
+
+
+def test_forwarding_fields_from_untrusted_peers_are_replaced() -> None:
+    head = (
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.1.1.1\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: evil\r\nX-Forwarded-Port: 1\r\nForwarded: for=1.1.1.1\r\n\r\n"
+    )
+    out = upstream(head)
+    assert b"1.1.1.1" not in out and b"evil" not in out and b"https" not in out
+    assert b"X-Forwarded-For: 203.0.113.9\r\n" in out
+
+
+def test_forwarding_fields_from_trusted_proxies_are_kept_and_extended() -> None:
+    lb = Peer.make("10.0.0.2", 8080, False, [__import__("ipaddress").ip_network("10.0.0.0/8")])
+    assert lb.trusted
+    head = (
+        b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Port: 443\r\nForwarded: for=198.51.100.1;proto=https\r\n\r\n"
+    )
+    out = upstream(head, lb)
+    assert b"X-Forwarded-For: 198.51.100.1, 10.0.0.2\r\n" in out
+    assert b"X-Forwarded-Proto: https\r\n" in out
+    assert b"X-Forwarded-Port: 443\r\n" in out
+    assert b'Forwarded: for=198.51.100.1;proto=https, for=10.0.0.2;proto=http;host="h"\r\n' in out
+    assert b"X-Forwarded-Host: h\r\n" in out
+
+
+def test_ipv6_client_in_forwarded_is_bracketed_and_quoted() -> None:
+    # RFC 7239 §6: an IPv6 node is "[addr]" in a quoted-string.
+    p6 = Peer.make("2001:db8::7", 8080, True, ())
+    out = upstream(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", p6)
+    assert b'Forwarded: for="[2001:db8::7]";proto=https;host="h"\r\n' in out
+    assert b"X-Forwarded-Proto: https\r\n" in out
+
+
+def test_ipv4_mapped_peer_is_shown_as_ipv4() -> None:
+    assert Peer.make("::ffff:192.0.2.1", 80, False, ()).ip == "192.0.2.1"
+
+
+def test_http10_request_goes_upstream_as_http11() -> None:
+    out = upstream(b"GET /x HTTP/1.0\r\nHost: h\r\n\r\n")
+    assert out.startswith(b"GET /x HTTP/1.1\r\nHost: h\r\n")
+    r = req(b"GET /x HTTP/1.0\r\nHost: h\r\n\r\n")
+    assert not r.keep_alive
+    assert req(b"GET /x HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n").keep_alive
+
+
+def test_mask_request_host_replaces_host_and_keeps_the_original_in_x_forwarded_host() -> None:
+    out = upstream(b"GET / HTTP/1.1\r\nhost: 5173-abc.e2b.dev\r\nA: b\r\n\r\n", host=b"localhost:5173")
+    assert out.startswith(b"GET / HTTP/1.1\r\nhost: localhost:5173\r\nA: b\r\n")
+    assert b"X-Forwarded-Host: 5173-abc.e2b.dev\r\n" in out
+
+
+def test_expect_100_continue_is_answered_by_the_gateway() -> None:
+    r = req(b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    assert r.expect_continue
+    assert b"Expect" not in r.upstream_head(PEER)
+
+
+def test_websocket_upgrade_is_kept_others_dropped() -> None:
+    ws = req(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert ws.upgrade == b"websocket"
+    assert b"Connection: upgrade\r\nUpgrade: websocket\r\n" in ws.upstream_head(PEER)
+    h2c = req(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: x\r\n\r\n")
+    assert h2c.upgrade is None
+    out = h2c.upstream_head(PEER)
+    assert b"Upgrade" not in out and b"HTTP2-Settings" not in out
+
+
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", errors.INVALID_HOST),  # RFC 9112 §3.2
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", errors.INVALID_FRAMING),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n", errors.INVALID_FRAMING),
+        (b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", errors.INVALID_FRAMING),  # §6.1
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),
+    ],
+)
+def test_refused_requests(head: bytes, reason: errors.Reason) -> None:
+    assert analyze_request(head, fields(head, REQUEST_SPELLINGS), WS) == reason
+
+
+def test_request_framing() -> None:
+    assert req(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n").body == framing.LENGTH
+    assert req(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n").body == framing.NONE
+    chunked = req(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n")
+    assert chunked.body == framing.CHUNKED
+    assert b"Transfer-Encoding: Chunked\r\n" in chunked.upstream_head(PEER)  # same coding, passed on
+
+
+def resp(head: bytes, status: int = 200, *, head_req: bool = False, http10: bool = False, ka: bool = True):  # type: ignore[no-untyped-def]
+    return analyze_response(head, fields(head, RESPONSE_SPELLINGS), status, head_req, http10, ka)
+
+
+def test_response_passes_unchanged_minus_connection() -> None:
+    head = (
+        b"HTTP/1.1 200 Fine Thanks\r\nSet-Cookie: a=1\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+        b"Content-Encoding: gzip\r\nSet-Cookie: b=2\r\n\r\n"
+    )
+    out, body_in, body_out, length, keep_alive, reusable = resp(head)
+    assert out == (
+        b"HTTP/1.1 200 Fine Thanks\r\nSet-Cookie: a=1\r\nContent-Length: 2\r\nContent-Encoding: gzip\r\n"
+        b"Set-Cookie: b=2\r\n\r\n"
+    )
+    assert (body_in, body_out, length, keep_alive, reusable) == (framing.LENGTH, framing.LENGTH, 2, True, True)
+
+
+def test_response_framing_rules() -> None:
+    # RFC 9112 §6.3: HEAD, 1xx, 204 and 304 have no body whatever their fields say.
+    assert resp(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", head_req=True)[1] == framing.NONE
+    assert resp(b"HTTP/1.1 304 NM\r\nContent-Length: 9\r\n\r\n", 304)[1] == framing.NONE
+    assert resp(b"HTTP/1.1 204 NC\r\n\r\n", 204)[1] == framing.NONE
+    # Close-delimited: chunked for an HTTP/1.1 client (its connection stays open) ...
+    out, body_in, body_out, _, keep_alive, reusable = resp(b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\n")
+    assert (body_in, body_out, keep_alive, reusable) == (framing.CLOSE, framing.CHUNKED, True, False)
+    assert out == b"HTTP/1.1 200 OK\r\nServer: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # ... and left close-delimited for an HTTP/1.0 client, which cannot read chunked coding.
+    out, body_in, body_out, _, keep_alive, _ = resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                                                    http10=True)
+    assert (body_in, body_out, keep_alive) == (framing.CHUNKED, framing.CLOSE, False)
+    assert out == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
+    # An HTTP/1.0 client that asked for keep-alive is told it got it.
+    out = resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", http10=True)[0]
+    assert out.endswith(b"Connection: keep-alive\r\n\r\n")
+
+
+def test_upstream_reuse() -> None:
+    assert not resp(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")[5]
+    assert not resp(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")[5]
+    assert resp(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n")[5]
+
+
+def test_101_keeps_upgrade() -> None:
+    head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n"
+    out = resp(head, 101)[0]
+    assert out == (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\n"
+        b"Connection: upgrade\r\n\r\n"
+    )
+
+
+names = st.from_regex(rb"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True)
+values = st.from_regex(rb"[ -~]{0,30}", fullmatch=True).map(lambda v: v.strip())
+
+
+@given(st.lists(st.tuples(names, values), max_size=12))
+def test_any_valid_request_head_is_forwarded_with_its_plain_fields_intact(hs: list[tuple[bytes, bytes]]) -> None:
+    if any(n.lower() == b"connection" for n, _ in hs):
+        return  # Connection may name other fields for removal: covered by its own test
+    head = b"GET / HTTP/1.1\r\nHost: 80-a.e2b.dev\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in hs) + b"\r\n"
+    p = httptools.HttpRequestParser(object())
+    try:
+        p.feed_data(head)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return  # llhttp refuses it: never reaches the policy
+    r = analyze_request(head, fields(head, REQUEST_SPELLINGS), WS)
+    if not isinstance(r, RequestHead):
+        return
+    out = r.upstream_head(PEER)
+    special = {b"host", b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"expect",
+               b"transfer-encoding", b"content-length", b"forwarded", b"x-forwarded-for", b"x-forwarded-proto",
+               b"x-forwarded-host", b"x-forwarded-port"}
+    for n, v in hs:
+        if n.lower() not in special:
+            assert b"\r\n" + n + b": " + v + b"\r\n" in out

@@ -1,0 +1,139 @@
+"""The host grammar: table tests and properties (pure, no sockets)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import errors
+from gateway.hostname import HostRouter, Route, authority_matches, check_domain, normalize_host, parse_label
+
+router = HostRouter(["e2b.dev", "eu.e2b.dev", "sandbox.localhost"])
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        (b"3000-abc.e2b.dev", Route(3000, "abc")),
+        (b"3000-i62mff4ahtrdfdkyn2esc-b0b684e9.e2b.dev", Route(3000, "i62mff4ahtrdfdkyn2esc", "b0b684e9")),
+        (b"3000-ABC.E2B.DEV", Route(3000, "abc")),  # names are case-insensitive
+        (b"3000-abc.e2b.dev:443", Route(3000, "abc")),  # the port in Host is not the sandbox port
+        (b"3000-abc.e2b.dev.", Route(3000, "abc")),  # one trailing dot: the same host
+        (b"3000-abc.e2b.dev.:8080", Route(3000, "abc")),
+        (b"1-a.e2b.dev", Route(1, "a")),
+        (b"65535-" + b"a" * 64 + b".e2b.dev", Route(65535, "a" * 64)),
+        (b"8080-abc.eu.e2b.dev", Route(8080, "abc")),  # the longest configured domain wins
+        (b"3000-demo.sandbox.localhost:8080", Route(3000, "demo")),
+        (b"e2b.dev", errors.UNKNOWN_DOMAIN),
+        (b"3000-abc.example.com", errors.UNKNOWN_DOMAIN),
+        (b"3000-abc.e2b.dev.evil.com", errors.UNKNOWN_DOMAIN),
+        (b"3000-abcxe2b.dev", errors.UNKNOWN_DOMAIN),
+        (b"127.0.0.1:8080", errors.UNKNOWN_DOMAIN),
+        (b"[::1]:8080", errors.UNKNOWN_DOMAIN),
+        (b"3000-abc.e2b.dev..", errors.INVALID_HOST),
+        (b"a.3000-abc.e2b.dev", errors.INVALID_HOST),  # one label only
+        (b"3000.e2b.dev", errors.INVALID_HOST),
+        (b"3000-abc-def-ghi.e2b.dev", errors.INVALID_HOST),
+        (b"3000-abc-DEF_x.e2b.dev", errors.INVALID_HOST),
+        (b"3000-abc-.e2b.dev", errors.INVALID_HOST),  # empty client id
+        (b"3000-abc.e2b.dev:80x", errors.INVALID_HOST),
+        (b"3000-abc.e2b.dev:1234567", errors.INVALID_HOST),
+        (b"3000-ab_c.e2b.dev", errors.INVALID_HOST),
+        (b"3000-abc.e2b.dev\xff", errors.INVALID_HOST),
+        (b"", errors.INVALID_HOST),
+        (b"[::1", errors.INVALID_HOST),
+        (b"0-abc.e2b.dev", errors.INVALID_PORT),
+        (b"03000-abc.e2b.dev", errors.INVALID_PORT),  # no leading zero: one spelling per port
+        (b"65536-abc.e2b.dev", errors.INVALID_PORT),
+        (b"99999-abc.e2b.dev", errors.INVALID_PORT),
+        (b"100000-abc.e2b.dev", errors.INVALID_PORT),
+        (b"-abc.e2b.dev", errors.INVALID_PORT),
+        (b"x80-abc.e2b.dev", errors.INVALID_PORT),
+        (b"3000--x.e2b.dev", errors.INVALID_SANDBOX_ID),
+        (b"3000-" + b"a" * 65 + b".e2b.dev", errors.INVALID_SANDBOX_ID),
+    ],
+)
+def test_route_table(host: bytes, expected: object) -> None:
+    assert router.route(host) == expected
+
+
+def test_route_is_memoised_and_bounded() -> None:
+    r = HostRouter(["e2b.dev"], memo_size=4)
+    for i in range(1, 20):
+        assert r.route(b"%d-abc.e2b.dev" % i) == Route(i, "abc")
+    assert len(r._memo) <= 4  # noqa: SLF001 - the bound is the point
+
+
+def test_label_grammar() -> None:
+    assert parse_label("80-abc") == Route(80, "abc")
+    assert parse_label("80-abc-def") == Route(80, "abc", "def")
+    assert parse_label("+80-abc") == errors.INVALID_PORT
+    assert parse_label("８０-abc") == errors.INVALID_PORT  # non-ASCII digits are not a port
+
+
+def test_normalize_host() -> None:
+    assert normalize_host(b"ExAmple.COM.:80") == "example.com"
+    assert normalize_host(b"[::1]:80") == "[::1]"
+    assert normalize_host(b"a b") == errors.INVALID_HOST
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "expected"),
+    [
+        (b"/path", b"a.e2b.dev", None),
+        (b"http://3000-abc.e2b.dev/x", b"3000-abc.e2b.dev", True),
+        (b"http://3000-ABC.e2b.dev:80/x?y", b"3000-abc.e2b.dev", True),
+        (b"http://3000-abc.e2b.dev", b"3000-abc.e2b.dev:80", True),
+        (b"https://3000-abc.e2b.dev/", b"3000-abc.e2b.dev:443", True),
+        (b"http://3000-other.e2b.dev/x", b"3000-abc.e2b.dev", False),
+        (b"http://3000-abc.e2b.dev:8080/x", b"3000-abc.e2b.dev", False),
+        (b"http://user@3000-abc.e2b.dev/x", b"3000-abc.e2b.dev", False),
+    ],
+)
+def test_absolute_form_authority(target: bytes, host: bytes, expected: bool | None) -> None:
+    assert authority_matches(target, host) is expected
+
+
+def test_check_domain_uses_the_bundled_list_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*a: object, **k: object) -> None:
+        raise AssertionError("tldextract tried the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert check_domain("e2b.dev") == (None, None)
+    assert check_domain("com")[0] is not None  # a public suffix
+    assert check_domain("co.uk")[0] is not None
+    assert check_domain("sandbox.localhost")[0] is None
+    assert check_domain("sandbox.localhost")[1] is not None  # allowed, with a note
+    assert check_domain("bad_domain.com")[0] is not None
+    assert check_domain("-x.com")[0] is not None
+
+
+labels = st.from_regex(r"[a-z0-9]{1,64}", fullmatch=True)
+
+
+@given(port=st.integers(1, 65535), sid=labels, cid=st.none() | labels, upper=st.booleans(), dot=st.booleans())
+def test_valid_label_round_trips(port: int, sid: str, cid: str | None, upper: bool, dot: bool) -> None:
+    route = Route(port, sid, cid)
+    host = f"{route.label}.e2b.dev" + ("." if dot else "")
+    assert router.route((host.upper() if upper else host).encode()) == route
+
+
+@given(st.binary(max_size=300))
+def test_no_input_crashes_the_router(host: bytes) -> None:
+    r = HostRouter(["e2b.dev"]).route(host)
+    assert isinstance(r, Route) or r in errors.REASONS.values()
+
+
+@given(st.text(max_size=100))
+def test_no_label_crashes_the_parser(label: str) -> None:
+    r = parse_label(label)
+    assert isinstance(r, Route) or r in (errors.INVALID_HOST, errors.INVALID_PORT, errors.INVALID_SANDBOX_ID)
+
+
+@given(st.binary(max_size=200), st.binary(max_size=100))
+def test_no_target_crashes_the_authority_check(target: bytes, host: bytes) -> None:
+    assert authority_matches(target, host) in (None, True, False)
