@@ -294,6 +294,8 @@ def example_toml(cfg: Config | None = None) -> str:
     for name, default, doc in settings_table():
         if name in _SECTIONS:
             out += ["", f"# --- {_SECTIONS[name]}"]
-        out += [f"# {doc} (env GATEWAY_{name.upper()}; default {_toml_value(default)})",
-                f"{name} = {_toml_value(getattr(cfg, name))}"]
+        out += [
+            f"# {doc} (env GATEWAY_{name.upper()}; default {_toml_value(default)})",
+            f"{name} = {_toml_value(getattr(cfg, name))}",
+        ]
     return "\n".join(out) + "\n"

@@ -120,6 +120,9 @@ class Embedded:
             port = _free_port()
             site = web.TCPSite(self.runner, "127.0.0.1", port)
             await site.start()
+        for addr in self.runner.addresses:  # the bound port, when any free port was asked for
+            if isinstance(addr, tuple):
+                port = addr[1]
         self.demo_port = port
         record = SandboxRecord("127.0.0.1", execution_id=f"demo-{os.getpid()}")
         await client.set(prefix + DEMO_SANDBOX, dump_record(record))

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -186,3 +187,50 @@ def gateway_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen[str]
+    port: int
+    admin_port: int
+
+    def host(self, port: int, sandbox_id: str) -> str:
+        return f"{port}-{sandbox_id}.{DOMAIN}"
+
+
+@pytest.fixture
+def gateway_process(redis_server: RedisServer) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start ``python -m gateway serve`` as a real process (for RSS, signals, the CLI)."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> GatewayProcess:
+        port, admin = free_port(), free_port()
+        e = gateway_env() | {"GATEWAY_DRAIN_DELAY": "0"} | (env or {})
+        cmd = [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
+               "--admin-listen", f"127.0.0.1:{admin}", "--redis-url", redis_server.url, "--domain", DOMAIN, *args]  # fmt: skip
+        proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        procs.append(proc)
+        if ready:
+            deadline = time.monotonic() + WAIT * 3
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+                try:
+                    with socket.create_connection(("127.0.0.1", admin), timeout=1) as s:
+                        s.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                        if s.recv(64).startswith(b"HTTP/1.1 200"):
+                            break
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            else:
+                pytest.fail("gateway process did not become ready")
+        return GatewayProcess(proc, port, admin)
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(WAIT)
+        if p.stdout:
+            p.stdout.close()

@@ -108,7 +108,11 @@ class Client:
         self.writer.write(data)
 
     async def request(
-        self, host: str, path: str = "/", method: str = "GET", headers: dict[str, str] | None = None,
+        self,
+        host: str,
+        path: str = "/",
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
         body: bytes | None = None,
     ) -> Response:
         lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]

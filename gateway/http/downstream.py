@@ -137,8 +137,11 @@ class ClientConnection(asyncio.Protocol):
             while pos < n and not self.closing:
                 st = self.state
                 if st == _HEAD:
-                    end = data.find(b"\r\n\r\n", pos)
                     fed = self.fed
+                    if not fed and data.startswith(b"\r\n", pos):  # empty lines before a request-line
+                        pos += 2  # are ignored (RFC 9112 §2.2)
+                        continue
+                    end = data.find(b"\r\n\r\n", pos)
                     if end < 0:
                         rest = data[pos:] if pos else data
                         if len(rest) > self.ctx.config.max_request_head_size:
@@ -150,6 +153,8 @@ class ClientConnection(asyncio.Protocol):
                         self.fed = len(rest)
                         break
                     end += 4
+                    if end - pos > self.ctx.config.max_request_head_size:
+                        raise _Reject(errors.HEAD_TOO_LARGE)
                     head = data if (pos == 0 and end == n) else data[pos:end]
                     self.fed = 0
                     pos = end

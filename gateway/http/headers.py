@@ -299,7 +299,10 @@ def analyze_request(
     REQUEST_SPELLINGS): the parser callback keeps only those.
     """
     r = RequestHead(raw)
-    r.method, r.target, version = raw[: raw.find(b"\r\n")].split(b" ", 2)
+    line = raw[: raw.find(b"\r\n")].split(b" ", 2)
+    if len(line) != 3:  # llhttp ignores leading empty lines; a head without a request line is none
+        return errors.MALFORMED_REQUEST
+    r.method, r.target, version = line
     if version != b"HTTP/1.1":
         if version != b"HTTP/1.0":
             return errors.MALFORMED_REQUEST

@@ -122,6 +122,8 @@ class UpstreamConnection(asyncio.Protocol):
                         self.fed = len(rest)
                         break
                     end += 4
+                    if end - pos > self.pool.max_head:
+                        raise _Invalid("response head too large")
                     head = data if (pos == 0 and end == n) else data[pos:end]
                     self.fed = 0
                     pos = end
@@ -137,8 +139,11 @@ class UpstreamConnection(asyncio.Protocol):
                         continue
                     body, length = x.on_response_head(head, self.special, status)
                     if body == framing.NONE or (body == framing.LENGTH and not length):
-                        if not self.llhttp_done:  # a HEAD response llhttp expects a body for
+                        if not self.llhttp_done and x.req.method == b"HEAD":
+                            # llhttp cannot be told a response answers HEAD (RFC 9110 §9.3.2):
+                            # it waits for the body the fields describe. A new parser starts clean.
                             self.parser = parser = httptools.HttpResponseParser(self)
+                            self.llhttp_done = True
                         self._complete(x, pos < n)
                         return
                     if body == framing.LENGTH:

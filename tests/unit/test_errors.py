@@ -45,7 +45,7 @@ def test_cors_echoes_origin() -> None:
 
 def test_head_only_and_close() -> None:
     resp = errors.render(errors.INVALID_HOST, head_only=True, close=True)
-    status, h, body = split(resp)
+    _, h, body = split(resp)
     assert body == b"" and int(h[b"content-length"]) > 0 and h[b"connection"] == b"close"
 
 

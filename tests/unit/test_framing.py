@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -30,7 +32,7 @@ def test_any_split(cuts: list[int]) -> None:
     bounds = [0, *sorted(cuts), len(data)]
     f = ChunkedFramer()
     consumed = 0
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in itertools.pairwise(bounds):
         piece = data[a:b]
         end = f.scan(piece, 0)
         if end >= 0:

@@ -126,7 +126,9 @@ def test_websocket_upgrade_is_kept_others_dropped() -> None:
     ws = req(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
     assert ws.upgrade == b"websocket"
     assert b"Connection: upgrade\r\nUpgrade: websocket\r\n" in ws.upstream_head(PEER)
-    h2c = req(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: x\r\n\r\n")
+    h2c = req(
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: x\r\n\r\n"
+    )
     assert h2c.upgrade is None
     out = h2c.upstream_head(PEER)
     assert b"Upgrade" not in out and b"HTTP2-Settings" not in out
@@ -181,8 +183,9 @@ def test_response_framing_rules() -> None:
     assert (body_in, body_out, keep_alive, reusable) == (framing.CLOSE, framing.CHUNKED, True, False)
     assert out == b"HTTP/1.1 200 OK\r\nServer: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     # ... and left close-delimited for an HTTP/1.0 client, which cannot read chunked coding.
-    out, body_in, body_out, _, keep_alive, _ = resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-                                                    http10=True)
+    out, body_in, body_out, _, keep_alive, _ = resp(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", http10=True
+    )
     assert (body_in, body_out, keep_alive) == (framing.CHUNKED, framing.CLOSE, False)
     assert out == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
     # An HTTP/1.0 client that asked for keep-alive is told it got it.
@@ -223,9 +226,22 @@ def test_any_valid_request_head_is_forwarded_with_its_plain_fields_intact(hs: li
     if not isinstance(r, RequestHead):
         return
     out = r.upstream_head(PEER)
-    special = {b"host", b"connection", b"keep-alive", b"proxy-connection", b"te", b"upgrade", b"expect",
-               b"transfer-encoding", b"content-length", b"forwarded", b"x-forwarded-for", b"x-forwarded-proto",
-               b"x-forwarded-host", b"x-forwarded-port"}
+    special = {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"upgrade",
+        b"expect",
+        b"transfer-encoding",
+        b"content-length",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+    }
     for n, v in hs:
         if n.lower() not in special:
             assert b"\r\n" + n + b": " + v + b"\r\n" in out

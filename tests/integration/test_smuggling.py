@@ -1,0 +1,175 @@
+"""Request smuggling and malformed input: refused with 400, the connection closed, nothing forwarded.
+
+Each case is sent as raw bytes. The sandbox records what reaches it: for a bad head, nothing; for a
+bad chunk, at most the head and the chunks before it, never the bad bytes or anything after them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.conftest import Catalog
+from tests.helpers import Client, RawUpstream, echo_handler, read_response
+
+H = "{host}"
+HEAD_CASES = {
+    "content-length with transfer-encoding": "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n"
+    "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n",
+    "transfer-encoding then content-length": "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+    "Content-Length: 5\r\n\r\n0\r\n\r\n",
+    "differing content-length": "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "repeated content-length": "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    "content-length list": "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5, 5\r\n\r\nhello",
+    "signed content-length": "POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: +5\r\n\r\nhello",
+    "te gzip, chunked": "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "te chunked, gzip": "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "te chunked twice": "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+    "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te chunked, chunked": "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+    "te identity": "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: identity\r\n\r\nhello",
+    "te xchunked": "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "te in http/1.0": "POST / HTTP/1.0\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "obs-fold": "GET / HTTP/1.1\r\nHost: {host}\r\nX-A: b\r\n c\r\n\r\n",
+    "whitespace before colon": "GET / HTTP/1.1\r\nHost: {host}\r\nX-A : b\r\n\r\n",
+    "whitespace before colon in transfer-encoding": "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding : chunked\r\n"
+    "\r\n0\r\n\r\n",
+    "nul in value": "GET / HTTP/1.1\r\nHost: {host}\r\nX-A: b\x00c\r\n\r\n",
+    "cr in value": "GET / HTTP/1.1\r\nHost: {host}\r\nX-A: b\rc\r\n\r\n",
+    "lf in value": "GET / HTTP/1.1\r\nHost: {host}\r\nX-A: b\nX-B: c\r\n\r\n",
+    "empty field name": "GET / HTTP/1.1\r\nHost: {host}\r\n: b\r\n\r\n",
+    "space in target": "GET /a b HTTP/1.1\r\nHost: {host}\r\n\r\n",
+    "http/2.0 version": "GET / HTTP/2.0\r\nHost: {host}\r\n\r\n",
+    "two hosts": "GET / HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n",
+    "body on an upgrade": "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    "Content-Length: 5\r\n\r\nhello",
+}
+CHUNK_CASES = {
+    "bad chunk size": "zz\r\nhello\r\n0\r\n\r\n",
+    "chunk size overflow": "fffffffffffffffff1\r\nhello\r\n0\r\n\r\n",
+    "space after chunk size": "5 \r\nhello\r\n0\r\n\r\n",
+    "negative chunk size": "-5\r\nhello\r\n0\r\n\r\n",
+    "bad chunk extension": '5;a="b\r\nhello\r\n0\r\n\r\n',
+    "lf in chunk extension": "5;a\nb\r\nhello\r\n0\r\n\r\n",
+    "missing crlf after chunk": "5\r\nhelloXX3\r\nabc\r\n0\r\n\r\n",
+}
+
+
+async def refused(gw_port: int, raw: bytes) -> tuple[int, bytes | None]:
+    c = await Client.connect(gw_port)
+    c.send(raw)
+    r = await read_response(c.reader)
+    assert await c.closed()
+    await c.close()
+    return r.status, r.header("X-Gateway-Reason")
+
+
+@pytest.mark.parametrize("case", list(HEAD_CASES))
+async def test_bad_heads_are_refused_and_nothing_is_forwarded(start_gateway: Any, catalog: Catalog, case: str) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        raw = HEAD_CASES[case].format(host=gw.host(up.port, "abc")).encode("latin-1")
+        status, reason = await refused(gw.port, raw)
+        assert status in (400, 404)
+        assert reason in (b"invalid_framing", b"malformed_request", b"invalid_host")
+        assert bytes(up.received) == b""
+
+
+@pytest.mark.parametrize("case", list(CHUNK_CASES))
+async def test_bad_chunks_are_refused_before_they_are_forwarded(
+    start_gateway: Any, catalog: Catalog, case: str
+) -> None:
+    async def hold(c: Any) -> None:  # reads what comes, never answers
+        while await c.reader.read(65536):
+            pass
+
+    async with RawUpstream(hold) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        body = CHUNK_CASES[case].encode()
+        raw = f"POST / HTTP/1.1\r\nHost: {gw.host(up.port, 'abc')}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        status, reason = await refused(gw.port, raw + body)
+        assert (status, reason) == (400, b"invalid_framing")
+        assert b"hello" not in bytes(up.received) and b"abc" not in bytes(up.received)
+
+
+async def test_pipelined_request_after_a_smuggling_attempt_is_not_served(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        h = gw.host(up.port, "abc")
+        c = await Client.connect(gw.port)
+        c.send(
+            f"GET /first HTTP/1.1\r\nHost: {h}\r\n\r\n"
+            f"POST / HTTP/1.1\r\nHost: {h}\r\nContent-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n"
+            f"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: {h}\r\n\r\n".encode()
+        )
+        first = await c.read_response()
+        assert first.status == 200 and b"/first" in first.body  # the request before it is answered
+        second = await c.read_response()
+        assert second.status == 400
+        assert await c.closed()
+        assert b"/smuggled" not in bytes(up.received)
+        await c.close()
+
+
+async def test_oversized_heads_get_431(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway(max_request_head_size=4096, max_header_count=20)
+        h = gw.host(up.port, "abc")
+        status, reason = await refused(gw.port, f"GET / HTTP/1.1\r\nHost: {h}\r\nX-Big: {'a' * 5000}\r\n\r\n".encode())
+        assert (status, reason) == (431, b"request_head_too_large")
+        many = "".join(f"X-{i}: v\r\n" for i in range(30))
+        status, reason = await refused(gw.port, f"GET / HTTP/1.1\r\nHost: {h}\r\n{many}\r\n".encode())
+        assert (status, reason) == (431, b"request_head_too_large")
+        # A head that never ends is cut off at the limit too, without waiting for its end.
+        c = await Client.connect(gw.port)
+        c.send(f"GET / HTTP/1.1\r\nHost: {h}\r\nX-Endless: ".encode() + b"a" * 8000)
+        assert (await read_response(c.reader)).status == 431
+        await c.close()
+
+
+async def test_bad_input_does_not_disturb_other_connections(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        h = gw.host(up.port, "abc")
+        good = await Client.connect(gw.port)
+        assert (await good.request(h, "/1")).status == 200
+        bad = [await Client.connect(gw.port) for _ in range(20)]
+        for i, b in enumerate(bad):
+            b.send(list(HEAD_CASES.values())[i % len(HEAD_CASES)].format(host=h).encode("latin-1"))
+        for b in bad:
+            assert await b.closed()
+            await b.close()
+        assert (await good.request(h, "/2")).status == 200  # same connection, still served
+        await good.close()
+
+
+async def test_garbage_and_half_requests(start_gateway: Any) -> None:
+    gw = await start_gateway()
+    c = await Client.connect(gw.port)  # empty lines before a request are ignored (RFC 9112 §2.2)
+    c.send(b"\r\n\r\nGET / HTTP/1.1\r\nHost: 80-x.example\r\n\r\n")
+    assert (await read_response(c.reader)).header("X-Gateway-Reason") == b"unknown_domain"
+    await c.close()
+    for raw in (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)),
+        b"HELLO\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\x00\r\n\r\n",
+    ):
+        c = await Client.connect(gw.port)
+        c.send(raw)
+        r = await read_response(c.reader)
+        assert r.status == 400 and r.header("X-Gateway-Reason") == b"malformed_request"
+        await c.close()
+    # A client that disappears mid-head costs nothing and answers nothing.
+    c = await Client.connect(gw.port)
+    c.send(b"GET / HTTP/1.1\r\nHost: x")
+    await c.close()
+    async with asyncio.timeout(5):
+        while gw.gateway.ctx.connections:
+            await asyncio.sleep(0.01)
