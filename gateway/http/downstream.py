@@ -28,7 +28,7 @@ from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing, tunnel
 from gateway.http.context import Context
-from gateway.http.headers import REQUEST_SPELLINGS, Peer, RequestHead, analyze_request
+from gateway.http.headers import Peer, RequestHead, analyze_request
 from gateway.http.proxy import Exchange
 from gateway.http.upstream import UpstreamConnection
 
@@ -78,7 +78,6 @@ class ClientConnection(asyncio.Protocol):
         "pumping",
         "queue",
         "remaining",
-        "special",
         "state",
         "tls",
         "transport",
@@ -98,7 +97,6 @@ class ClientConnection(asyncio.Protocol):
         self.fed = 0  # how much of ``pending`` llhttp has seen
         self.remaining = 0
         self.framer: framing.ChunkedFramer | None = None
-        self.special: list[tuple[bytes, bytes]] = []  # fields the policy must look at
         self.llhttp_done = False
         self.active: Exchange | None = None  # the exchange whose response is being sent
         self.parsing: Exchange | None = None  # the exchange whose body is being received
@@ -235,12 +233,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.state != _HEAD or self.parsing is not None:
             raise _Reject(errors.INVALID_FRAMING)  # llhttp sees a new message where we see a body
-        self.special = []
         self.llhttp_done = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if REQUEST_SPELLINGS.get(name) != 0:
-            self.special.append((name, value))
 
     def on_message_complete(self) -> None:
         self.llhttp_done = True
@@ -251,7 +244,7 @@ class ClientConnection(asyncio.Protocol):
         """A complete request head: check it, start or queue its exchange. True: an Upgrade waits."""
         if raw.count(b"\r\n") - 2 > self.ctx.config.max_header_count:
             raise _Reject(errors.HEAD_TOO_LARGE)
-        req = analyze_request(raw, self.special, self.ctx.upgrade_protocols)
+        req = analyze_request(raw, self.ctx.upgrade_protocols)
         if not isinstance(req, RequestHead):
             raise _Reject(req)
         if upgrade and req.body != framing.NONE:

@@ -26,11 +26,17 @@ line's version becomes HTTP/1.1, code and reason phrase stay.
 Framing checks against request smuggling (RFC 9112 §6.1, §6.3): llhttp refuses Content-Length
 with Transfer-Encoding and repeated Content-Length; this module refuses any Transfer-Encoding but
 exactly ``chunked``, Transfer-Encoding in HTTP/1.0, and more than one Host (RFC 9112 §3.2).
+
+How fields are found: heads reach this module only after llhttp validated them, so every field
+line starts right after a LF, has no whitespace before its colon and holds no CR or LF. One regular
+expression finds the few fields the policy acts on; every other field is never looked at (a Python
+callback per field costs more than the rest of a request).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Collection
 
 from gateway import errors
@@ -38,8 +44,6 @@ from gateway.errors import Reason
 from gateway.http import framing, hdrs
 
 __all__ = [
-    "REQUEST_SPELLINGS",
-    "RESPONSE_SPELLINGS",
     "Peer",
     "RequestHead",
     "ResponseHead",
@@ -49,32 +53,46 @@ __all__ = [
     "raw_fields",
 ]
 
-# Fields that are certainly not special in the spellings clients and servers use; checking this
-# set first saves lower-casing most field names.
-_PLAIN = frozenset(
-    b"User-Agent Accept Accept-Language Accept-Encoding Cookie Referer Origin Cache-Control Pragma "
-    b"Authorization Content-Type Sec-Ch-Ua Sec-Ch-Ua-Mobile Sec-Ch-Ua-Platform Sec-Fetch-Dest "
-    b"Sec-Fetch-Mode Sec-Fetch-Site Sec-Fetch-User Upgrade-Insecure-Requests If-None-Match "
-    b"If-Modified-Since Range Priority DNT Server Date Last-Modified ETag Vary Set-Cookie "
-    b"Strict-Transport-Security X-Content-Type-Options Access-Control-Allow-Origin Accept-Ranges "
-    b"Content-Encoding X-Request-Id Expires Location Link Sec-WebSocket-Key Sec-WebSocket-Version "
-    b"Sec-WebSocket-Extensions Sec-WebSocket-Protocol Sec-WebSocket-Accept "
-    b"user-agent accept accept-encoding accept-language cookie content-type authorization origin "
-    b"referer cache-control date server etag vary set-cookie last-modified location".split()
-)
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 # Fields a Connection header may not remove: honouring "Connection: content-length" would
 # desynchronise the two hops, and Host is not a hop-by-hop option.
 _NEVER_DROPPED = frozenset({hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING})
+
+# The fields the policy acts on (the first letter first: it lets the regex engine skip most lines).
+_SPECIAL = re.compile(
+    rb"\n([hctkpuexf](?:ost|ontent-length|onnection|ransfer-encoding|e|eep-alive|roxy-connection|pgrade"
+    rb"|xpect|-forwarded-(?:for|proto|host|port)|orwarded)):[ \t]*([^\r]*)",
+    re.IGNORECASE,
+)
+_HOST, _CL, _TE, _CONN, _UPG, _HOP, _EXPECT, _FWD = 1, 2, 3, 4, 5, 6, 7, 8
+_ROLES = {
+    hdrs.HOST: _HOST,
+    hdrs.CONTENT_LENGTH: _CL,
+    hdrs.TRANSFER_ENCODING: _TE,
+    hdrs.CONNECTION: _CONN,
+    hdrs.UPGRADE: _UPG,
+    hdrs.KEEP_ALIVE: _HOP,
+    hdrs.PROXY_CONNECTION: _HOP,
+    hdrs.TE: _HOP,
+    hdrs.EXPECT: _EXPECT,
+    hdrs.X_FORWARDED_FOR: _FWD,
+    hdrs.X_FORWARDED_PROTO: _FWD,
+    hdrs.X_FORWARDED_HOST: _FWD,
+    hdrs.X_FORWARDED_PORT: _FWD,
+    hdrs.FORWARDED: _FWD,
+}
+# Their spellings as servers and clients write them, so most need no lower-casing.
+_ROLE_OF = {**_ROLES, **{k.title(): v for k, v in _ROLES.items()}, b"TE": _HOP, b"X-Forwarded-Proto": _FWD}
+
+Field = tuple[bytes, bytes]
 
 
 def _tokens(value: bytes) -> list[bytes]:
     return [t.strip(b" \t").lower() for t in value.split(b",")]
 
 
-def raw_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
-    """Every field of a head that llhttp has validated, in order (for the rare paths that need
-    more than the fields the parser callbacks kept: CRLF line ends and no obs-fold are certain)."""
+def raw_fields(raw: bytes) -> list[Field]:
+    """Every field of a head that llhttp has validated, in order (for the rare paths that need all)."""
     out = []
     for line in raw.split(b"\r\n")[1:]:
         if not line:
@@ -84,7 +102,7 @@ def raw_fields(raw: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def find_header(headers: list[tuple[bytes, bytes]], lname: bytes) -> bytes | None:
+def find_header(headers: list[Field], lname: bytes) -> bytes | None:
     """The first value of the field ``lname`` (lower case), for the rare paths that need one."""
     for n, v in headers:
         if n.lower() == lname:
@@ -92,7 +110,7 @@ def find_header(headers: list[tuple[bytes, bytes]], lname: bytes) -> bytes | Non
     return None
 
 
-def _cut(raw: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
+def _cut(raw: bytes, fields: list[Field]) -> bytes:
     """``raw`` without the lines of ``fields`` (as parsed: name and value, each occurrence once)."""
     for name, value in fields:
         line = b"\r\n" + name + b":"
@@ -106,14 +124,13 @@ def _cut(raw: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
     return raw
 
 
-def _remove_line(raw: bytes, field: tuple[bytes, bytes]) -> bytes:
+def _remove_line(raw: bytes, field: Field) -> bytes:
     """``raw`` without one field line; the usual ``Name: value`` spelling costs one replace."""
-    line = b"\r\n" + field[0] + b": " + field[1] + b"\r\n"
-    out = raw.replace(line, b"\r\n", 1)
+    out = raw.replace(b"\r\n" + field[0] + b": " + field[1] + b"\r\n", b"\r\n", 1)
     return out if len(out) != len(raw) else _cut(raw, [field])
 
 
-def _replace_value(raw: bytes, field: tuple[bytes, bytes], value: bytes) -> bytes:
+def _replace_value(raw: bytes, field: Field, value: bytes) -> bytes:
     """``raw`` with one field's value replaced (its name keeps the client's spelling)."""
     line = b"\r\n" + field[0] + b":"
     i = raw.find(line + b" " + field[1] + b"\r\n")
@@ -126,33 +143,20 @@ def _replace_value(raw: bytes, field: tuple[bytes, bytes], value: bytes) -> byte
 class Peer:
     """Who is on the other end of a client connection, computed once per connection."""
 
-    __slots__ = ("fwd_pre", "ip", "port", "proto", "trusted")
+    __slots__ = ("for_node", "fwd_pre", "ip", "port", "proto", "trusted")
 
     def __init__(self, ip: str, trusted: bool, proto: bytes, port: bytes) -> None:
         self.ip = ip
         self.trusted = trusted
         self.proto = proto
         self.port = port
-        node = f'"[{ip}]"'.encode() if ":" in ip else ip.encode()
+        # This peer as an RFC 7239 §6 node: IPv6 in brackets, quoted.
+        self.for_node = f'"[{ip}]"'.encode() if ":" in ip else ip.encode()
         # What every request from this peer gets, up to the per-request Host.
-        self.fwd_pre = (
-            b"X-Forwarded-For: "
-            + ip.encode()
-            + b"\r\nX-Forwarded-Proto: "
-            + proto
-            + b"\r\nX-Forwarded-Port: "
-            + port
-            + b"\r\nForwarded: for="
-            + node
-            + b";proto="
-            + proto
-            + b";host="
-        )
-
-    @property
-    def for_node(self) -> bytes:
-        """This peer as an RFC 7239 §6 node: IPv6 in brackets, quoted."""
-        return f'"[{self.ip}]"'.encode() if ":" in self.ip else self.ip.encode()
+        self.fwd_pre = b"".join(
+            (b"X-Forwarded-For: ", ip.encode(), b"\r\nX-Forwarded-Proto: ", proto, b"\r\nX-Forwarded-Port: ", port,
+             b"\r\nForwarded: for=", self.for_node, b";proto=", proto, b';host="')
+        )  # fmt: skip
 
     @staticmethod
     def make(
@@ -197,36 +201,31 @@ class RequestHead:
         "upgrade",
     )
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, raw: bytes, method: bytes, target: bytes) -> None:
         self.raw = raw
-        self.method = b""
-        self.target = b""
+        self.method = method
+        self.target = target
         self.http10 = False
         self.host: bytes | None = None
-        self.host_field: tuple[bytes, bytes] | None = None
+        self.host_field: Field | None = None
         self.body = framing.NONE
         self.content_length = 0
         self.keep_alive = True
         self.expect_continue = False
         self.upgrade: bytes | None = None
-        self.cuts: list[tuple[bytes, bytes]] | None = None  # fields to remove
-        self.forwarding: list[tuple[bytes, bytes]] | None = None  # X-Forwarded-*/Forwarded received
+        self.cuts: list[Field] | None = None  # fields to remove
+        self.forwarding: list[Field] | None = None  # X-Forwarded-*/Forwarded received
 
     def upstream_head(self, peer: Peer, host: bytes | None = None) -> bytes:
         """The head to send upstream; ``host`` replaces the Host value (mask_request_host)."""
         raw = self.raw
         original = self.host or b""
-        if (
-            self.cuts is None
-            and not self.http10
-            and host is None
-            and self.upgrade is None
-            and (self.forwarding is None or not peer.trusted)
-        ):  # the common case, in one join
-            return b"".join((raw[:-2], peer.fwd_pre, b'"', original, b'"\r\nX-Forwarded-Host: ', original, b"\r\n\r\n"))
+        if self.cuts is None and host is None and not self.http10 and self.upgrade is None:
+            # The common case: the head as received, plus the forwarding fields, in one join.
+            return b"".join((raw[:-2], peer.fwd_pre, original, b'"\r\nX-Forwarded-Host: ', original, b"\r\n\r\n"))
         if self.cuts:
-            for h in self.cuts:
-                raw = _remove_line(raw, h)
+            for f in self.cuts:
+                raw = _remove_line(raw, f)
         if self.http10:
             eol = raw.find(b"\r\n")
             raw = raw[: eol - 3] + b"1.1" + raw[eol:]
@@ -235,13 +234,11 @@ class RequestHead:
         if self.upgrade is not None:
             raw = raw[:-2] + b"Connection: upgrade\r\nUpgrade: " + self.upgrade + b"\r\n\r\n"
         if self.forwarding is None or not peer.trusted:
-            return b"".join(
-                (raw[:-2], peer.fwd_pre, _quoted(original), b"\r\nX-Forwarded-Host: ", original, b"\r\n\r\n")
-            )
+            return b"".join((raw[:-2], peer.fwd_pre, original, b'"\r\nX-Forwarded-Host: ', original, b"\r\n\r\n"))
         return raw[:-2] + _trusted_forwarding(self.forwarding, peer, original) + b"\r\n"
 
 
-def _trusted_forwarding(received: list[tuple[bytes, bytes]], peer: Peer, host: bytes) -> bytes:
+def _trusted_forwarding(received: list[Field], peer: Peer, host: bytes) -> bytes:
     """Forwarding fields for a request from a trusted proxy: its values kept, ours appended."""
     xff = [v for n, v in received if n.lower() == hdrs.X_FORWARDED_FOR]
     fwd = [v for n, v in received if n.lower() == hdrs.FORWARDED]
@@ -257,92 +254,46 @@ def _trusted_forwarding(received: list[tuple[bytes, bytes]], peer: Peer, host: b
     return b"\r\n".join(out) + b"\r\n"
 
 
-# Request field names to the role they play; REQUEST_SPELLINGS maps the spellings clients use
-# (0: plain), so on_header can skip most fields without lower-casing them.
-_HOST, _CL, _TE, _CONN, _UPG, _HOP, _EXPECT, _FWD = 1, 2, 3, 4, 5, 6, 7, 8
-_REQUEST_ROLES = {
-    hdrs.HOST: _HOST,
-    hdrs.CONTENT_LENGTH: _CL,
-    hdrs.TRANSFER_ENCODING: _TE,
-    hdrs.CONNECTION: _CONN,
-    hdrs.UPGRADE: _UPG,
-    hdrs.KEEP_ALIVE: _HOP,
-    hdrs.PROXY_CONNECTION: _HOP,
-    hdrs.TE: _HOP,
-    hdrs.EXPECT: _EXPECT,
-    hdrs.X_FORWARDED_FOR: _FWD,
-    hdrs.X_FORWARDED_PROTO: _FWD,
-    hdrs.X_FORWARDED_HOST: _FWD,
-    hdrs.X_FORWARDED_PORT: _FWD,
-    hdrs.FORWARDED: _FWD,
-}
-
-
-def _spellings(roles: dict[bytes, int]) -> dict[bytes, int]:
-    out = dict.fromkeys(_PLAIN, 0)
-    for name, role in roles.items():
-        out[name] = out[name.title()] = out[name.upper()] = role
-    return out
-
-
-REQUEST_SPELLINGS = _spellings(_REQUEST_ROLES)
-
-
-def analyze_request(
-    raw: bytes,
-    special: list[tuple[bytes, bytes]],
-    upgrade_protocols: Collection[bytes],
-) -> RequestHead | Reason:
-    """Check a parsed request head (llhttp validated its syntax) and decide what to forward.
-
-    ``special`` are the fields, in order, whose spelling is not known to be plain (see
-    REQUEST_SPELLINGS): the parser callback keeps only those.
-    """
-    r = RequestHead(raw)
-    line = raw[: raw.find(b"\r\n")].split(b" ", 2)
-    if len(line) != 3:  # llhttp ignores leading empty lines; a head without a request line is none
+def analyze_request(raw: bytes, upgrade_protocols: Collection[bytes]) -> RequestHead | Reason:
+    """Check a request head that llhttp has validated and decide what to forward."""
+    line = raw[: raw.find(b"\r\n")].split(b" ")
+    if len(line) != 3:
         return errors.MALFORMED_REQUEST
-    r.method, r.target, version = line
-    if version != b"HTTP/1.1":
-        if version != b"HTTP/1.0":
+    r = RequestHead(raw, line[0], line[1])
+    if line[2] != b"HTTP/1.1":
+        if line[2] != b"HTTP/1.0":
             return errors.MALFORMED_REQUEST
         r.http10 = True
         r.keep_alive = False
-    if not special:
-        return r
     te: bytes | None = None
     conn: list[bytes] | None = None
     upgrade: bytes | None = None
-    cuts: list[tuple[bytes, bytes]] | None = None
-    fwd: list[tuple[bytes, bytes]] | None = None
-    spellings = REQUEST_SPELLINGS
-    for h in special:
-        role = spellings.get(h[0])
-        if role is None:
-            role = _REQUEST_ROLES.get(h[0].lower(), 0)
-            if not role:
-                continue
-        value = h[1]
+    cuts: list[Field] | None = None
+    fwd: list[Field] | None = None
+    for h in _SPECIAL.findall(raw):
+        role = _ROLE_OF.get(h[0]) or _ROLES[h[0].lower()]
         if role == _HOST:
             if r.host is not None:
                 return errors.INVALID_HOST
-            r.host = value
-            r.host_field = h
-        elif role == _CL:
-            r.content_length = int(value)  # llhttp checked: digits, one field
+            r.host = h[1].rstrip(b" \t")
+            r.host_field = (h[0], r.host)
+            continue
+        h = (h[0], h[1].rstrip(b" \t"))
+        if role == _CL:
+            r.content_length = int(h[1])  # llhttp checked: digits, one field
             if r.content_length:
                 r.body = framing.LENGTH
         elif role == _TE:
-            te = value
+            te = h[1]
         elif role == _CONN:
-            t = [value.lower()] if b"," not in value else _tokens(value)
+            t = [h[1].lower()] if b"," not in h[1] else _tokens(h[1])
             conn = t if conn is None else conn + t
             cuts = [h] if cuts is None else [*cuts, h]
         elif role == _UPG:
-            upgrade = value
+            upgrade = h[1]
             cuts = [h] if cuts is None else [*cuts, h]
         elif role == _EXPECT:
-            if value.lower() == b"100-continue":
+            if h[1].lower() == b"100-continue":
                 r.expect_continue = True
                 cuts = [h] if cuts is None else [*cuts, h]
         elif role == _FWD:
@@ -364,25 +315,17 @@ def analyze_request(
             if proto in upgrade_protocols:
                 r.upgrade = upgrade
         if not _CONNECTION_OPTIONS.issuperset(conn):
-            named = {t for t in conn if t not in _CONNECTION_OPTIONS and t not in _NEVER_DROPPED and t}
-            more = [h for h in raw_fields(raw) if h[0].lower() in named]
-            cuts = more if cuts is None else cuts + [h for h in more if h not in cuts]
+            cuts = _named_by_connection(raw, conn, cuts)
     r.cuts = cuts
     r.forwarding = fwd
     return r
 
 
-# Response field names to the role they play (0: none), and in the spellings servers use.
-_RESPONSE_ROLES = {
-    hdrs.CONTENT_LENGTH: _CL,
-    hdrs.TRANSFER_ENCODING: _TE,
-    hdrs.CONNECTION: _CONN,
-    hdrs.UPGRADE: _UPG,
-    hdrs.KEEP_ALIVE: _HOP,
-    hdrs.PROXY_CONNECTION: _HOP,
-    hdrs.TE: _HOP,
-}
-RESPONSE_SPELLINGS = _spellings(_RESPONSE_ROLES)
+def _named_by_connection(raw: bytes, conn: list[bytes], cuts: list[Field] | None) -> list[Field]:
+    """Add the fields a Connection header names (RFC 9110 §7.6.1) to ``cuts``."""
+    named = {t for t in conn if t and t not in _CONNECTION_OPTIONS and t not in _NEVER_DROPPED}
+    more = [h for h in raw_fields(raw) if h[0].lower() in named]
+    return more if cuts is None else cuts + [h for h in more if h not in cuts]
 
 
 #: What analyze_response decides: (head for the client, body framing from the sandbox, body
@@ -392,7 +335,6 @@ ResponseHead = tuple[bytes, int, int, int, bool, bool]
 
 def analyze_response(
     raw: bytes,
-    special: list[tuple[bytes, bytes]],
     status: int,
     head_request: bool,
     client_http10: bool,
@@ -402,38 +344,33 @@ def analyze_response(
 
     ``client_keep_alive`` is what the request allows; the result says whether the client
     connection stays open after this response and whether the upstream one can be reused.
-    ``special`` are the fields whose spelling is not known to be plain (RESPONSE_SPELLINGS).
     """
     content_length = 0
     body_in = body_out = framing.NONE
     keep_alive = reusable = False
     te: bytes | None = None
+    te_field: Field | None = None
     has_length = False
     conn: list[bytes] | None = None
-    cuts: list[tuple[bytes, bytes]] | None = None
-    te_field: tuple[bytes, bytes] | None = None
-    roles = RESPONSE_SPELLINGS
-    for h in special:
-        role = roles.get(h[0])
-        if role is None:
-            role = _RESPONSE_ROLES.get(h[0].lower(), 0)
-        if not role:
-            continue
+    cuts: list[Field] | None = None
+    for h in _SPECIAL.findall(raw):
+        role = _ROLE_OF.get(h[0]) or _ROLES[h[0].lower()]
         if role == _CL:
             has_length = True
             content_length = int(h[1])
+            continue
+        h = (h[0], h[1].rstrip(b" \t"))
+        if role == _CONN:
+            t = [h[1].lower()] if b"," not in h[1] else _tokens(h[1])
+            conn = t if conn is None else conn + t
+            cuts = [h] if cuts is None else [*cuts, h]
         elif role == _TE:
             te = h[1]
             te_field = h
-        elif role == _CONN:
-            v = h[1]
-            t = [v.lower()] if b"," not in v else _tokens(v)
-            conn = t if conn is None else conn + t
-            cuts = [h] if cuts is None else [*cuts, h]
         elif role == _UPG:
             if status != 101:
                 cuts = [h] if cuts is None else [*cuts, h]
-        else:  # Keep-Alive, Proxy-Connection, TE
+        elif role == _HOP:  # Keep-Alive, Proxy-Connection, TE
             cuts = [h] if cuts is None else [*cuts, h]
     extra = b""
     if status == 101:
@@ -467,11 +404,7 @@ def analyze_response(
             else:
                 reusable = conn is not None and b"keep-alive" in conn
     if conn is not None and not _CONNECTION_OPTIONS.issuperset(conn):
-        named = [t for t in conn if t not in _CONNECTION_OPTIONS and t not in _NEVER_DROPPED and t]
-        if named:
-            drop = set(named)
-            more = [h for h in raw_fields(raw) if h[0].lower() in drop]
-            cuts = more if cuts is None else cuts + [h for h in more if h not in cuts]
+        cuts = _named_by_connection(raw, conn, cuts)
     if cuts is not None:
         for h in cuts:
             raw = _remove_line(raw, h)

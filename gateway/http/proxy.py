@@ -252,18 +252,17 @@ class Exchange:
 
     # ---- response side (called by UpstreamConnection)
 
-    def on_interim(self, head: bytes, headers: list[tuple[bytes, bytes]], status: int) -> None:
+    def on_interim(self, head: bytes, status: int) -> None:
         """A 1xx response other than 101: pass it on (not 100, which was the gateway's to send,
         and not to HTTP/1.0 clients, which do not understand 1xx; RFC 9110 §15.2)."""
         if status != 100 and not self.req.http10:
-            self.down_buf.append(analyze_response(head, headers, status, False, False, True)[0])
+            self.down_buf.append(analyze_response(head, status, False, False, True)[0])
 
-    def on_response_head(self, head: bytes, headers: list[tuple[bytes, bytes]], status: int) -> tuple[int, int]:
+    def on_response_head(self, head: bytes, status: int) -> tuple[int, int]:
         """The final response head: queue it for the client; returns (body framing, length)."""
         req = self.req
         out, body_in, self.body_out, length, self.keep_alive, self.reusable = analyze_response(
             head,
-            headers,
             status,
             req.method == b"HEAD",
             req.http10,
@@ -314,11 +313,10 @@ class Exchange:
         if self.done or self.up is not up:
             up.close()
             return
-        headers = up.special
-        if self.req.upgrade is None or find_header(headers, hdrs.UPGRADE) is None:
+        if self.req.upgrade is None or find_header(raw_fields(head), hdrs.UPGRADE) is None:
             self.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, "101 without an Upgrade it was asked for")
             return
-        self.down_buf.append(analyze_response(head, headers, 101, False, False, False)[0])
+        self.down_buf.append(analyze_response(head, 101, False, False, False)[0])
         if rest:
             self.down_buf.append(rest)
         self.flush_down()

@@ -22,7 +22,6 @@ import httptools
 from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing
-from gateway.http.headers import RESPONSE_SPELLINGS
 from gateway.policy import PoolKey
 
 if TYPE_CHECKING:
@@ -59,7 +58,6 @@ class UpstreamConnection(asyncio.Protocol):
         "remaining",
         "reusable",
         "reused",
-        "special",
         "state",
         "transport",
         "write_paused",
@@ -78,7 +76,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.remaining = 0
         self.framer: framing.ChunkedFramer | None = None
         self.dechunk = False
-        self.special: list[tuple[bytes, bytes]] = []  # fields the policy must look at
         self.llhttp_done = False
         self.got_bytes = False
         self.reused = False
@@ -135,9 +132,9 @@ class UpstreamConnection(asyncio.Protocol):
                         return
                     status = parser.get_status_code()
                     if status < 200:
-                        x.on_interim(head, self.special, status)
+                        x.on_interim(head, status)
                         continue
-                    body, length = x.on_response_head(head, self.special, status)
+                    body, length = x.on_response_head(head, status)
                     if body == framing.NONE or (body == framing.LENGTH and not length):
                         if not self.llhttp_done and x.req.method == b"HEAD":
                             # llhttp cannot be told a response answers HEAD (RFC 9110 §9.3.2):
@@ -231,12 +228,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self.state != _HEAD:
             raise _Invalid("llhttp sees a new response where the gateway sees a body")
-        self.special = []
         self.llhttp_done = False
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if RESPONSE_SPELLINGS.get(name) != 0:
-            self.special.append((name, value))
 
     def on_message_complete(self) -> None:
         self.llhttp_done = True

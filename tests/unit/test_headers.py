@@ -9,27 +9,14 @@ from hypothesis import strategies as st
 
 from gateway import errors
 from gateway.http import framing
-from gateway.http.headers import (
-    REQUEST_SPELLINGS,
-    RESPONSE_SPELLINGS,
-    Peer,
-    RequestHead,
-    analyze_request,
-    analyze_response,
-    raw_fields,
-)
+from gateway.http.headers import Peer, RequestHead, analyze_request, analyze_response
 
 PEER = Peer.make("203.0.113.9", 8080, False, ())
 WS = frozenset({b"websocket"})
 
 
-def fields(head: bytes, spellings: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """What the parser callback keeps: fields whose spelling is not known to be plain."""
-    return [f for f in raw_fields(head) if spellings.get(f[0]) != 0]
-
-
 def req(head: bytes, peer: Peer = PEER) -> RequestHead:
-    r = analyze_request(head, fields(head, REQUEST_SPELLINGS), WS)
+    r = analyze_request(head, WS)
     assert isinstance(r, RequestHead)
     return r
 
@@ -145,7 +132,7 @@ def test_websocket_upgrade_is_kept_others_dropped() -> None:
     ],
 )
 def test_refused_requests(head: bytes, reason: errors.Reason) -> None:
-    assert analyze_request(head, fields(head, REQUEST_SPELLINGS), WS) == reason
+    assert analyze_request(head, WS) == reason
 
 
 def test_request_framing() -> None:
@@ -157,7 +144,7 @@ def test_request_framing() -> None:
 
 
 def resp(head: bytes, status: int = 200, *, head_req: bool = False, http10: bool = False, ka: bool = True):  # type: ignore[no-untyped-def]
-    return analyze_response(head, fields(head, RESPONSE_SPELLINGS), status, head_req, http10, ka)
+    return analyze_response(head, status, head_req, http10, ka)
 
 
 def test_response_passes_unchanged_minus_connection() -> None:
@@ -222,7 +209,7 @@ def test_any_valid_request_head_is_forwarded_with_its_plain_fields_intact(hs: li
         p.feed_data(head)
     except (httptools.HttpParserError, httptools.HttpParserUpgrade):
         return  # llhttp refuses it: never reaches the policy
-    r = analyze_request(head, fields(head, REQUEST_SPELLINGS), WS)
+    r = analyze_request(head, WS)
     if not isinstance(r, RequestHead):
         return
     out = r.upstream_head(PEER)
