@@ -69,6 +69,7 @@ class ClientConnection(asyncio.Protocol):
         "gate",
         "in_feed",
         "last_active",
+        "last_req",
         "listen_port",
         "llhttp_done",
         "parser",
@@ -108,6 +109,7 @@ class ClientConnection(asyncio.Protocol):
         self.eof = False
         self.broken: Reason | None = None
         self.last_active = ctx.clock
+        self.last_req: RequestHead | None = None  # the previous request head, analysed
 
     # ---- asyncio.Protocol
 
@@ -244,9 +246,12 @@ class ClientConnection(asyncio.Protocol):
         """A complete request head: check it, start or queue its exchange. True: an Upgrade waits."""
         if raw.count(b"\r\n") - 2 > self.ctx.config.max_header_count:
             raise _Reject(errors.HEAD_TOO_LARGE)
-        req = analyze_request(raw, self.ctx.upgrade_protocols)
-        if not isinstance(req, RequestHead):
-            raise _Reject(req)
+        req = self.last_req
+        if req is None or req.raw != raw:  # a head that repeats on a connection is analysed once
+            r = analyze_request(raw, self.ctx.upgrade_protocols)
+            if not isinstance(r, RequestHead):
+                raise _Reject(r)
+            self.last_req = req = r
         if upgrade and req.body != framing.NONE:
             # llhttp treats what follows an Upgrade head as the new protocol; a body there is
             # ambiguous (body or tunnel bytes?) and so refused, like any other framing doubt.

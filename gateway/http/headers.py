@@ -199,6 +199,7 @@ class RequestHead:
         "raw",
         "target",
         "upgrade",
+        "upstream",
     )
 
     def __init__(self, raw: bytes, method: bytes, target: bytes) -> None:
@@ -215,9 +216,22 @@ class RequestHead:
         self.upgrade: bytes | None = None
         self.cuts: list[Field] | None = None  # fields to remove
         self.forwarding: list[Field] | None = None  # X-Forwarded-*/Forwarded received
+        self.upstream: tuple[bytes | None, bytes] | None = None  # (host, upstream_head(peer, host))
 
     def upstream_head(self, peer: Peer, host: bytes | None = None) -> bytes:
-        """The head to send upstream; ``host`` replaces the Host value (mask_request_host)."""
+        """The head to send upstream; ``host`` replaces the Host value (mask_request_host).
+
+        Remembered for the last ``host``: a connection's requests come from one peer, and a head
+        that repeats on a connection (polling, health checks) is analysed and built once.
+        """
+        up = self.upstream
+        if up is not None and up[0] == host:
+            return up[1]
+        head = self._upstream_head(peer, host)
+        self.upstream = (host, head)
+        return head
+
+    def _upstream_head(self, peer: Peer, host: bytes | None) -> bytes:
         raw = self.raw
         original = self.host or b""
         if self.cuts is None and host is None and not self.http10 and self.upgrade is None:
@@ -345,71 +359,70 @@ def analyze_response(
     ``client_keep_alive`` is what the request allows; the result says whether the client
     connection stays open after this response and whether the upstream one can be reused.
     """
-    content_length = 0
-    body_in = body_out = framing.NONE
-    keep_alive = reusable = False
-    te: bytes | None = None
-    te_field: Field | None = None
-    has_length = False
+    content_length = -1
+    te: Field | None = None
     conn: list[bytes] | None = None
     cuts: list[Field] | None = None
-    for h in _SPECIAL.findall(raw):
-        role = _ROLE_OF.get(h[0]) or _ROLES[h[0].lower()]
+    for name, value in _SPECIAL.findall(raw):
+        role = _ROLE_OF.get(name) or _ROLES[name.lower()]
         if role == _CL:
-            has_length = True
-            content_length = int(h[1])
-            continue
-        h = (h[0], h[1].rstrip(b" \t"))
-        if role == _CONN:
-            t = [h[1].lower()] if b"," not in h[1] else _tokens(h[1])
-            conn = t if conn is None else conn + t
-            cuts = [h] if cuts is None else [*cuts, h]
+            content_length = int(value)
+        elif role == _CONN:
+            value = value.rstrip(b" \t")
+            conn = (conn or []) + ([value.lower()] if b"," not in value else _tokens(value))
+            cuts = [*(cuts or ()), (name, value)]
         elif role == _TE:
-            te = h[1]
-            te_field = h
-        elif role == _UPG:
-            if status != 101:
-                cuts = [h] if cuts is None else [*cuts, h]
-        elif role == _HOP:  # Keep-Alive, Proxy-Connection, TE
-            cuts = [h] if cuts is None else [*cuts, h]
-    extra = b""
-    if status == 101:
-        extra = b"Connection: upgrade\r\n"
-    else:
-        if head_request or status < 200 or status in (204, 304):
-            body_in = framing.NONE
-        elif te is not None:
-            body_in = framing.CHUNKED if _tokens(te)[-1] == b"chunked" else framing.CLOSE
-        elif has_length:
-            body_in = framing.LENGTH
-        else:
+            te = (name, value.rstrip(b" \t"))
+        elif role == _HOP or (role == _UPG and status != 101):
+            cuts = [*(cuts or ()), (name, value.rstrip(b" \t"))]
+    # Framing (RFC 9112 §6.3): no body for HEAD, 1xx, 204, 304; chunked if it is the last coding;
+    # Content-Length; else until close. Chunked goes to HTTP/1.0 clients de-chunked and
+    # close-delimited; close-delimited goes to HTTP/1.1 clients chunked, so they keep the connection.
+    if status < 200 or status in (204, 304) or head_request:
+        body_in = body_out = framing.NONE
+    elif te is not None:
+        if _tokens(te[1])[-1] != b"chunked":
             body_in = framing.CLOSE
-        body_out = body_in
-        if body_in == framing.CHUNKED and client_http10:
-            body_out = framing.CLOSE
-            assert te_field is not None
-            cuts = [te_field] if cuts is None else [*cuts, te_field]
-        elif body_in == framing.CLOSE and not client_http10:
-            body_out = framing.CHUNKED
-            extra = b"Transfer-Encoding: chunked\r\n"
-        keep_alive = client_keep_alive and body_out != framing.CLOSE
-        if status >= 200:
-            if not keep_alive:
-                extra += b"Connection: close\r\n"
-            elif client_http10:
-                extra += b"Connection: keep-alive\r\n"
-        if body_in != framing.CLOSE:
-            if raw[5:8] == b"1.1":
-                reusable = conn is None or b"close" not in conn
-            else:
-                reusable = conn is not None and b"keep-alive" in conn
-    if conn is not None and not _CONNECTION_OPTIONS.issuperset(conn):
-        cuts = _named_by_connection(raw, conn, cuts)
+            body_out = framing.CLOSE if client_http10 else framing.CHUNKED
+        else:
+            body_in = framing.CHUNKED
+            body_out = framing.CLOSE if client_http10 else framing.CHUNKED
+            if client_http10:
+                cuts = [*(cuts or ()), te]
+    elif content_length >= 0:
+        body_in = body_out = framing.LENGTH
+    else:
+        body_in = framing.CLOSE
+        body_out = framing.CLOSE if client_http10 else framing.CHUNKED
+    keep_alive = client_keep_alive and body_out != framing.CLOSE and status != 101
+    upstream11 = raw[5:8] == b"1.1"
+    if body_in == framing.CLOSE or status == 101:
+        reusable = False
+    elif conn is None:
+        reusable = upstream11
+    else:
+        reusable = b"close" not in conn if upstream11 else b"keep-alive" in conn
+        if not _CONNECTION_OPTIONS.issuperset(conn):
+            cuts = _named_by_connection(raw, conn, cuts)
     if cuts is not None:
         for h in cuts:
             raw = _remove_line(raw, h)
-    if raw[5:8] != b"1.1":
+    if not upstream11:
         raw = b"HTTP/1.1" + raw[8:]
-    if extra:
-        raw = raw[:-2] + extra + b"\r\n"
-    return raw, body_in, body_out, content_length, keep_alive, reusable
+    if status == 101:
+        raw = raw[:-2] + b"Connection: upgrade\r\n\r\n"
+    elif keep_alive:
+        if client_http10 or (body_out == framing.CHUNKED and body_in == framing.CLOSE):
+            raw = raw[:-2] + _OUT_EXTRA[client_http10, body_in == framing.CLOSE] + b"\r\n"
+    elif status >= 200:
+        raw = raw[:-2] + (b"Transfer-Encoding: chunked\r\n" if body_out != body_in and body_out == framing.CHUNKED
+                          else b"") + b"Connection: close\r\n\r\n"
+    return raw, body_in, body_out, max(content_length, 0), keep_alive, reusable
+
+
+# Fields the gateway adds to a kept-alive response: (client is HTTP/1.0, re-chunked from close).
+_OUT_EXTRA = {
+    (False, True): b"Transfer-Encoding: chunked\r\n",
+    (True, False): b"Connection: keep-alive\r\n",
+    (True, True): b"Connection: keep-alive\r\n",  # not reached: HTTP/1.0 clients get no chunking
+}

@@ -258,16 +258,19 @@ class Exchange:
         if status != 100 and not self.req.http10:
             self.down_buf.append(analyze_response(head, status, False, False, True)[0])
 
-    def on_response_head(self, head: bytes, status: int) -> tuple[int, int]:
+    def on_response_head(self, up: UpstreamConnection, head: bytes, status: int) -> tuple[int, int]:
         """The final response head: queue it for the client; returns (body framing, length)."""
         req = self.req
-        out, body_in, self.body_out, length, self.keep_alive, self.reusable = analyze_response(
-            head,
-            status,
-            req.method == b"HEAD",
-            req.http10,
-            req.keep_alive and self.req_done and not self.ctx.draining,
-        )
+        head_request = req.method == b"HEAD"
+        keep_alive = req.keep_alive and self.req_done and not self.ctx.draining
+        flags = head_request | req.http10 << 1 | keep_alive << 2
+        last = up.last_head
+        if last is not None and last[1] == flags and last[0] == head:
+            r = last[2]
+        else:
+            r = analyze_response(head, status, head_request, req.http10, keep_alive)
+            up.last_head = (head, flags, r)
+        out, body_in, self.body_out, length, self.keep_alive, self.reusable = r
         self.body_in = body_in
         self.resp_started = True
         self.down_buf.append(out)

@@ -22,6 +22,7 @@ import httptools
 from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing
+from gateway.http.headers import ResponseHead
 from gateway.policy import PoolKey
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "idle_since",
         "key",
+        "last_head",
         "llhttp_done",
         "parser",
         "pending",
@@ -83,6 +85,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.idle_since = 0.0
+        # (raw head, request flags, analysis) of the previous response: the same resource answered
+        # on the same connection within the same second (its Date) has the same head.
+        self.last_head: tuple[bytes, int, ResponseHead] | None = None
 
     # ---- asyncio.Protocol
 
@@ -134,7 +139,7 @@ class UpstreamConnection(asyncio.Protocol):
                     if status < 200:
                         x.on_interim(head, status)
                         continue
-                    body, length = x.on_response_head(head, status)
+                    body, length = x.on_response_head(self, head, status)
                     if body == framing.NONE or (body == framing.LENGTH and not length):
                         if not self.llhttp_done and x.req.method == b"HEAD":
                             # llhttp cannot be told a response answers HEAD (RFC 9110 §9.3.2):
