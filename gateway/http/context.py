@@ -29,6 +29,7 @@ class Context:
         "drained",
         "draining",
         "loop",
+        "max_head",
         "pool",
         "router",
         "trusted",
@@ -39,6 +40,7 @@ class Context:
     def __init__(self, config: Config, catalog: Catalog, pool: Pool) -> None:
         self.loop = asyncio.get_running_loop()
         self.config = config
+        self.max_head = config.max_request_head_size
         self.catalog = catalog
         self.pool = pool
         self.router = HostRouter(config.domains)

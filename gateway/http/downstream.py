@@ -144,7 +144,7 @@ class ClientConnection(asyncio.Protocol):
                     end = data.find(b"\r\n\r\n", pos)
                     if end < 0:
                         rest = data[pos:] if pos else data
-                        if len(rest) > self.ctx.config.max_request_head_size:
+                        if len(rest) > self.ctx.max_head:
                             raise _Reject(errors.HEAD_TOO_LARGE)
                         if not fed:
                             self.last_active = self.ctx.clock
@@ -153,7 +153,7 @@ class ClientConnection(asyncio.Protocol):
                         self.fed = len(rest)
                         break
                     end += 4
-                    if end - pos > self.ctx.config.max_request_head_size:
+                    if end - pos > self.ctx.max_head:
                         raise _Reject(errors.HEAD_TOO_LARGE)
                     head = data if (pos == 0 and end == n) else data[pos:end]
                     self.fed = 0
@@ -244,10 +244,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _head(self, raw: bytes, upgrade: bool) -> bool:
         """A complete request head: check it, start or queue its exchange. True: an Upgrade waits."""
-        if raw.count(b"\r\n") - 2 > self.ctx.config.max_header_count:
-            raise _Reject(errors.HEAD_TOO_LARGE)
         req = self.last_req
         if req is None or req.raw != raw:  # a head that repeats on a connection is analysed once
+            if raw.count(b"\r\n") - 2 > self.ctx.config.max_header_count:
+                raise _Reject(errors.HEAD_TOO_LARGE)
             r = analyze_request(raw, self.ctx.upgrade_protocols)
             if not isinstance(r, RequestHead):
                 raise _Reject(r)
@@ -277,11 +277,6 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(x)
             self.gate.close(flow.QUEUED)
         return upgrade and req.upgrade is not None and not x.done
-
-    def _body(self, piece: bytes) -> None:
-        x = self.parsing
-        assert x is not None
-        x.on_request_body(piece)
 
     def _message_end(self) -> None:
         if not self.llhttp_done:

@@ -415,8 +415,11 @@ def analyze_response(
         if client_http10 or (body_out == framing.CHUNKED and body_in == framing.CLOSE):
             raw = raw[:-2] + _OUT_EXTRA[client_http10, body_in == framing.CLOSE] + b"\r\n"
     elif status >= 200:
-        raw = raw[:-2] + (b"Transfer-Encoding: chunked\r\n" if body_out != body_in and body_out == framing.CHUNKED
-                          else b"") + b"Connection: close\r\n\r\n"
+        raw = (
+            raw[:-2]
+            + (b"Transfer-Encoding: chunked\r\n" if body_out != body_in and body_out == framing.CHUNKED else b"")
+            + b"Connection: close\r\n\r\n"
+        )
     return raw, body_in, body_out, max(content_length, 0), keep_alive, reusable
 
 

@@ -49,53 +49,32 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 class Exchange:
     """A request from the client and the response to it."""
 
-    __slots__ = (
-        "body_in",
-        "body_out",
-        "client",
-        "ctx",
-        "done",
-        "down_buf",
-        "early",
-        "fwd",
-        "head",
-        "keep_alive",
-        "req",
-        "req_done",
-        "resp_started",
-        "retried",
-        "reusable",
-        "route",
-        "sent",
-        "sent_body",
-        "task",
-        "up",
-        "up_buf",
-        "up_buf_size",
-    )
+    # Most fields keep these class-level defaults for most requests; an instance only stores what
+    # it changes (cheaper to create than a slotted object that must set every field).
+    route: Route | None = None
+    fwd: Forward | None = None
+    up: UpstreamConnection | None = None
+    up_buf_size = 0
+    head = b""
+    sent: list[bytes] | None = None  # the first write to a reused connection, for a replay
+    sent_body = 0
+    req_done = False
+    resp_started = False
+    body_in = framing.NONE
+    body_out = framing.NONE
+    keep_alive = False  # the client connection stays open after the response
+    reusable = False  # the upstream connection can serve another request
+    done = False
+    task: asyncio.Task[None] | None = None
+    retried = False
+    early: bytes | None = None  # after an Upgrade request: what the client sent next
 
     def __init__(self, client: ClientConnection, req: RequestHead) -> None:
         self.client = client
         self.ctx = client.ctx
         self.req = req
-        self.route: Route | None = None
-        self.fwd: Forward | None = None
-        self.up: UpstreamConnection | None = None
         self.up_buf: list[bytes] = []  # request bytes waiting for the upstream connection
-        self.up_buf_size = 0
-        self.head = b""
-        self.sent: list[bytes] | None = None  # the first write to a reused connection, for a replay
-        self.sent_body = 0
-        self.req_done = False
-        self.resp_started = False
-        self.body_in = self.body_out = framing.NONE
-        self.keep_alive = False  # the client connection stays open after the response
-        self.reusable = False  # the upstream connection can serve another request
-        self.down_buf: list[bytes] = []
-        self.done = False
-        self.task: asyncio.Task[None] | None = None
-        self.retried = False
-        self.early: bytes | None = None  # after an Upgrade request: what the client sent next
+        self.down_buf: list[bytes] = []  # response bytes for the client, written after each read
 
     # ---- request side (called by ClientConnection)
 
@@ -212,10 +191,12 @@ class Exchange:
         req = self.req
         if req.expect_continue and not req.http10 and not self.up_buf_size and not self.req_done:
             client.transport.write(CONTINUE)
-        if self.up_buf:
-            self.up_buf.insert(0, self.head)
-        else:
-            self.up_buf = [self.head]
+        if not self.up_buf and self.req_done:  # a request without body: the head is all of it
+            if up.reused:
+                self.sent = [self.head]
+            up.transport.write(self.head)
+            return
+        self.up_buf.insert(0, self.head)
         if not client.in_feed:
             self.flush_up()
         if client.gate.reasons & flow.BUFFERING:
@@ -295,10 +276,15 @@ class Exchange:
         else:
             t.writelines(buf)
         self.down_buf = []
-        if not (self.reusable and self.req_done and not self.up_buf):
-            up.reusable = False
         self.up = None
-        up.detach()
+        up.exchange = None
+        if (
+            self.reusable and self.req_done and not self.up_buf and up.reusable and not up.write_paused
+            and not up.gate.reasons
+        ):  # fmt: skip
+            up.pool.release(up)
+        else:
+            up.close()
         self.client.exchange_done(self, self.keep_alive and self.req_done)
 
     def flush_down(self) -> None:

@@ -149,6 +149,12 @@ class UpstreamConnection(asyncio.Protocol):
                         self._complete(x, pos < n)
                         return
                     if body == framing.LENGTH:
+                        if n - pos >= length:  # the whole body came with the head (small responses)
+                            piece = data[pos:] if n - pos == length else data[pos : pos + length]
+                            parser.feed_data(piece)
+                            x.down_buf.append(piece)
+                            self._complete(x, n - pos > length)
+                            return
                         self.state = _LENGTH
                         self.remaining = length
                     elif body == framing.CHUNKED:
@@ -246,13 +252,6 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.abort()
-
-    def detach(self) -> None:
-        """The exchange is over: back to the pool if the connection can serve another."""
-        self.exchange = None
-        if self.write_paused or self.gate.reasons or self.state != _HEAD or self.pending:
-            self.reusable = False
-        self.pool.release(self)
 
 
 class Pool:
