@@ -284,16 +284,15 @@ def analyze_request(raw: bytes, upgrade_protocols: Collection[bytes]) -> Request
     upgrade: bytes | None = None
     cuts: list[Field] | None = None
     fwd: list[Field] | None = None
-    for h in _SPECIAL.findall(raw):
-        role = _ROLE_OF.get(h[0]) or _ROLES[h[0].lower()]
+    for name, found in _SPECIAL.findall(raw):
+        role = _ROLE_OF.get(name) or _ROLES[name.lower()]
+        h = (name, found.rstrip(b" \t"))
         if role == _HOST:
             if r.host is not None:
                 return errors.INVALID_HOST
-            r.host = h[1].rstrip(b" \t")
-            r.host_field = (h[0], r.host)
-            continue
-        h = (h[0], h[1].rstrip(b" \t"))
-        if role == _CL:
+            r.host = h[1]
+            r.host_field = h
+        elif role == _CL:
             r.content_length = int(h[1])  # llhttp checked: digits, one field
             if r.content_length:
                 r.body = framing.LENGTH
@@ -363,18 +362,19 @@ def analyze_response(
     te: Field | None = None
     conn: list[bytes] | None = None
     cuts: list[Field] | None = None
-    for name, value in _SPECIAL.findall(raw):
+    for name, found in _SPECIAL.findall(raw):
         role = _ROLE_OF.get(name) or _ROLES[name.lower()]
         if role == _CL:
-            content_length = int(value)
-        elif role == _CONN:
-            value = value.rstrip(b" \t")
+            content_length = int(found)
+            continue
+        value = found.rstrip(b" \t")
+        if role == _CONN:
             conn = (conn or []) + ([value.lower()] if b"," not in value else _tokens(value))
             cuts = [*(cuts or ()), (name, value)]
         elif role == _TE:
-            te = (name, value.rstrip(b" \t"))
+            te = (name, value)
         elif role == _HOP or (role == _UPG and status != 101):
-            cuts = [*(cuts or ()), (name, value.rstrip(b" \t"))]
+            cuts = [*(cuts or ()), (name, value)]
     # Framing (RFC 9112 §6.3): no body for HEAD, 1xx, 204, 304; chunked if it is the last coding;
     # Content-Length; else until close. Chunked goes to HTTP/1.0 clients de-chunked and
     # close-delimited; close-delimited goes to HTTP/1.1 clients chunked, so they keep the connection.
