@@ -1,5 +1,9 @@
 # Two commands do all set-up on a fresh Debian machine with Python 3.11: `make run` and `make test`.
-PYTHON ?= python3
+# The system's Python 3 when it is >= 3.11 and can make venvs (Debian's python3.11 is built with
+# PGO and LTO: ~20% faster than a plain source build), else whatever python3 is on PATH.
+PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
+            $$p -c 'import sys, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; \
+          done)
 VENV   := .venv
 BIN    := $(VENV)/bin
 BENCH  ?= ../shared/bench/run.py
@@ -11,8 +15,7 @@ PYTEST_ARGS ?=
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
-	  { echo "Python >= 3.11 is needed (found: $$($(PYTHON) --version))"; exit 1; }
+	@test -n "$(PYTHON)" || { echo "Python >= 3.11 with venv support is needed (Debian: apt-get install python3-venv)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
 	  { echo "python3 -m venv failed: on Debian, apt-get install python3-venv"; rm -rf $(VENV); exit 1; }
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
