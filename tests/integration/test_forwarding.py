@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import WAIT, Catalog, RunningGateway
-from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, response
+from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, request, response
 
 
 def fwd_lines(host: str, port: int, ip: str = "127.0.0.1") -> bytes:
@@ -287,3 +287,47 @@ async def test_curl(start_gateway: Any, catalog: Catalog, curl_args: list[str]) 
         out, err = await proc.communicate()
         assert proc.returncode == 0, err
         assert b"/curl?x=1 HTTP/1.1" in out and b"User-Agent: curl/" in out
+
+
+async def test_connect_is_refused(start_gateway: Any, catalog: Catalog) -> None:
+    gw = await start_gateway()
+    c = await Client.connect(gw.port)
+    c.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n\x16\x03\x01")
+    r = await c.read_response()
+    assert r.status == 405 and r.header("X-Gateway-Reason") == b"method_not_allowed"
+    assert await c.closed()
+    await c.close()
+
+
+async def test_absolute_form_target(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        c = await Client.connect(gw.port)
+        c.send(f"GET http://{host}/abs?x=1 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        r = await c.read_response()
+        assert r.status == 200 and f"GET http://{host}/abs?x=1 HTTP/1.1\r\n".encode() in r.body
+        c.send(f"GET http://{gw.host(up.port, 'other')}/ HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        r = await c.read_response()
+        assert r.status == 400 and r.header("X-Gateway-Reason") == b"invalid_host"
+        await c.close()
+
+
+async def test_idle_pooled_connections_are_closed_after_the_idle_timeout(start_gateway: Any, catalog: Catalog) -> None:
+    closed = asyncio.Event()
+
+    async def handler(c: UpstreamConn) -> None:
+        try:
+            await echo_handler(c)
+        finally:
+            closed.set()  # the gateway closed its idle connection to us
+
+    async with RawUpstream(handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway(upstream_idle_timeout=0.3)
+        assert (await request(gw.port, gw.host(up.port, "abc"))).status == 200
+        assert gw.gateway.pool.idle_count == 1
+        async with asyncio.timeout(WAIT):
+            await closed.wait()
+        assert gw.gateway.pool.idle_count == 0

