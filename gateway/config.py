@@ -138,6 +138,9 @@ class Config:
         (), "CIDRs whose X-Forwarded-*/Forwarded fields are kept and extended", _cidrs
     )
     upgrade_protocols: tuple[str, ...] = _s(("websocket",), "Upgrade tokens tunnelled; others are dropped", _tokens)
+    tunnel_idle_timeout: float = _s(
+        0.0, "seconds an upgraded connection may carry no bytes before it is closed; 0: never", _non_negative
+    )
     max_request_head_size: int = _s(65536, "bytes of request line plus headers (then 431)", _positive)
     max_header_count: int = _s(128, "header fields per request (then 431)", _positive)
     request_head_timeout: float = _s(30.0, "seconds a client has to send a complete request head (then 408)", _positive)

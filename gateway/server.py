@@ -88,6 +88,10 @@ class Gateway:
             self.pool.sweep()
             for c in list(ctx.connections):
                 c.check_timeouts(now)
+            idle = self.config.tunnel_idle_timeout
+            if idle:
+                for t in [t for t in ctx.tunnels if now - t.idle_since() > idle]:
+                    t.close()
         except Exception:
             log.exception("timer tick failed")
         self._tick_handle = ctx.loop.call_later(1.0, self._tick)

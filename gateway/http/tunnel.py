@@ -7,7 +7,10 @@ the two ends agreed). What the tunnel does keep:
 
 - backpressure both ways: when one side's write buffer fills, the other side stops reading;
 - half-close: a FIN from one side becomes a write shutdown towards the other (RFC 9293 §3.6);
-- prompt close: when either side resets, the other is reset too.
+- prompt close: when either side resets, the other is reset too;
+- an idle timeout (``tunnel_idle_timeout``), off by default: WebSocket apps keep their own pings,
+  a notebook kernel can rightly be silent for hours, and the load balancer in front already
+  enforces its own idle limit. Operators who want one set it.
 
 Only this module and flow.py pause and resume reading on transports.
 """
@@ -29,7 +32,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class TunnelEnd(asyncio.Protocol):
     """One side of a tunnel: what it reads, its peer writes."""
 
-    __slots__ = ("closed", "ctx", "eof", "gate", "is_client", "peer", "transport")
+    __slots__ = ("closed", "ctx", "eof", "gate", "is_client", "last", "peer", "transport")
 
     def __init__(self, ctx: Context, transport: asyncio.Transport, is_client: bool) -> None:
         self.ctx = ctx
@@ -39,9 +42,14 @@ class TunnelEnd(asyncio.Protocol):
         self.peer: TunnelEnd = None  # type: ignore[assignment]
         self.eof = False
         self.closed = False
+        self.last = ctx.clock  # when this side last sent bytes (the coarse clock)
 
     def data_received(self, data: bytes) -> None:
         self.peer.transport.write(data)
+        self.last = self.ctx.clock
+
+    def idle_since(self) -> float:
+        return max(self.last, self.peer.last)
 
     def eof_received(self) -> bool:
         self.eof = True
