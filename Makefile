@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 BENCH  ?= ../shared/bench/run.py
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck pytest bench config clean
+.PHONY: install peers run test lint typecheck pytest conformance bench config clean
 
 # `make install`: .venv with an editable install and the dev extras (tests, types, lint).
 install: $(VENV)/.installed
@@ -25,8 +25,24 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/gateway serve $(ARGS)
 
+# Test peers that are not Python packages: Autobahn|Testsuite (Python 2.7, when pyenv has it) and the
+# npm packages of the Vite app (vite@7, playwright-core; the browser is the system Chromium).
+WSTEST_HOME ?= $(HOME)/.cache/gateway-wstest
+PY27 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/2.7.*/bin/python) $(shell command -v python2.7))
+peers: $(WSTEST_HOME)/bin/wstest tests/e2e/vite-app/node_modules/.installed
+
+$(WSTEST_HOME)/bin/wstest:
+	@if [ -n "$(PY27)" ]; then \
+	  PYTHONUSERBASE=$(WSTEST_HOME) $(PY27) -m pip install -q --user --disable-pip-version-check autobahntestsuite==0.8.2; \
+	else echo "peers: no Python 2.7: the Autobahn conformance tests will be skipped"; fi
+
+tests/e2e/vite-app/node_modules/.installed: tests/e2e/vite-app/package.json
+	@if command -v npm >/dev/null; then \
+	  cd tests/e2e/vite-app && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "peers: no npm: the Vite/Chromium tests will be skipped"; fi
+
 # The whole suite: lint, types, tests (real Redis, real sockets, real peers).
-test: install lint typecheck pytest
+test: install peers lint typecheck pytest
 
 lint: install
 	$(BIN)/ruff check .
@@ -36,6 +52,10 @@ typecheck: install
 
 pytest: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Autobahn|Testsuite with every case group, 9, 12 and 13 included (~15 min).
+conformance: install peers
+	GATEWAY_AUTOBAHN_ALL=1 $(BIN)/pytest tests/conformance $(PYTEST_ARGS)
 
 # The referee benchmark: nginx, haproxy and this gateway side by side (see ../shared/bench/README.md).
 bench: install

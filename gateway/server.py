@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import socket
 
@@ -26,6 +27,20 @@ from gateway.http.upstream import Pool
 __all__ = ["Gateway"]
 
 log = logging.getLogger("gateway")
+
+
+def _raise_fd_limit() -> int:
+    """Every client connection costs two descriptors (client and sandbox sides): take the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
 
 
 def _listen_socket(host: str, port: int) -> socket.socket:
@@ -54,6 +69,7 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
+        fds = _raise_fd_limit()
         client = connect_redis(cfg.redis_url, cfg.redis_timeout)
         cache = CatalogCache(cfg.cache_ttl, cfg.negative_cache_ttl, cfg.stale_if_error, cfg.cache_max_entries)
         self.catalog = Catalog(client, cache, cfg.catalog_prefix, cfg.redis_timeout)
@@ -75,10 +91,11 @@ class Gateway:
         self._tick_handle = loop.call_later(1.0, self._tick)
         self._watch_task = loop.create_task(self._watch_catalog())
         log.info(
-            "gateway listening on %s (admin %s), domains %s",
+            "gateway listening on %s (admin %s), domains %s, %d file descriptors",
             ", ".join(f"{h}:{p}" for (h, _), p in zip(cfg.listen_addrs, self.ports, strict=True)),
             self.admin.address,
             ", ".join(cfg.domains),
+            fds,
         )
 
     def _tick(self) -> None:
