@@ -271,3 +271,32 @@ def rss_kib(pid: int) -> tuple[int, int]:
 
 def open_fds(pid: int | None = None) -> int:
     return len(os.listdir(f"/proc/{pid or os.getpid()}/fd"))
+
+
+def recv_queue(dst_port: int) -> int:
+    """Bytes waiting unread in sockets connected to 127.0.0.1:dst_port (the gateway's, here)."""
+    most = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            cols = line.split()
+            if cols[3] == "01" and int(cols[2].split(":")[1], 16) == dst_port:  # ESTABLISHED to it
+                most = max(most, int(cols[4].split(":")[1], 16))
+    return most
+
+
+async def until_sandbox_blocked(up_port: int, written: Callable[[], int], timeout: float = WAIT) -> None:
+    """Wait until backpressure has reached the sandbox: its writes no longer progress although the
+    gateway's socket to it holds unread bytes.
+
+    Kernel socket buffers autotune differently per machine, so no fixed byte count is waited for;
+    instead the sandbox's progress counter must stand still across several polls while bytes sit
+    unread at the gateway. A gateway that kept reading would empty that queue (or let the sandbox
+    finish), so the wait times out and the test fails.
+    """
+    still, last = 0, -1
+    async with asyncio.timeout(timeout):
+        while still < 5:
+            await asyncio.sleep(0.05)
+            now = written()
+            still = still + 1 if now == last and recv_queue(up_port) > 0 else 0
+            last = now

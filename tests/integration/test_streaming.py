@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import WAIT, Catalog
-from tests.helpers import Client, RawUpstream, UpstreamConn, read_response, response, rss_kib
+from tests.helpers import Client, RawUpstream, UpstreamConn, read_response, response, rss_kib, until_sandbox_blocked
 
 pytestmark = pytest.mark.slow
 
@@ -117,17 +117,6 @@ async def test_2gib_chunked_download(gateway_process: Any, catalog: Catalog) -> 
         await c.close()
 
 
-def recv_queue(dst_port: int) -> int:
-    """Bytes waiting unread in sockets connected to 127.0.0.1:dst_port (the gateway's, here)."""
-    most = 0
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            cols = line.split()
-            if cols[3] == "01" and int(cols[2].split(":")[1], 16) == dst_port:  # ESTABLISHED to it
-                most = max(most, int(cols[4].split(":")[1], 16))
-    return most
-
-
 async def test_slow_reader_does_not_grow_memory(gateway_process: Any, catalog: Catalog) -> None:
     written = 0
 
@@ -150,9 +139,7 @@ async def test_slow_reader_does_not_grow_memory(gateway_process: Any, catalog: C
         c.writer.transport.pause_reading()  # a client that stops reading
         # Backpressure means: the gateway stops reading from the sandbox, whose bytes pile up unread
         # in the gateway's socket while the sandbox's writes block. Wait for exactly that.
-        async with asyncio.timeout(WAIT):
-            while recv_queue(up.port) < MIB:
-                await asyncio.sleep(0.02)
+        await until_sandbox_blocked(up.port, lambda: written)
         rss, _ = rss_kib(gw.proc.pid)
         assert written < 128 * MIB, f"the sandbox could write {written // MIB} MiB into a stalled download"
         assert rss < 100 * 1024, f"gateway RSS {rss} KiB with a stalled reader"

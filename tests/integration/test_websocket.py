@@ -14,7 +14,16 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 
 from tests.conftest import WAIT, Catalog
-from tests.helpers import Client, RawUpstream, UpstreamConn, open_fds, read_response, response, rss_kib
+from tests.helpers import (
+    Client,
+    RawUpstream,
+    UpstreamConn,
+    open_fds,
+    read_response,
+    response,
+    rss_kib,
+    until_sandbox_blocked,
+)
 
 MIB = 1 << 20
 
@@ -300,11 +309,7 @@ async def test_tunnel_backpressure_keeps_memory_flat(gateway_process: Any, catal
         gw = gateway_process()
         c = await upgraded_client(gw, gw.host(up.port, "abc"))
         c.writer.transport.pause_reading()  # a receiver that does not keep up
-        from tests.integration.test_streaming import recv_queue
-
-        async with asyncio.timeout(WAIT):
-            while recv_queue(up.port) < MIB:
-                await asyncio.sleep(0.02)
+        await until_sandbox_blocked(up.port, lambda: written)
         rss, _ = rss_kib(gw.proc.pid)
         assert written < 128 * MIB and rss < 100 * 1024
         c.writer.transport.resume_reading()
