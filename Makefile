@@ -28,7 +28,7 @@ run: install
 # Test peers that are not Python packages: Autobahn|Testsuite (Python 2.7, when pyenv has it) and the
 # npm packages of the Vite app (vite@7, playwright-core; the browser is the system Chromium).
 WSTEST_HOME ?= $(HOME)/.cache/gateway-wstest
-PY27 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/2.7.*/bin/python) $(shell command -v python2.7))
+PY27 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/2.7.*/bin/python $(HOME)/.pyenv/versions/2.7.*/bin/python) $(shell command -v python2.7))
 peers: $(WSTEST_HOME)/bin/wstest tests/e2e/vite-app/node_modules/.installed
 
 $(WSTEST_HOME)/bin/wstest:
