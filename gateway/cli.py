@@ -1,4 +1,4 @@
-"""Command line: ``gateway serve`` and ``gateway check-config``.
+"""Command line: ``gateway serve``, ``gateway check-config`` and ``gateway catalog ...``.
 
 Exit status 2 means a bad setting or usage; the message is one line naming the setting.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 import uvloop
 
+from gateway.catalog import command as catalog_command
 from gateway.config import Config, ConfigError, example_toml, load_config
 from gateway.embedded import Embedded
 from gateway.hostname import check_domain
@@ -25,27 +26,30 @@ log = logging.getLogger("gateway")
 
 
 def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="TOML settings file (default: $GATEWAY_CONFIG)")
+    common.add_argument("--redis-url", metavar="URL", help="catalog Redis URL")
+    serving = argparse.ArgumentParser(add_help=False)
+    serving.add_argument("--listen", metavar="HOST:PORT", action="append", help="data-plane listener (repeatable)")
+    serving.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener")
+    serving.add_argument("--domain", metavar="DOMAIN", action="append", help="routed domain (repeatable)")
     ap = argparse.ArgumentParser(prog="gateway", description="Ingress gateway for sandbox apps.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help_ in (("serve", "run the gateway"), ("check-config", "validate the configuration and exit")):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--config", metavar="FILE", help="TOML settings file (default: $GATEWAY_CONFIG)")
-        p.add_argument("--listen", metavar="HOST:PORT", action="append", help="data-plane listener (repeatable)")
-        p.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener")
-        p.add_argument("--redis-url", metavar="URL", help="catalog Redis URL")
-        p.add_argument("--domain", metavar="DOMAIN", action="append", help="routed domain (repeatable)")
+        sub.add_parser(name, help=help_, parents=[common, serving])
+    catalog_command.add_parser(sub, common)
     return ap
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {}
-    if args.listen:
+    if getattr(args, "listen", None):
         o["listen"] = tuple(args.listen)
-    if args.admin_listen:
+    if getattr(args, "admin_listen", None):
         o["admin_listen"] = args.admin_listen
     if args.redis_url is not None:
         o["redis_url"] = args.redis_url
-    if args.domain:
+    if getattr(args, "domain", None):
         o["domains"] = tuple(args.domain)
     return o
 
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=cfg.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "catalog":
+        return catalog_command.run(cfg, args)
     for d in cfg.domains:
         _, warning = check_domain(d)
         if warning:

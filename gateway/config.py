@@ -62,6 +62,26 @@ def _hostport(v: str) -> str | None:
     return _hostports((v,))
 
 
+def _hostports_or_none(v: tuple[str, ...]) -> str | None:
+    return _hostports(v) if v else None
+
+
+def _field_name(v: str) -> str | None:
+    ok = v and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in v)
+    return None if ok else f"{v!r} is not a header field name"
+
+
+def _ports(v: tuple[int, ...]) -> str | None:
+    return None if all(0 < p < 65536 for p in v) else "ports must be 1-65535"
+
+
+def _host_names(v: tuple[str, ...]) -> str | None:
+    for h in v:
+        if not h or not all(c.isalnum() or c in ".-" for c in h):
+            return f"{h!r} is not a host name"
+    return None
+
+
 def _redis_url(v: str) -> str | None:
     if v == "":
         return None
@@ -115,13 +135,40 @@ class Config:
     redis_url: str = _s(
         "", "catalog Redis (redis://, rediss://, unix://); empty: start a local Redis and a demo sandbox", _redis_url
     )
+    redis_cluster_nodes: tuple[str, ...] = _s(
+        (), "HOST:PORT seed nodes of a Redis Cluster holding the catalog (instead of redis_url)", _hostports_or_none
+    )
+    redis_sentinels: tuple[str, ...] = _s(
+        (), "HOST:PORT of Redis Sentinels (with redis_sentinel_service; instead of redis_url)", _hostports_or_none
+    )
+    redis_sentinel_service: str = _s("", "the Sentinel service (master) name of the catalog")
+    redis_username: str = _s("", "ACL user for Cluster/Sentinel (redis_url carries its own)")
+    redis_password: str = _s("", "password for Cluster/Sentinel (redis_url carries its own)")
+    redis_tls: bool = _s(False, "TLS to Cluster/Sentinel nodes (redis_url: use rediss://)")
+    redis_tls_ca: str = _s("", "CA certificate file to verify Redis TLS (empty: the system's)")
     catalog_prefix: str = _s("sandbox:catalog:", "key prefix of catalog records")
+    invalidate_channel: str = _s("sandbox:catalog:invalidate", "channel on which writers publish changed sandbox IDs")
+    keyspace_notifications: bool = _s(
+        True, "also follow Redis keyspace notifications for the prefix, when the server emits them"
+    )
     redis_timeout: float = _s(0.25, "seconds one Redis call may take before it counts as failed", _positive)
     cache_ttl: float = _s(2.0, "seconds a catalog record is used without asking Redis again", _non_negative)
     negative_cache_ttl: float = _s(1.0, "seconds 'no such sandbox' and invalid records are remembered", _non_negative)
     stale_if_error: float = _s(300.0, "seconds an expired record still routes while Redis fails", _non_negative)
     cache_max_entries: int = _s(100_000, "records kept in the in-process cache", _positive)
     node_port: int = _s(0, "0: connect to {address}:{port}; else to {address}:{node_port} (node mode)", _port_or_zero)
+    # Access
+    traffic_token_header: str = _s(
+        "e2b-traffic-access-token", "request field carrying a record's traffic_access_token", _field_name
+    )
+    token_exempt_ports: tuple[int, ...] = _s((49983,), "ports reachable without the traffic token", _ports)
+    shared_hosts: tuple[str, ...] = _s(
+        (), "hosts (like sandbox.e2b.dev) whose requests name the sandbox in routing fields", _host_names
+    )
+    sandbox_id_header: str = _s("e2b-sandbox-id", "routing field naming the sandbox on shared hosts", _field_name)
+    sandbox_port_header: str = _s("e2b-sandbox-port", "routing field naming the port on shared hosts", _field_name)
+    resume_url: str = _s("", "control-plane URL to POST {sandboxId, port} to when a paused sandbox gets traffic")
+    resume_timeout: float = _s(30.0, "seconds to wait for a resumed sandbox to be running", _positive)
     # Upstream
     connect_timeout: float = _s(5.0, "seconds to establish a TCP connection to a sandbox (then 504)", _positive)
     connect_wait: float = _s(
@@ -161,7 +208,8 @@ class Config:
 
     @property
     def embedded(self) -> bool:
-        return self.redis_url == ""
+        """No Redis configured at all: start a local one and a demo sandbox (``make run``)."""
+        return self.redis_url == "" and not self.redis_cluster_nodes and not self.redis_sentinels
 
 
 def parse_hostport(a: str) -> tuple[str, int]:
@@ -209,17 +257,22 @@ def _coerce(name: str, value: Any, from_text: bool) -> Any:
                 raise ValueError
             return v
         if isinstance(default, tuple):
+            ints = bool(default) and isinstance(default[0], int)
             if from_text:
-                return tuple(x.strip() for x in str(value).split(",") if x.strip())
-            if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+                items = [x.strip() for x in str(value).split(",") if x.strip()]
+                return tuple(int(x) for x in items) if ints else tuple(items)
+            item_type = int if ints else str
+            if not isinstance(value, list) or not all(type(x) is item_type for x in value):
                 raise ValueError
             return tuple(value)
         if not isinstance(value, str):
             raise ValueError
         return value
     except (TypeError, ValueError):
-        kind = type(default).__name__ if not isinstance(default, tuple) else "list of strings"
-        raise ConfigError(name, f"expected {kind}, got {value!r}") from None
+        expected = type(default).__name__
+        if isinstance(default, tuple):
+            expected = "list of integers" if default and isinstance(default[0], int) else "list of strings"
+        raise ConfigError(name, f"expected {expected}, got {value!r}") from None
 
 
 def load_config(
@@ -270,6 +323,7 @@ _NOT_SETTINGS = frozenset({"config"})
 _SECTIONS = {
     "listen": "Listeners",
     "redis_url": "Catalog",
+    "traffic_token_header": "Access",
     "connect_timeout": "Upstream (the sandbox side)",
     "trusted_proxies": "Downstream (the client side)",
     "drain_delay": "Lifecycle",

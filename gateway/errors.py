@@ -49,9 +49,19 @@ MALFORMED_REQUEST = _r("malformed_request", 400, "The request is not valid HTTP/
 INVALID_FRAMING = _r(
     "invalid_framing", 400, "The request's Content-Length/Transfer-Encoding framing is ambiguous or invalid."
 )
+MISSING_ROUTING_HEADER = _r(
+    "missing_routing_header", 400, "On a shared host both the sandbox ID and port fields are needed."
+)
+TRAFFIC_TOKEN_MISSING = _r("traffic_token_missing", 403, "This sandbox needs a traffic access token.")
+TRAFFIC_TOKEN_INVALID = _r("traffic_token_invalid", 403, "The traffic access token is not this sandbox's.")
+PORT_NOT_EXPOSED = _r("port_not_exposed", 403, "This port of the sandbox is not exposed.")
+RESUME_DENIED = _r("resume_denied", 403, "The sandbox is paused and may not be resumed.")
 UNKNOWN_DOMAIN = _r("unknown_domain", 404, "This host is not under a domain this gateway serves.")
 METHOD_NOT_ALLOWED = _r("method_not_allowed", 405, "CONNECT is not supported by this gateway.")
 REQUEST_TIMEOUT = _r("request_timeout", 408, "The request head did not arrive in time.")
+SANDBOX_PAUSED = _r("sandbox_paused", 409, "The sandbox is paused.")
+SANDBOX_TRANSITIONING = _r("sandbox_transitioning", 409, "The sandbox is starting, pausing, resuming or stopping.", 1)
+RESUME_RATE_LIMITED = _r("resume_rate_limited", 429, "Too many resumes of this sandbox; try again later.", 5)
 HEAD_TOO_LARGE = _r("request_head_too_large", 431, "The request line or headers are too large.")
 # The sandbox side: where the request should go is missing, unreachable or misbehaving.
 SANDBOX_NOT_FOUND = _r("sandbox_not_found", 502, "No running sandbox has this ID.")
@@ -60,9 +70,11 @@ PORT_NOT_OPEN = _r("port_not_open", 502, "No server is listening on this port in
 UPSTREAM_CONNECT_FAILED = _r("upstream_connect_failed", 502, "The gateway could not connect to the sandbox.")
 UPSTREAM_RESET = _r("upstream_reset", 502, "The sandbox closed the connection before answering.")
 UPSTREAM_INVALID_RESPONSE = _r("upstream_invalid_response", 502, "The sandbox sent an invalid HTTP response.")
+RESUME_FAILED = _r("resume_failed", 502, "Resuming the paused sandbox failed.")
 CATALOG_UNAVAILABLE = _r("catalog_unavailable", 503, "The sandbox catalog is unreachable; try again shortly.", 1)
 SHUTTING_DOWN = _r("shutting_down", 503, "This gateway instance is shutting down; try again.", 1)
 UPSTREAM_CONNECT_TIMEOUT = _r("upstream_connect_timeout", 504, "Connecting to the sandbox timed out.")
+RESUME_TIMEOUT = _r("resume_timeout", 504, "The sandbox did not come back from pause in time.", 5)
 INTERNAL_ERROR = _r("internal_error", 500, "The gateway failed to handle this request.")
 
 REASONS: dict[str, Reason] = {
@@ -73,9 +85,17 @@ REASONS: dict[str, Reason] = {
         INVALID_SANDBOX_ID,
         MALFORMED_REQUEST,
         INVALID_FRAMING,
+        MISSING_ROUTING_HEADER,
+        TRAFFIC_TOKEN_MISSING,
+        TRAFFIC_TOKEN_INVALID,
+        PORT_NOT_EXPOSED,
+        RESUME_DENIED,
         UNKNOWN_DOMAIN,
         METHOD_NOT_ALLOWED,
         REQUEST_TIMEOUT,
+        SANDBOX_PAUSED,
+        SANDBOX_TRANSITIONING,
+        RESUME_RATE_LIMITED,
         HEAD_TOO_LARGE,
         SANDBOX_NOT_FOUND,
         CATALOG_RECORD_INVALID,
@@ -83,9 +103,11 @@ REASONS: dict[str, Reason] = {
         UPSTREAM_CONNECT_FAILED,
         UPSTREAM_RESET,
         UPSTREAM_INVALID_RESPONSE,
+        RESUME_FAILED,
         CATALOG_UNAVAILABLE,
         SHUTTING_DOWN,
         UPSTREAM_CONNECT_TIMEOUT,
+        RESUME_TIMEOUT,
         INTERNAL_ERROR,
     )
 }

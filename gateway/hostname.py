@@ -26,7 +26,15 @@ import tldextract
 from gateway import errors
 from gateway.errors import Reason
 
-__all__ = ["HostRouter", "Route", "authority_matches", "check_domain", "normalize_host", "parse_label"]
+__all__ = [
+    "HostRouter",
+    "Route",
+    "authority_matches",
+    "check_domain",
+    "normalize_host",
+    "parse_label",
+    "parse_routing_fields",
+]
 
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 _HOST_CHARS = _LABEL_CHARS | {"."}
@@ -106,40 +114,66 @@ def _is_port_suffix(s: str) -> bool:
     return s[:1] == ":" and len(s) <= 6 and (len(s) == 1 or (s[1:].isascii() and s[1:].isdigit()))
 
 
+def parse_routing_fields(sandbox_id: bytes | None, port: bytes | None) -> Route | Reason:
+    """The route a request to a shared host names in its routing fields (both are needed)."""
+    if sandbox_id is None or port is None:
+        return errors.MISSING_ROUTING_HEADER
+    try:
+        sid = sandbox_id.decode("ascii").strip().lower()
+        p = port.decode("ascii").strip()
+    except UnicodeDecodeError:
+        return errors.INVALID_HOST
+    if not _valid_id(sid):
+        return errors.INVALID_SANDBOX_ID
+    r = parse_label(f"{p}-{sid}")
+    return errors.INVALID_PORT if isinstance(r, Reason) else r
+
+
+def _ipv4(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) == 4 and all(x.isdigit() and len(x) <= 3 and int(x) < 256 for x in parts)
+
+
 class HostRouter:
     """Routes Host values under the configured domains, with a bounded memo of recent answers.
+
+    ``route`` answers a Route, a Reason, or None for a shared host (one of ``shared_hosts``, an IP
+    literal or ``localhost``), whose requests name the sandbox in routing fields instead, so an SDK
+    can reach many sandboxes over one connection.
 
     A gateway sees few distinct Host values per second compared to requests, so the answer for the
     exact bytes of a Host field is memoised: the hot path is one dict lookup.
     """
 
-    __slots__ = ("_domains", "_memo", "_memo_size")
+    __slots__ = ("_domains", "_memo", "_memo_size", "_shared")
 
-    def __init__(self, domains: Iterable[str], memo_size: int = 8192) -> None:
+    def __init__(self, domains: Iterable[str], memo_size: int = 8192, shared_hosts: Iterable[str] = ()) -> None:
         # Longest first, so "eu.e2b.dev" wins over "e2b.dev" for "3000-x.eu.e2b.dev".
         self._domains = tuple(sorted({d.lower().rstrip(".") for d in domains}, key=len, reverse=True))
-        self._memo: dict[bytes, Route | Reason] = {}
+        self._shared = frozenset({"localhost", *(h.lower().rstrip(".") for h in shared_hosts)})
+        self._memo: dict[bytes, Route | Reason | None] = {}
         self._memo_size = memo_size
 
     @property
     def domains(self) -> tuple[str, ...]:
         return self._domains
 
-    def route(self, host: bytes) -> Route | Reason:
-        r = self._memo.get(host)
-        if r is None:
+    def route(self, host: bytes) -> Route | Reason | None:
+        try:
+            return self._memo[host]
+        except KeyError:
             r = self._route(host)
             if len(self._memo) >= self._memo_size:
                 self._memo.clear()
             self._memo[host] = r
-        return r
+            return r
 
-    def _route(self, host: bytes) -> Route | Reason:
+    def _route(self, host: bytes) -> Route | Reason | None:
         name = normalize_host(host)
         if isinstance(name, Reason):
             return name
-        if name.startswith("["):
-            return errors.UNKNOWN_DOMAIN
+        if name.startswith("[") or name in self._shared or _ipv4(name):
+            return None
         for d in self._domains:
             if len(name) > len(d) + 1 and name.endswith(d) and name[-len(d) - 1] == ".":
                 label = name[: -len(d) - 1]

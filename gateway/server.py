@@ -17,11 +17,14 @@ import signal
 import socket
 
 from gateway.admin import AdminServer
+from gateway.catalog import connection
 from gateway.catalog.cache import CatalogCache
-from gateway.catalog.reader import Catalog, connect_redis
+from gateway.catalog.invalidation import InvalidationListener
+from gateway.catalog.reader import Catalog
 from gateway.config import Config
 from gateway.http.context import Context
 from gateway.http.downstream import ClientConnection
+from gateway.http.resume import Resumer
 from gateway.http.upstream import Pool
 
 __all__ = ["Gateway"]
@@ -63,6 +66,8 @@ class Gateway:
         self.admin: AdminServer | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self.invalidation: InvalidationListener | None = None
         self._stopping: asyncio.Event | None = None
         self._fast = False
 
@@ -70,13 +75,16 @@ class Gateway:
         cfg = self.config
         loop = asyncio.get_running_loop()
         fds = _raise_fd_limit()
-        client = connect_redis(cfg.redis_url, cfg.redis_timeout)
+        client = connection.connect(cfg)
         cache = CatalogCache(cfg.cache_ttl, cfg.negative_cache_ttl, cfg.stale_if_error, cfg.cache_max_entries)
         self.catalog = Catalog(client, cache, cfg.catalog_prefix, cfg.redis_timeout)
         self.pool = Pool(
             cfg.upstream_idle_timeout, cfg.pool_max_idle_per_upstream, cfg.pool_max_idle, cfg.max_response_head_size
         )
         ctx = self.ctx = Context(cfg, self.catalog, self.pool)
+        if cfg.resume_url:
+            ctx.resumer = Resumer(self.catalog, cfg.resume_url, cfg.resume_timeout)
+        self.invalidation = InvalidationListener(cfg, client, self.catalog, ctx.sandbox_changed)
         for host, port in cfg.listen_addrs:
             sock = _listen_socket(host, port)
             real_port = sock.getsockname()[1]
@@ -90,6 +98,7 @@ class Gateway:
         await self.admin.start(*cfg.admin_addr)
         self._tick_handle = loop.call_later(1.0, self._tick)
         self._watch_task = loop.create_task(self._watch_catalog())
+        self._listen_task = loop.create_task(self.invalidation.run())
         log.info(
             "gateway listening on %s (admin %s), domains %s, %d file descriptors",
             ", ".join(f"{h}:{p}" for (h, _), p in zip(cfg.listen_addrs, self.ports, strict=True)),
@@ -169,10 +178,11 @@ class Gateway:
     async def stop(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+        for task in (self._watch_task, self._listen_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for s in self.servers:
             s.close()
         if self.ctx is not None:
@@ -182,6 +192,8 @@ class Gateway:
             self.pool.close_all()
         if self.admin is not None:
             await self.admin.stop()
+        if self.ctx is not None and self.ctx.resumer is not None:
+            await self.ctx.resumer.close()
         if self.catalog is not None:
             await self.catalog.close()
         log.info("gateway stopped")

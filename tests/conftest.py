@@ -63,13 +63,13 @@ class RedisServer:
             self.port = self.port or free_port()
             self.proc = subprocess.Popen(
                 [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", self.dir, "--notify-keyspace-events", ""],
+                 "--dir", self.dir, "--notify-keyspace-events", "", "--enable-debug-command", "local"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             deadline = time.monotonic() + WAIT
             while time.monotonic() < deadline and self.proc.poll() is None:
                 with contextlib.suppress(OSError, redis.RedisError):
-                    if redis.Redis(port=self.port, socket_timeout=0.5).ping():
+                    if redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5).ping():
                         return
                 time.sleep(0.01)
             self.stop()
@@ -83,7 +83,7 @@ class RedisServer:
         self.proc = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
 
     def cleanup(self) -> None:
         self.stop()
@@ -123,18 +123,21 @@ class Catalog:
         self.r = client
         self.ids: set[str] = set()
 
-    def put(self, sandbox_id: str, ex: int | None = None, **record: Any) -> None:
+    def put(self, sandbox_id: str, ex: int | None = None, publish: bool = True, **record: Any) -> None:
         record.setdefault("execution_id", f"exec-{sandbox_id}")
         self.r.set(self.prefix + sandbox_id, json.dumps(record), ex=ex)
-        self.r.publish("sandbox:catalog:invalidate", sandbox_id)
+        if publish:
+            self.r.publish("sandbox:catalog:invalidate", sandbox_id)
         self.ids.add(sandbox_id)
 
     def put_raw(self, sandbox_id: str, value: str | bytes) -> None:
         self.r.set(self.prefix + sandbox_id, value)
         self.ids.add(sandbox_id)
 
-    def delete(self, sandbox_id: str) -> None:
+    def delete(self, sandbox_id: str, publish: bool = True) -> None:
         self.r.delete(self.prefix + sandbox_id)
+        if publish:
+            self.r.publish("sandbox:catalog:invalidate", sandbox_id)
 
     def clear(self) -> None:
         for i in self.ids:

@@ -217,16 +217,17 @@ class UpstreamConn:
 class RawUpstream:
     """A sandbox app on loopback driven by a per-connection handler coroutine."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
         self.handler = handler
         self.server: asyncio.Server | None = None
-        self.port = 0
+        self.host = host
+        self.port = port
         self.conns: list[UpstreamConn] = []
         self.received = bytearray()
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> RawUpstream:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0, limit=2**24)
+        self.server = await asyncio.start_server(self._accept, self.host, self.port, limit=2**24)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 

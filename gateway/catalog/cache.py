@@ -76,6 +76,15 @@ class CatalogCache:
     def invalidate(self, sandbox_id: str) -> Entry | None:
         return self.entries.pop(sandbox_id, None)
 
+    def expire_all(self, now: float) -> None:
+        """Make every entry stale: the next request asks Redis, yet a record can still answer
+        within its stale-if-error window if Redis fails (used when invalidations may be lost)."""
+        for e in self.entries.values():
+            if e.fresh_until > now:
+                e.fresh_until = now
+                if e.record is None:
+                    e.stale_until = now
+
     def clear(self) -> None:
         self.entries.clear()
 

@@ -13,38 +13,19 @@ import asyncio
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.catalog.cache import CatalogCache, Entry
+from gateway.catalog.connection import CatalogRedis
 from gateway.catalog.record import RecordError, parse_record
 
-__all__ = ["Catalog", "CatalogUnavailable", "connect_redis"]
+__all__ = ["Catalog", "CatalogUnavailable"]
 
 log = logging.getLogger("gateway.catalog")
 
 
 class CatalogUnavailable(Exception):
     """Redis could not answer and nothing usable is cached."""
-
-
-def connect_redis(url: str, timeout: float) -> aioredis.Redis:
-    """A client that fails fast: one attempt per call, short socket timeouts.
-
-    Retrying inside redis-py would multiply the time a request waits; the cache's stale entries
-    and the caller's Retry-After are the better answer to a Redis hiccup.
-    """
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-        decode_responses=False,
-    )
-    return client
 
 
 class Catalog:
@@ -55,6 +36,7 @@ class Catalog:
         "_loop",
         "cache",
         "degraded",
+        "epoch",
         "hits",
         "last_error",
         "prefix",
@@ -64,7 +46,7 @@ class Catalog:
         "timeout",
     )
 
-    def __init__(self, client: aioredis.Redis, cache: CatalogCache, prefix: str, timeout: float) -> None:
+    def __init__(self, client: CatalogRedis, cache: CatalogCache, prefix: str, timeout: float) -> None:
         self.redis = client
         self.cache = cache
         self.prefix = prefix
@@ -76,6 +58,8 @@ class Catalog:
         self.last_error = ""
         self.stats = {"misses": 0, "stale": 0, "redis_errors": 0}
         self.hits = 0  # counted by the data plane, which reads cache.entries directly
+        # Advanced by every invalidation: a GET that began before one does not cache what it read.
+        self.epoch = 0
 
     def cached(self, sandbox_id: str) -> Entry | None:
         """The fresh cached entry, or None."""
@@ -95,6 +79,7 @@ class Catalog:
         return await asyncio.shield(fut)
 
     async def _fetch(self, sandbox_id: str, fut: asyncio.Future[Entry]) -> None:
+        epoch = self.epoch
         try:
             try:
                 async with asyncio.timeout(self.timeout):
@@ -111,16 +96,19 @@ class Catalog:
                 return
             self._succeeded()
             now = self._loop.time()
+            # What was read before an invalidation may already be outdated: answer with it (the
+            # requests waiting came before the change), but do not keep it.
+            cache = self.cache if epoch == self.epoch else CatalogCache(0, 0, 0, 1)
             if raw is None:
-                fut.set_result(self.cache.put(sandbox_id, None, now))
+                fut.set_result(cache.put(sandbox_id, None, now))
                 return
             try:
                 record = parse_record(raw)
             except RecordError as e:
                 log.warning("catalog record %s%s is invalid: %s", self.prefix, sandbox_id, e)
-                fut.set_result(self.cache.put(sandbox_id, None, now, invalid=str(e)))
+                fut.set_result(cache.put(sandbox_id, None, now, invalid=str(e)))
             else:
-                fut.set_result(self.cache.put(sandbox_id, record, now))
+                fut.set_result(cache.put(sandbox_id, record, now))
         except BaseException as e:  # a bug must not leave waiters hanging
             if not fut.done():
                 fut.set_exception(CatalogUnavailable(f"internal error: {e!r}"))
@@ -130,6 +118,19 @@ class Catalog:
             log.exception("catalog lookup of %s failed", sandbox_id)
         finally:
             self._inflight.pop(sandbox_id, None)
+
+    def invalidate(self, sandbox_id: str) -> Entry | None:
+        """A writer changed this sandbox's record: forget the cached copy; returns it."""
+        self.epoch += 1
+        return self.cache.invalidate(sandbox_id)
+
+    def flush(self) -> None:
+        """Invalidation messages may have been missed: every cached answer is asked again.
+
+        Records are kept as stale, not dropped, so a Redis that went away again right after
+        answering the subscription still leaves known sandboxes routable (stale_if_error)."""
+        self.epoch += 1
+        self.cache.expire_all(self._loop.time())
 
     def _failed(self, e: BaseException) -> None:
         self.stats["redis_errors"] += 1

@@ -1,21 +1,31 @@
-"""What every connection of one worker shares: settings, router, catalog, pool, the clock."""
+"""What every connection of one worker shares: settings, router, catalog, pool, the clock.
+
+It is also where a catalog change meets the connections it concerns: when a sandbox's record is
+deleted or names another execution or address, idle pooled connections to the old one close and
+live upstream connections and tunnels are reset, so nothing keeps talking to a sandbox that is gone.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 from typing import TYPE_CHECKING
 
-from gateway.catalog.reader import Catalog
+from gateway.catalog.reader import Catalog, CatalogUnavailable
 from gateway.config import Config
 from gateway.hostname import HostRouter
+from gateway.http.headers import FieldRoles
 
 if TYPE_CHECKING:
     from gateway.http.downstream import ClientConnection
+    from gateway.http.resume import Resumer
     from gateway.http.tunnel import TunnelEnd
     from gateway.http.upstream import Pool
 
 __all__ = ["Context"]
+
+log = logging.getLogger("gateway.catalog")
 
 
 class Context:
@@ -28,13 +38,14 @@ class Context:
         "connections",
         "drained",
         "draining",
+        "fields",
         "loop",
         "max_head",
         "pool",
+        "resumer",
         "router",
         "trusted",
         "tunnels",
-        "upgrade_protocols",
     )
 
     def __init__(self, config: Config, catalog: Catalog, pool: Pool) -> None:
@@ -43,11 +54,17 @@ class Context:
         self.max_head = config.max_request_head_size
         self.catalog = catalog
         self.pool = pool
-        self.router = HostRouter(config.domains)
-        self.upgrade_protocols = frozenset(p.lower().encode() for p in config.upgrade_protocols)
+        self.router = HostRouter(config.domains, shared_hosts=config.shared_hosts)
+        self.fields = FieldRoles(
+            config.traffic_token_header.encode(),
+            config.sandbox_id_header.encode(),
+            config.sandbox_port_header.encode(),
+            [p.lower().encode() for p in config.upgrade_protocols],
+        )
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[TunnelEnd] = set()  # client ends of open tunnels
+        self.resumer: Resumer | None = None
         self.clock = self.loop.time()
         self.draining = False
         self.drained = asyncio.Event()  # set once draining and nothing is open any more
@@ -56,3 +73,21 @@ class Context:
         """A client connection or tunnel ended; while draining, note when none is left."""
         if self.draining and not self.connections and not self.tunnels:
             self.drained.set()
+
+    def sandbox_changed(self, sandbox_id: str) -> None:
+        """A writer announced a change: drop the cached record, then check the open connections."""
+        self.catalog.invalidate(sandbox_id)
+        if self.resumer is not None:
+            self.resumer.changed(sandbox_id)
+        if sandbox_id in self.pool.links:
+            self.loop.create_task(self._recheck(sandbox_id))
+
+    async def _recheck(self, sandbox_id: str) -> None:
+        try:
+            e = await self.catalog.lookup(sandbox_id)
+        except CatalogUnavailable:
+            return  # cannot tell; the connections stay until Redis answers or they end
+        r = e.record
+        for conn in list(self.pool.links.get(sandbox_id, ())):
+            if r is None or r.state != "running" or (conn.address, conn.execution_id) != (r.address, r.execution_id):
+                conn.reset()

@@ -248,7 +248,7 @@ class ClientConnection(asyncio.Protocol):
         if req is None or req.raw != raw:  # a head that repeats on a connection is analysed once
             if raw.count(b"\r\n") - 2 > self.ctx.config.max_header_count:
                 raise _Reject(errors.HEAD_TOO_LARGE)
-            r = analyze_request(raw, self.ctx.upgrade_protocols)
+            r = analyze_request(raw, self.ctx.fields)
             if not isinstance(r, RequestHead):
                 raise _Reject(r)
             self.last_req = req = r
@@ -359,14 +359,7 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         self.closing = True
         self.ctx.connections.discard(self)  # the tunnel now counts in ctx.tunnels
-        tunnel.splice(
-            self.ctx,
-            self.transport,
-            up.transport,
-            early,
-            client_write_paused=self.write_paused,
-            upstream_write_paused=up.write_paused,
-        )
+        tunnel.splice(self.ctx, self.transport, up, early, client_write_paused=self.write_paused)
 
     # ---- closing
 

@@ -25,11 +25,11 @@ from gateway import errors
 from gateway.catalog.cache import Entry
 from gateway.catalog.reader import CatalogUnavailable
 from gateway.errors import Reason
-from gateway.hostname import Route, authority_matches
+from gateway.hostname import Route, authority_matches, parse_routing_fields
 from gateway.http import flow, framing, hdrs
 from gateway.http.headers import RequestHead, analyze_response, find_header, raw_fields
 from gateway.http.upstream import UpstreamConnection, connect_failure
-from gateway.policy import Forward, decide
+from gateway.policy import Forward, check_token, decide
 
 if TYPE_CHECKING:
     from gateway.http.downstream import ClientConnection
@@ -53,6 +53,7 @@ class Exchange:
     # it changes (cheaper to create than a slotted object that must set every field).
     route: Route | None = None
     fwd: Forward | None = None
+    fresh = False  # the record was read from Redis for this request (not from the cache)
     up: UpstreamConnection | None = None
     up_buf_size = 0
     head = b""
@@ -93,9 +94,10 @@ class Exchange:
             assert host is not None
         r = ctx.router.route(host)
         if type(r) is not Route:
-            assert isinstance(r, Reason)
-            self.fail(r)
-            return
+            r = parse_routing_fields(req.route_id, req.route_port) if r is None else r  # a shared host
+            if not isinstance(r, Route):
+                self.fail(r)
+                return
         self.route = r
         catalog = ctx.catalog
         e = catalog.cache.entries.get(r.sandbox_id)
@@ -127,23 +129,40 @@ class Exchange:
             self.fail(errors.CATALOG_UNAVAILABLE)
             return
         self.task = None
+        self.fresh = True
         if not self.done:
             self._forward(e)
 
-    def _forward(self, e: Entry) -> None:
+    def _decide(self, e: Entry) -> Forward | Reason:
+        """The routing decision for this port of the sandbox, memoised with the cache entry."""
         route = self.route
         assert route is not None
         d = e.memo.get(route.port)
         if d is None:
             record = e.record
             if record is None:
-                self.fail(errors.SANDBOX_NOT_FOUND if e.invalid is None else errors.CATALOG_RECORD_INVALID)
-                return
-            d = decide(route, record, self.ctx.config.node_port)
-            if not isinstance(d, Forward):
-                self.fail(d)
-                return
+                d = errors.SANDBOX_NOT_FOUND if e.invalid is None else errors.CATALOG_RECORD_INVALID
+            else:
+                cfg = self.ctx.config
+                d = decide(route, record, cfg.node_port, cfg.token_exempt_ports)
             e.memo[route.port] = d
+        return d
+
+    def _forward(self, e: Entry) -> None:
+        d = self._decide(e)
+        if d.__class__ is not Forward:
+            assert isinstance(d, Reason)
+            if d is errors.SANDBOX_PAUSED and self.ctx.resumer is not None:
+                self.task = self.ctx.loop.create_task(self._resume())
+            else:
+                self.fail(d)
+            return
+        assert isinstance(d, Forward)
+        if d.token is not None:
+            bad = check_token(d.token, self.req.token)
+            if bad is not None:
+                self.fail(bad)
+                return
         self.fwd = d
         self.head = self.req.upstream_head(self.client.peer, d.host)
         up = self.ctx.pool.acquire(d.key)
@@ -152,16 +171,40 @@ class Exchange:
         else:
             self.task = self.ctx.loop.create_task(self._connect(d))
 
+    async def _resume(self) -> None:
+        """The sandbox is paused: have it resumed (once for all waiting requests), then go on."""
+        route = self.route
+        assert route is not None and self.ctx.resumer is not None
+        answer = await self.ctx.resumer.resume(route.sandbox_id, route.port)
+        self.task = None
+        if isinstance(answer, Reason):
+            self.fail(answer)
+        elif not self.done:
+            self._forward(answer)
+
     async def _connect(self, d: Forward) -> None:
         ctx = self.ctx
         cfg = ctx.config
         loop = ctx.loop
+        route = self.route
+        assert route is not None
         deadline = loop.time() + cfg.connect_wait
         delay = 0.025
         while True:
             try:
-                up = await ctx.pool.connect(d.address, d.port, d.key, cfg.connect_timeout)
+                up = await ctx.pool.connect(
+                    d.address, d.port, d.key, cfg.connect_timeout, route.sandbox_id, d.execution_id
+                )
             except ConnectionRefusedError:
+                if not self.fresh:
+                    # Refused at a cached address: the sandbox may have moved (resumed on another
+                    # node). One fresh read before anything else.
+                    moved = await self._reread()
+                    if moved is None:
+                        return
+                    if moved is not d:
+                        d = moved
+                        continue
                 if loop.time() + delay > deadline:
                     self.task = None
                     self.fail(errors.PORT_NOT_OPEN)
@@ -181,6 +224,31 @@ class Exchange:
             up.close()
             return
         self._attach(up)
+
+    async def _reread(self) -> Forward | None:
+        """Read the record again; the decision to use now (the same object if nothing moved),
+        or None when the request was answered (the sandbox is gone, or Redis is down)."""
+        route = self.route
+        d = self.fwd
+        assert route is not None and d is not None
+        self.fresh = True
+        catalog = self.ctx.catalog
+        catalog.invalidate(route.sandbox_id)
+        try:
+            e = await catalog.lookup(route.sandbox_id)
+        except CatalogUnavailable:
+            return d  # keep trying the address we have
+        new = self._decide(e)
+        if not isinstance(new, Forward):
+            self.task = None
+            self.fail(new)
+            return None
+        if (new.address, new.port, new.execution_id) == (d.address, d.port, d.execution_id):
+            return d
+        log.info("sandbox %s moved to %s", route.sandbox_id, new.address)
+        self.fwd = new
+        self.head = self.req.upstream_head(self.client.peer, new.host)
+        return new
 
     def _attach(self, up: UpstreamConnection) -> None:
         self.up = up

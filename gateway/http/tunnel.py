@@ -20,9 +20,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from typing import TYPE_CHECKING
 
 from gateway.http import flow
-from gateway.http.context import Context
+
+if TYPE_CHECKING:
+    from gateway.http.context import Context
+    from gateway.http.upstream import UpstreamConnection
 
 __all__ = ["TunnelEnd", "splice"]
 
@@ -32,11 +36,13 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class TunnelEnd(asyncio.Protocol):
     """One side of a tunnel: what it reads, its peer writes."""
 
-    __slots__ = ("closed", "ctx", "eof", "gate", "is_client", "last", "peer", "transport")
+    __slots__ = ("address", "closed", "ctx", "eof", "execution_id", "gate", "is_client", "last", "peer",
+                 "sandbox_id", "transport")  # fmt: skip
 
     def __init__(self, ctx: Context, transport: asyncio.Transport, is_client: bool) -> None:
         self.ctx = ctx
         self.is_client = is_client
+        self.sandbox_id = self.address = self.execution_id = ""  # the sandbox side: where it leads
         self.transport = transport
         self.gate = flow.ReadGate(transport)
         self.peer: TunnelEnd = None  # type: ignore[assignment]
@@ -69,6 +75,8 @@ class TunnelEnd(asyncio.Protocol):
         self.closed = True
         peer = self.peer
         self.ctx.tunnels.discard(self if self.is_client else peer)
+        sandbox_side = peer if self.is_client else self
+        self.ctx.pool.unlink(sandbox_side.sandbox_id, sandbox_side)
         self.ctx.closed_one()
         if not peer.closed:
             if exc is not None:
@@ -87,6 +95,13 @@ class TunnelEnd(asyncio.Protocol):
         self.transport.close()
         self.peer.transport.close()
 
+    def reset(self) -> None:
+        """The sandbox is gone or replaced: reset both sides."""
+        if not self.closed:
+            _reset(self.transport)
+        if not self.peer.closed:
+            _reset(self.peer.transport)
+
 
 def _reset(t: asyncio.Transport) -> None:
     sock = t.get_extra_info("socket")
@@ -101,17 +116,25 @@ def _reset(t: asyncio.Transport) -> None:
 def splice(
     ctx: Context,
     client: asyncio.Transport,
-    upstream: asyncio.Transport,
+    up: UpstreamConnection,
     client_early: bytes,
     *,
     client_write_paused: bool,
-    upstream_write_paused: bool,
 ) -> None:
-    """Join two transports; ``client_early`` are bytes the client sent after its Upgrade head."""
+    """Join a client and an upstream connection; ``client_early`` are bytes the client sent after
+    its Upgrade head. The tunnel's sandbox side takes the upstream connection's place among the
+    sandbox's open connections (reset when the sandbox goes away)."""
+    upstream = up.transport
+    upstream_write_paused = up.write_paused
     a = TunnelEnd(ctx, client, True)
     b = TunnelEnd(ctx, upstream, False)
+    b.sandbox_id, b.address, b.execution_id = up.sandbox_id, up.address, up.execution_id
     a.peer, b.peer = b, a
     ctx.tunnels.add(a)
+    up.closed = True  # its protocol is replaced: its connection_lost will not run
+    ctx.pool.opened -= 1
+    ctx.pool.unlink(up.sandbox_id, up)
+    ctx.pool.link(b.sandbox_id, b)
     client.set_protocol(a)
     upstream.set_protocol(b)
     # Start from a known state: reading on, except towards a side whose buffer is already full.

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, cast
+import socket
+import struct
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -28,11 +30,23 @@ from gateway.policy import PoolKey
 if TYPE_CHECKING:
     from gateway.http.proxy import Exchange
 
-__all__ = ["Pool", "UpstreamConnection", "connect_failure"]
+__all__ = ["Pool", "SandboxLink", "UpstreamConnection", "connect_failure"]
 
 log = logging.getLogger("gateway.upstream")
 
 _HEAD, _LENGTH, _CHUNKED, _CLOSE = range(4)
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class SandboxLink(Protocol):
+    """An open connection to a sandbox (pooled, busy, or a tunnel's sandbox side)."""
+
+    address: str
+    execution_id: str
+
+    def reset(self) -> None: ...
 
 
 class _Invalid(Exception):
@@ -43,9 +57,11 @@ class UpstreamConnection(asyncio.Protocol):
     """A connection to a sandbox port; serves one exchange at a time (no upstream pipelining)."""
 
     __slots__ = (
+        "address",
         "closed",
         "dechunk",
         "exchange",
+        "execution_id",
         "fed",
         "framer",
         "gate",
@@ -60,14 +76,20 @@ class UpstreamConnection(asyncio.Protocol):
         "remaining",
         "reusable",
         "reused",
+        "sandbox_id",
         "state",
         "transport",
         "write_paused",
     )
 
-    def __init__(self, pool: Pool, key: PoolKey) -> None:
+    def __init__(
+        self, pool: Pool, key: PoolKey, sandbox_id: str = "", address: str = "", execution_id: str = ""
+    ) -> None:
         self.pool = pool
         self.key = key
+        self.sandbox_id = sandbox_id
+        self.address = address
+        self.execution_id = execution_id
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.gate: flow.ReadGate = None  # type: ignore[assignment]
         self.parser = httptools.HttpResponseParser(self)
@@ -96,6 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.gate = flow.ReadGate(t)
         flow.tune(t)
         self.pool.opened += 1
+        self.pool.link(self.sandbox_id, self)
 
     def data_received(self, data: bytes) -> None:
         x = self.exchange
@@ -215,6 +238,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.opened -= 1
+        self.pool.unlink(self.sandbox_id, self)
         x = self.exchange
         if x is not None:
             self.exchange = None
@@ -253,11 +277,33 @@ class UpstreamConnection(asyncio.Protocol):
             self.closed = True
             self.transport.abort()
 
+    def reset(self) -> None:
+        """The sandbox this leads to is gone or replaced: reset (RST), whether idle or busy."""
+        if self.closed:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        self.transport.abort()  # a busy exchange hears of it in connection_lost
+
 
 class Pool:
     """Idle upstream connections per key, most recently used first, with caps and an idle timeout."""
 
-    __slots__ = ("_idle", "_loop", "idle_count", "idle_timeout", "max_head", "max_idle", "max_per_key", "opened")
+    __slots__ = (
+        "_idle",
+        "_loop",
+        "idle_count",
+        "idle_timeout",
+        "links",
+        "max_head",
+        "max_idle",
+        "max_per_key",
+        "opened",
+    )
 
     def __init__(self, idle_timeout: float, max_per_key: int, max_idle: int, max_head: int) -> None:
         self._loop = asyncio.get_running_loop()
@@ -268,6 +314,20 @@ class Pool:
         self.max_head = max_head
         self.idle_count = 0
         self.opened = 0
+        self.links: dict[str, set[SandboxLink]] = {}  # sandbox ID -> its open upstream connections
+
+    def link(self, sandbox_id: str, conn: SandboxLink) -> None:
+        links = self.links.get(sandbox_id)
+        if links is None:
+            links = self.links[sandbox_id] = set()
+        links.add(conn)
+
+    def unlink(self, sandbox_id: str, conn: SandboxLink) -> None:
+        links = self.links.get(sandbox_id)
+        if links is not None:
+            links.discard(conn)
+            if not links:
+                del self.links[sandbox_id]
 
     def acquire(self, key: PoolKey) -> UpstreamConnection | None:
         """The most recently used idle connection for ``key`` that is still fresh, or None."""
@@ -333,10 +393,14 @@ class Pool:
         self._idle.clear()
         self.idle_count = 0
 
-    async def connect(self, address: str, port: int, key: PoolKey, timeout: float) -> UpstreamConnection:
+    async def connect(
+        self, address: str, port: int, key: PoolKey, timeout: float, sandbox_id: str = "", execution_id: str = ""
+    ) -> UpstreamConnection:
         """A new connection (not from the pool); raises OSError or TimeoutError."""
         async with asyncio.timeout(timeout):
-            _, proto = await self._loop.create_connection(lambda: UpstreamConnection(self, key), address, port)
+            _, proto = await self._loop.create_connection(
+                lambda: UpstreamConnection(self, key, sandbox_id, address, execution_id), address, port
+            )
         return proto
 
 

@@ -101,7 +101,7 @@ async def test_cache_ttl_and_negative_entries(start_gateway: Any, catalog: Catal
         for _ in range(5):
             assert (await request(gw.port, host)).status == 502
         assert get_calls(r) == 1  # "no such sandbox" is remembered
-        catalog.put("later", host="127.0.0.1")
+        catalog.put("later", publish=False, host="127.0.0.1")  # a writer that does not announce it
         assert (await request(gw.port, host)).status == 502  # ... for negative_cache_ttl
         gw2 = await start_gateway(cache_ttl=0, negative_cache_ttl=0)
         assert (await request(gw2.port, gw2.host(up.port, "later"))).status == 200

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from gateway import errors
 from gateway.http import framing
-from gateway.http.headers import Peer, RequestHead, analyze_request, analyze_response
+from gateway.http.headers import FieldRoles, Peer, RequestHead, analyze_request, analyze_response
 
 PEER = Peer.make("203.0.113.9", 8080, False, ())
-WS = frozenset({b"websocket"})
+WS = FieldRoles()
 
 
 def req(head: bytes, peer: Peer = PEER) -> RequestHead:
@@ -232,3 +232,26 @@ def test_any_valid_request_head_is_forwarded_with_its_plain_fields_intact(hs: li
     for n, v in hs:
         if n.lower() not in special:
             assert b"\r\n" + n + b": " + v + b"\r\n" in out
+
+
+def test_traffic_token_is_read_and_never_forwarded() -> None:
+    head = b"GET / HTTP/1.1\r\nHost: h\r\nE2B-Traffic-Access-Token: t0k\r\nA: b\r\n\r\n"
+    r = req(head)
+    assert r.token == b"t0k"
+    out = r.upstream_head(PEER)
+    assert b"t0k" not in out and b"A: b\r\n" in out
+
+
+def test_field_names_are_configurable() -> None:
+    roles = FieldRoles(b"x-sandbox-token", b"x-sandbox", b"x-port")
+    head = b"GET / HTTP/1.1\r\nHost: h\r\nX-Sandbox-Token: t\r\nx-sandbox: abc\r\nX-PORT: 3000\r\n\r\n"
+    r = analyze_request(head, roles)
+    assert isinstance(r, RequestHead)
+    assert (r.token, r.route_id, r.route_port) == (b"t", b"abc", b"3000")
+    assert b"X-Sandbox-Token" not in r.upstream_head(PEER)
+    # the default names are ordinary fields then
+    r = req(b"GET / HTTP/1.1\r\nHost: h\r\ne2b-traffic-access-token: t\r\nE2b-Sandbox-Id: abc\r\n\r\n")
+    assert r.token == b"t" and r.route_id == b"abc"
+    r = analyze_request(b"GET / HTTP/1.1\r\nHost: h\r\ne2b-traffic-access-token: t\r\n\r\n", roles)
+    assert isinstance(r, RequestHead) and r.token is None
+    assert b"e2b-traffic-access-token: t" in r.upstream_head(PEER)

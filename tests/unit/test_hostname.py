@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import errors
-from gateway.hostname import HostRouter, Route, authority_matches, check_domain, normalize_host, parse_label
+from gateway.hostname import (
+    HostRouter,
+    Route,
+    authority_matches,
+    check_domain,
+    normalize_host,
+    parse_label,
+    parse_routing_fields,
+)
 
 router = HostRouter(["e2b.dev", "eu.e2b.dev", "sandbox.localhost"])
 
@@ -31,8 +39,8 @@ router = HostRouter(["e2b.dev", "eu.e2b.dev", "sandbox.localhost"])
         (b"3000-abc.example.com", errors.UNKNOWN_DOMAIN),
         (b"3000-abc.e2b.dev.evil.com", errors.UNKNOWN_DOMAIN),
         (b"3000-abcxe2b.dev", errors.UNKNOWN_DOMAIN),
-        (b"127.0.0.1:8080", errors.UNKNOWN_DOMAIN),
-        (b"[::1]:8080", errors.UNKNOWN_DOMAIN),
+        (b"127.0.0.1:8080", None),  # shared: routed by fields
+        (b"[::1]:8080", None),
         (b"3000-abc.e2b.dev..", errors.INVALID_HOST),
         (b"a.3000-abc.e2b.dev", errors.INVALID_HOST),  # one label only
         (b"3000.e2b.dev", errors.INVALID_HOST),
@@ -137,3 +145,28 @@ def test_no_label_crashes_the_parser(label: str) -> None:
 @given(st.binary(max_size=200), st.binary(max_size=100))
 def test_no_target_crashes_the_authority_check(target: bytes, host: bytes) -> None:
     assert authority_matches(target, host) in (None, True, False)
+
+
+def test_shared_hosts_ip_literals_and_localhost_route_by_fields() -> None:
+    r = HostRouter(["e2b.dev"], shared_hosts=["sandbox.e2b.dev"])
+    for host in (b"sandbox.e2b.dev", b"SANDBOX.e2b.dev.:443", b"127.0.0.1:8080", b"[::1]:8080", b"localhost"):
+        assert r.route(host) is None, host
+    assert r.route(b"3000-abc.e2b.dev") == Route(3000, "abc")
+    assert r.route(b"1.2.3.4.5") is errors.UNKNOWN_DOMAIN
+
+
+def test_routing_fields() -> None:
+    assert parse_routing_fields(b"abc", b"3000") == Route(3000, "abc")
+    assert parse_routing_fields(b"ABC ", b" 8080") == Route(8080, "abc")
+    assert parse_routing_fields(b"abc", None) is errors.MISSING_ROUTING_HEADER
+    assert parse_routing_fields(None, b"3000") is errors.MISSING_ROUTING_HEADER
+    assert parse_routing_fields(b"abc", b"0") is errors.INVALID_PORT
+    assert parse_routing_fields(b"abc", b"03000") is errors.INVALID_PORT
+    assert parse_routing_fields(b"a-b", b"3000") is errors.INVALID_SANDBOX_ID
+    assert parse_routing_fields(b"ab\xff", b"3000") is errors.INVALID_HOST
+
+
+@given(st.binary(max_size=80), st.binary(max_size=12))
+def test_no_routing_fields_crash_the_parser(sid: bytes, port: bytes) -> None:
+    r = parse_routing_fields(sid, port)
+    assert isinstance(r, Route) or r.status == 400

@@ -1,20 +1,24 @@
-"""Routing policy: direct and node mode, Host masking (pure)."""
+"""Routing policy: direct and node mode, Host masking, states, ports, traffic tokens (pure)."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway import errors
 from gateway.catalog.record import SandboxRecord
 from gateway.hostname import Route
-from gateway.policy import Forward, decide, pool_key
+from gateway.policy import Forward, check_token, decide, pool_key
 
 
 def test_direct_mode_uses_the_label_port() -> None:
     d = decide(Route(3000, "abc"), SandboxRecord("10.0.0.1", "e1"), node_port=0)
-    assert d == Forward("10.0.0.1", 3000, pool_key("10.0.0.1", 3000, "e1"))
+    assert d == Forward("10.0.0.1", 3000, pool_key("10.0.0.1", 3000, "e1"), execution_id="e1")
 
 
 def test_node_mode_uses_the_node_port_and_keeps_host() -> None:
     d = decide(Route(3000, "abc"), SandboxRecord("10.0.0.1", "e1", mask_request_host="x"), node_port=5007)
-    assert d == Forward("10.0.0.1", 5007, pool_key("10.0.0.1", 5007, "e1"))
+    assert d == Forward("10.0.0.1", 5007, pool_key("10.0.0.1", 5007, "e1"), execution_id="e1")
 
 
 def test_mask_request_host() -> None:
@@ -24,3 +28,40 @@ def test_mask_request_host() -> None:
 
 def test_pool_keys_separate_executions() -> None:
     assert pool_key("10.0.0.1", 80, "e1") != pool_key("10.0.0.1", 80, "e2")
+
+
+def test_states() -> None:
+    route = Route(3000, "abc")
+    assert decide(route, SandboxRecord("10.0.0.1", state="paused"), 0) is errors.SANDBOX_PAUSED
+    for s in ("pausing", "resuming", "starting", "stopping"):
+        assert decide(route, SandboxRecord("10.0.0.1", state=s), 0) is errors.SANDBOX_TRANSITIONING
+    assert errors.SANDBOX_TRANSITIONING.retry_after
+    assert isinstance(decide(route, SandboxRecord("10.0.0.1", state="running"), 0), Forward)
+
+
+def test_ports_restrict_routable_ports() -> None:
+    rec = SandboxRecord("10.0.0.1", ports=frozenset({3000, 8080}))
+    assert isinstance(decide(Route(8080, "abc"), rec, 0), Forward)
+    assert decide(Route(5000, "abc"), rec, 0) is errors.PORT_NOT_EXPOSED
+
+
+def test_token_required_except_on_exempt_ports() -> None:
+    rec = SandboxRecord("10.0.0.1", traffic_access_token="s3cret")
+    d = decide(Route(3000, "abc"), rec, 0, exempt_ports=(49983,))
+    assert isinstance(d, Forward) and d.token == b"s3cret"
+    d = decide(Route(49983, "abc"), rec, 0, exempt_ports=(49983,))
+    assert isinstance(d, Forward) and d.token is None
+    assert isinstance(decide(Route(3000, "abc"), SandboxRecord("10.0.0.1"), 0), Forward)
+
+
+def test_check_token() -> None:
+    assert check_token(b"s3cret", b"s3cret") is None
+    assert check_token(b"s3cret", None) is errors.TRAFFIC_TOKEN_MISSING
+    assert check_token(b"s3cret", b"") is errors.TRAFFIC_TOKEN_INVALID
+    assert check_token(b"s3cret", b"s3cre") is errors.TRAFFIC_TOKEN_INVALID
+    assert check_token(b"s3cret", b"S3CRET") is errors.TRAFFIC_TOKEN_INVALID
+
+
+@given(st.binary(max_size=40), st.binary(max_size=40))
+def test_check_token_accepts_exactly_the_token(expected: bytes, presented: bytes) -> None:
+    assert (check_token(expected, presented) is None) == (expected == presented)
