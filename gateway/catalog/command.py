@@ -15,9 +15,7 @@ import json
 import sys
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from gateway.catalog.connection import connect
+from gateway.catalog.connection import REDIS_ERRORS, connect
 from gateway.catalog.record import STATES, RecordError, SandboxRecord
 from gateway.catalog.writer import CatalogWriter
 from gateway.config import Config
@@ -102,7 +100,7 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
     except ValueError as e:  # a bad sandbox ID or address
         print(f"gateway: {e}", file=sys.stderr)
         return 2
-    except (RedisError, OSError, TimeoutError) as e:
+    except REDIS_ERRORS as e:
         print(f"gateway: catalog Redis unreachable: {e}", file=sys.stderr)
         return 3
     finally:

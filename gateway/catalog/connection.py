@@ -17,13 +17,37 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.config import Config, parse_hostport
 
-__all__ = ["CatalogRedis", "connect", "pubsub_nodes"]
+__all__ = ["REDIS_ERRORS", "CatalogRedis", "connect", "pubsub_nodes"]
 
 #: The client type the catalog uses: both answer GET, SET, DEL, PUBLISH and SCAN.
 CatalogRedis = aioredis.Redis | RedisCluster
+
+#: What a failing catalog Redis raises. redis-py's Cluster client raises RedisClusterException,
+#: which is *not* a RedisError, when no node answers or a slot has no owner; catching RedisError
+#: alone let one unreachable moment of a Cluster end the health watcher and the invalidation
+#: listener for good, and answer 503 instead of a stale record.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+class _SentinelPrimary(aioredis.Redis):
+    """The primary the Sentinels name; closing it closes the connections to the Sentinels too.
+
+    redis-py leaves a ``Sentinel``'s own clients to its caller, so without this every client made
+    here (one per resubscription of the invalidation listener) left a connection to a Sentinel open
+    until garbage collection.
+    """
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            sentinel: Sentinel | None = getattr(self.connection_pool, "sentinel_manager", None)
+            if sentinel is not None:
+                await sentinel.aclose()
 
 
 def _common(cfg: Config, retry: bool = True) -> dict[str, Any]:
@@ -71,7 +95,9 @@ def connect(cfg: Config, timeout: float | None = None, retry: bool = True) -> Ca
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             sentinels, sentinel_kwargs={**common, **_tls(cfg)}, **common, **_auth(cfg), **_tls(cfg)
         )
-        master: aioredis.Redis = sentinel.master_for(cfg.redis_sentinel_service, **common, **_auth(cfg), **_tls(cfg))
+        master: aioredis.Redis = sentinel.master_for(
+            cfg.redis_sentinel_service, redis_class=_SentinelPrimary, **common, **_auth(cfg), **_tls(cfg)
+        )
         return master
     kwargs = dict(common)
     if cfg.redis_url.startswith("rediss://") and cfg.redis_tls_ca:
@@ -89,6 +115,10 @@ async def pubsub_nodes(client: CatalogRedis, cfg: Config) -> list[aioredis.Redis
     """
     if isinstance(client, RedisCluster):
         await client.initialize()
+        # Ask the cluster for its primaries now. The client refreshes its map only when one of its
+        # own commands fails; after a failover it can still name the dead primary while every
+        # request is answered from the cache, and the listener would retry that one forever.
+        await client.nodes_manager.initialize()
         kw = {**_common(cfg, retry=False), **_auth(cfg), **_tls(cfg)}
         return [aioredis.Redis(host=n.host, port=int(n.port), **kw) for n in client.get_primaries()]
     node = connect(cfg, retry=False)

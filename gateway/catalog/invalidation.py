@@ -15,9 +15,9 @@ import logging
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError
 
-from gateway.catalog.connection import CatalogRedis, pubsub_nodes
+from gateway.catalog.connection import REDIS_ERRORS, CatalogRedis, pubsub_nodes
 from gateway.catalog.reader import Catalog
 from gateway.config import Config
 
@@ -35,7 +35,8 @@ class InvalidationListener:
         self.catalog = catalog
         self.changed = changed
         self.subscriptions = 0  # (re)subscriptions so far; tests and /ready look at it
-        self.subscribed = asyncio.Event()
+        self.subscribed = asyncio.Event()  # set once Redis confirmed the subscriptions
+        self._keyspace_refused = False
         self._prefix = cfg.catalog_prefix.encode()
 
     def _keyspace_pattern(self, node: aioredis.Redis) -> bytes:
@@ -44,32 +45,62 @@ class InvalidationListener:
 
     async def run(self) -> None:
         delay = 0.1
+        failing = False
         while True:
             try:
                 nodes = await pubsub_nodes(self.client, self.cfg)
                 await self._listen(nodes)
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as e:
+            except REDIS_ERRORS as e:
                 if self.subscribed.is_set():
+                    # It was working: retry at once, and back off only while attempts keep failing
+                    # (the delay used to stay at its maximum for the rest of the process's life).
+                    delay = 0.1
                     log.warning("catalog subscription lost (%s); resubscribing", e)
+                elif not failing:
+                    log.warning("cannot follow catalog changes (%s); retrying", e)
+                failing = True
                 self.subscribed.clear()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
+    async def _confirmed(self, ps: aioredis.client.PubSub, kind: str) -> None:
+        """Until Redis confirms the (p)subscription: changes after that are sure to be announced."""
+        wait = self.cfg.redis_timeout * 4
+        async with asyncio.timeout(wait):
+            while True:
+                msg = await ps.get_message(timeout=wait)
+                if msg is not None and msg.get("type") == kind:
+                    return
+
     async def _listen(self, nodes: list[aioredis.Redis]) -> None:
-        pubsubs = [n.pubsub(ignore_subscribe_messages=True) for n in nodes]
+        pubsubs = [n.pubsub() for n in nodes]
         try:
+            reading = [pubsubs[0]]
             await pubsubs[0].subscribe(self.cfg.invalidate_channel)
+            await self._confirmed(pubsubs[0], "subscribe")
             if self.cfg.keyspace_notifications:
                 for n, ps in zip(nodes, pubsubs, strict=True):
                     await ps.psubscribe(self._keyspace_pattern(n))
+                    try:
+                        await self._confirmed(ps, "psubscribe")
+                    except NoPermissionError as e:
+                        # An ACL user allowed the invalidation channel but not the keyspace channels.
+                        # The notifications are an extra: follow the channel alone rather than
+                        # dropping it too and flushing the cache on every retry.
+                        if not self._keyspace_refused:
+                            log.warning("keyspace notifications not followed (%s); the channel still is", e)
+                        self._keyspace_refused = True
+                        continue
+                    if ps is not pubsubs[0]:
+                        reading.append(ps)
             # Subscribed (again): whatever changed while we were not is unknown, so forget it all.
             self.catalog.flush()
             self.subscriptions += 1
             self.subscribed.set()
             log.info("following catalog changes on %s (%d node(s))", self.cfg.invalidate_channel, len(nodes))
-            await asyncio.gather(*(self._read(ps) for ps in pubsubs))
+            await asyncio.gather(*(self._read(ps) for ps in reading))
         finally:
             for ps in pubsubs:
                 with contextlib.suppress(Exception):

@@ -13,10 +13,8 @@ import asyncio
 import logging
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from gateway.catalog.cache import CatalogCache, Entry
-from gateway.catalog.connection import CatalogRedis
+from gateway.catalog.connection import REDIS_ERRORS, CatalogRedis
 from gateway.catalog.record import RecordError, parse_record
 
 __all__ = ["Catalog", "CatalogUnavailable"]
@@ -84,7 +82,7 @@ class Catalog:
             try:
                 async with asyncio.timeout(self.timeout):
                     raw = await self.redis.get(self.prefix + sandbox_id)
-            except (RedisError, OSError, TimeoutError) as e:
+            except REDIS_ERRORS as e:
                 self._failed(e)
                 stale = self.cache.stale(sandbox_id, self._loop.time())
                 if stale is not None:
@@ -150,7 +148,7 @@ class Catalog:
         try:
             async with asyncio.timeout(self.timeout * 4):
                 await self.redis.ping()
-        except (RedisError, OSError, TimeoutError) as e:
+        except REDIS_ERRORS as e:
             self._failed(e)
             return False
         self._succeeded()
