@@ -64,6 +64,7 @@ bench: install
 # Regenerate config/gateway.toml from the settings declared in gateway/config.py.
 config: install
 	$(BIN)/python -c 'from gateway.config import example_toml; print(example_toml(), end="")' > config/gateway.toml
+	$(BIN)/python -c 'from gateway.config import settings_markdown; print(settings_markdown(), end="")' > docs/settings.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

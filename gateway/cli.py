@@ -19,6 +19,7 @@ from gateway.config import Config, ConfigError, example_toml, load_config
 from gateway.embedded import Embedded
 from gateway.hostname import check_domain
 from gateway.server import Gateway
+from gateway.supervisor import WORKER_DIR_ENV, Supervisor
 
 __all__ = ["main"]
 
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     serving.add_argument("--listen", metavar="HOST:PORT", action="append", help="data-plane listener (repeatable)")
     serving.add_argument("--admin-listen", metavar="HOST:PORT", help="admin listener")
     serving.add_argument("--domain", metavar="DOMAIN", action="append", help="routed domain (repeatable)")
+    serving.add_argument("--workers", metavar="N", type=int, help="worker processes (0: one per CPU)")
     ap = argparse.ArgumentParser(prog="gateway", description="Ingress gateway for sandbox apps.")
     sub = ap.add_subparsers(dest="command", required=True)
     for name, help_ in (("serve", "run the gateway"), ("check-config", "validate the configuration and exit")):
@@ -51,6 +53,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         o["redis_url"] = args.redis_url
     if getattr(args, "domain", None):
         o["domains"] = tuple(args.domain)
+    if getattr(args, "workers", None) is not None:
+        o["workers"] = args.workers
     return o
 
 
@@ -79,13 +83,29 @@ def main(argv: list[str] | None = None) -> int:
         print(example_toml(cfg), end="")
         print("# configuration ok", file=sys.stderr)
         return 0
+    worker_dir = os.environ.get(WORKER_DIR_ENV)
     try:
-        return uvloop.run(_serve(cfg))
+        if worker_dir:
+            return uvloop.run(_serve_worker(cfg, worker_dir))
+        return uvloop.run(_serve(cfg, argv if argv is not None else sys.argv[1:]))
     except KeyboardInterrupt:
         return 0
 
 
-async def _serve(cfg: Config) -> int:
+async def _serve_worker(cfg: Config, worker_dir: str) -> int:
+    """One of several workers: serve until the supervisor passes a signal on."""
+    gw = Gateway(cfg, worker_dir=worker_dir)
+    try:
+        await gw.start()
+    except OSError as e:
+        print(f"gateway: worker cannot listen: {e}", file=sys.stderr)
+        await gw.stop()
+        return 1
+    await gw.serve_until_signalled()
+    return 0
+
+
+async def _serve(cfg: Config, argv: list[str]) -> int:
     embedded: Embedded | None = None
     if cfg.embedded:
         embedded = Embedded(cfg.demo_port)
@@ -96,6 +116,16 @@ async def _serve(cfg: Config) -> int:
             await embedded.stop()
             return 1
         cfg = replace(cfg, redis_url=url)
+    if cfg.workers != 1:
+        if any(port == 0 for _, port in cfg.listen_addrs):
+            print("gateway: invalid listen: workers share listeners, so port 0 (any) cannot be used", file=sys.stderr)
+            return 2
+        env = {"GATEWAY_REDIS_URL": cfg.redis_url} if embedded is not None else {}
+        try:
+            return await Supervisor(cfg, argv, env).run()
+        finally:
+            if embedded is not None:
+                await embedded.stop()
     gw = Gateway(cfg)
     try:
         try:

@@ -43,6 +43,17 @@ def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+_non_negative_int = _non_negative
+
+
+def _tls_version(v: str) -> str | None:
+    return None if v in ("1.2", "1.3") else "use 1.2 or 1.3"
+
+
+def _request_id_header(v: str) -> str | None:
+    return None if v == "" else _field_name(v)
+
+
 def _port_or_zero(v: int) -> str | None:
     return None if 0 <= v <= 65535 else "must be a TCP port (1-65535), or 0"
 
@@ -60,6 +71,33 @@ def _hostports(v: tuple[str, ...]) -> str | None:
 
 def _hostport(v: str) -> str | None:
     return _hostports((v,))
+
+
+def _listeners(v: tuple[str, ...]) -> str | None:
+    if not v:
+        return "needs at least one HOST:PORT"
+    for a in v:
+        try:
+            parse_listener(a)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def _certificates(v: tuple[str, ...]) -> str | None:
+    for c in v:
+        cert, sep, key = c.partition(":")
+        if not sep or not cert or not key:
+            return f"{c!r} is not CERT_FILE:KEY_FILE"
+    return None
+
+
+def _path(v: str) -> str | None:
+    return None if v.startswith("/") and " " not in v else f"{v!r} is not an absolute path"
+
+
+def _log_target(v: str) -> str | None:
+    return None if v else "use stdout, stderr, off or a file path"
 
 
 def _hostports_or_none(v: tuple[str, ...]) -> str | None:
@@ -126,8 +164,20 @@ class Config:
     """Every setting of the gateway, with its default (see config/gateway.toml)."""
 
     # Listeners
-    listen: tuple[str, ...] = _s(("127.0.0.1:8080",), "data-plane listeners, HOST:PORT (IPv6: [::1]:8080)", _hostports)
-    admin_listen: str = _s("127.0.0.1:8081", "admin listener (/health, /ready), HOST:PORT", _hostport)
+    listen: tuple[str, ...] = _s(
+        ("127.0.0.1:8080",),
+        "data-plane listeners: 'HOST:PORT [tls] [proxy|proxy-optional]' (IPv6: [::1]:8080); tls terminates TLS, "
+        "proxy requires a PROXY protocol v1/v2 header",
+        _listeners,
+    )
+    admin_listen: str = _s("127.0.0.1:8081", "admin listener (/health, /ready, /metrics), HOST:PORT", _hostport)
+    tls_certificates: tuple[str, ...] = _s(
+        (),
+        "CERT_FILE:KEY_FILE pairs (PEM) for tls listeners; SNI picks by name, the first is the default",
+        _certificates,
+    )
+    tls_min_version: str = _s("1.2", "lowest TLS version accepted: 1.2 or 1.3", _tls_version)
+    workers: int = _s(1, "worker processes sharing the listeners (SO_REUSEPORT); 0: one per CPU", _non_negative_int)
     domains: tuple[str, ...] = _s(
         ("sandbox.localhost",), "domains whose {port}-{sandboxId}.{domain} hosts are routed", _domains
     )
@@ -188,6 +238,19 @@ class Config:
     tunnel_idle_timeout: float = _s(
         0.0, "seconds an upgraded connection may carry no bytes before it is closed; 0: never", _non_negative
     )
+    health_path: str = _s("/health", "path answered 200 on the data listeners for hosts that name no sandbox", _path)
+    max_connections: int = _s(16384, "client connections per worker; more are answered 503 and closed", _positive)
+    max_sandbox_connections: int = _s(
+        1000,
+        "concurrent requests and tunnels per sandbox and worker (then 429 too_many_connections); 0: no limit",
+        _non_negative_int,
+    )
+    min_body_rate: int = _s(
+        1024,
+        "bytes/s a request or response body must average over body_rate_window, else it ends; 0: off",
+        _non_negative_int,
+    )
+    body_rate_window: float = _s(60.0, "seconds over which min_body_rate is judged", _positive)
     max_request_head_size: int = _s(65536, "bytes of request line plus headers (then 431)", _positive)
     max_header_count: int = _s(128, "header fields per request (then 431)", _positive)
     request_head_timeout: float = _s(30.0, "seconds a client has to send a complete request head (then 408)", _positive)
@@ -195,12 +258,24 @@ class Config:
     # Lifecycle
     drain_delay: float = _s(5.0, "seconds /ready reports 503 before listeners close on SIGTERM", _non_negative)
     shutdown_timeout: float = _s(30.0, "seconds in-flight requests get to finish after listeners close", _non_negative)
+    # Observability
     log_level: str = _s("info", "debug, info, warning or error", _log_level)
+    access_log: str = _s("stdout", "where JSON access log lines go: stdout, stderr, off or a file path", _log_target)
+    access_log_query: bool = _s(False, "keep the query string in logged paths (it often carries tokens)")
+    request_id_header: str = _s(
+        "X-Request-ID",
+        "request ID field: kept from trusted proxies, else generated; sent upstream and back; empty: off",
+        _request_id_header,
+    )
     demo_port: int = _s(3000, "embedded mode: port of the demo app (0: any free port)", _port_or_zero)
 
     @property
     def listen_addrs(self) -> list[tuple[str, int]]:
-        return [parse_hostport(a) for a in self.listen]
+        return [(x.host, x.port) for x in self.listeners]
+
+    @property
+    def listeners(self) -> list[Listener]:
+        return [parse_listener(a) for a in self.listen]
 
     @property
     def admin_addr(self) -> tuple[str, int]:
@@ -210,6 +285,33 @@ class Config:
     def embedded(self) -> bool:
         """No Redis configured at all: start a local one and a demo sandbox (``make run``)."""
         return self.redis_url == "" and not self.redis_cluster_nodes and not self.redis_sentinels
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One data-plane listener: where, whether it terminates TLS, and its PROXY protocol mode."""
+
+    host: str
+    port: int
+    tls: bool = False
+    proxy: str = "off"  # "off", "required" or "optional"
+
+
+def parse_listener(a: str) -> Listener:
+    """``HOST:PORT [tls] [proxy|proxy-optional]``."""
+    parts = a.split()
+    if not parts:
+        raise ValueError("empty listener")
+    host, port = parse_hostport(parts[0])
+    tls, proxy = False, "off"
+    for flag in parts[1:]:
+        if flag == "tls":
+            tls = True
+        elif flag in ("proxy", "proxy-optional"):
+            proxy = "required" if flag == "proxy" else "optional"
+        else:
+            raise ValueError(f"unknown listener option {flag!r} in {a!r} (tls, proxy, proxy-optional)")
+    return Listener(host, port, tls, proxy)
 
 
 def parse_hostport(a: str) -> tuple[str, int]:
@@ -314,6 +416,8 @@ def load_config(
             problem = check(getattr(cfg, name))
             if problem:
                 raise ConfigError(name, problem)
+    if any(x.tls for x in cfg.listeners) and not cfg.tls_certificates:
+        raise ConfigError("tls_certificates", "a tls listener needs at least one CERT_FILE:KEY_FILE")
     return cfg
 
 
@@ -327,6 +431,7 @@ _SECTIONS = {
     "connect_timeout": "Upstream (the sandbox side)",
     "trusted_proxies": "Downstream (the client side)",
     "drain_delay": "Lifecycle",
+    "log_level": "Observability",
 }
 
 
@@ -355,4 +460,23 @@ def example_toml(cfg: Config | None = None) -> str:
             f"# {doc} (env GATEWAY_{name.upper()}; default {_toml_value(default)})",
             f"{name} = {_toml_value(getattr(cfg, name))}",
         ]
+    return "\n".join(out) + "\n"
+
+
+def settings_markdown() -> str:
+    """Every setting as a Markdown table per section: docs/settings.md."""
+    out = [
+        "# Settings",
+        "",
+        "Every setting, its default and its meaning (generated from gateway/config.py by `make config`, like",
+        "[config/gateway.toml](../config/gateway.toml)). Precedence: command-line flags > `GATEWAY_<NAME>`",
+        "environment variables > the TOML file (`--config`, `GATEWAY_CONFIG`) > defaults. Lists in the",
+        "environment are comma-separated. `gateway check-config` validates without serving; a bad setting",
+        "exits with status 2 and one line naming it.",
+    ]
+    for name, default, doc in settings_table():
+        if name in _SECTIONS:
+            out += ["", f"## {_SECTIONS[name]}", "", "| setting | default | meaning |", "|---|---|---|"]
+        cell = doc.replace("|", "\\|")
+        out.append(f"| `{name}` | `{_toml_value(default)}` | {cell} |")
     return "\n".join(out) + "\n"

@@ -49,6 +49,9 @@ MALFORMED_REQUEST = _r("malformed_request", 400, "The request is not valid HTTP/
 INVALID_FRAMING = _r(
     "invalid_framing", 400, "The request's Content-Length/Transfer-Encoding framing is ambiguous or invalid."
 )
+PROXY_PROTOCOL_INVALID = _r(
+    "proxy_protocol_invalid", 400, "This listener expects a valid PROXY protocol header before the request."
+)
 MISSING_ROUTING_HEADER = _r(
     "missing_routing_header", 400, "On a shared host both the sandbox ID and port fields are needed."
 )
@@ -58,9 +61,15 @@ PORT_NOT_EXPOSED = _r("port_not_exposed", 403, "This port of the sandbox is not 
 RESUME_DENIED = _r("resume_denied", 403, "The sandbox is paused and may not be resumed.")
 UNKNOWN_DOMAIN = _r("unknown_domain", 404, "This host is not under a domain this gateway serves.")
 METHOD_NOT_ALLOWED = _r("method_not_allowed", 405, "CONNECT is not supported by this gateway.")
+BODY_TIMEOUT = _r(
+    "body_timeout", 408, "The body moved slower than the gateway's minimum transfer rate (min_body_rate)."
+)
 REQUEST_TIMEOUT = _r("request_timeout", 408, "The request head did not arrive in time.")
 SANDBOX_PAUSED = _r("sandbox_paused", 409, "The sandbox is paused.")
 SANDBOX_TRANSITIONING = _r("sandbox_transitioning", 409, "The sandbox is starting, pausing, resuming or stopping.", 1)
+TOO_MANY_CONNECTIONS = _r(
+    "too_many_connections", 429, "This sandbox has too many open connections through this gateway.", 1
+)
 RESUME_RATE_LIMITED = _r("resume_rate_limited", 429, "Too many resumes of this sandbox; try again later.", 5)
 HEAD_TOO_LARGE = _r("request_head_too_large", 431, "The request line or headers are too large.")
 # The sandbox side: where the request should go is missing, unreachable or misbehaving.
@@ -72,6 +81,7 @@ UPSTREAM_RESET = _r("upstream_reset", 502, "The sandbox closed the connection be
 UPSTREAM_INVALID_RESPONSE = _r("upstream_invalid_response", 502, "The sandbox sent an invalid HTTP response.")
 RESUME_FAILED = _r("resume_failed", 502, "Resuming the paused sandbox failed.")
 CATALOG_UNAVAILABLE = _r("catalog_unavailable", 503, "The sandbox catalog is unreachable; try again shortly.", 1)
+OVERLOADED = _r("overloaded", 503, "This gateway instance is at its connection limit; try again.", 1)
 SHUTTING_DOWN = _r("shutting_down", 503, "This gateway instance is shutting down; try again.", 1)
 UPSTREAM_CONNECT_TIMEOUT = _r("upstream_connect_timeout", 504, "Connecting to the sandbox timed out.")
 RESUME_TIMEOUT = _r("resume_timeout", 504, "The sandbox did not come back from pause in time.", 5)
@@ -85,6 +95,7 @@ REASONS: dict[str, Reason] = {
         INVALID_SANDBOX_ID,
         MALFORMED_REQUEST,
         INVALID_FRAMING,
+        PROXY_PROTOCOL_INVALID,
         MISSING_ROUTING_HEADER,
         TRAFFIC_TOKEN_MISSING,
         TRAFFIC_TOKEN_INVALID,
@@ -93,8 +104,10 @@ REASONS: dict[str, Reason] = {
         UNKNOWN_DOMAIN,
         METHOD_NOT_ALLOWED,
         REQUEST_TIMEOUT,
+        BODY_TIMEOUT,
         SANDBOX_PAUSED,
         SANDBOX_TRANSITIONING,
+        TOO_MANY_CONNECTIONS,
         RESUME_RATE_LIMITED,
         HEAD_TOO_LARGE,
         SANDBOX_NOT_FOUND,
@@ -105,6 +118,7 @@ REASONS: dict[str, Reason] = {
         UPSTREAM_INVALID_RESPONSE,
         RESUME_FAILED,
         CATALOG_UNAVAILABLE,
+        OVERLOADED,
         SHUTTING_DOWN,
         UPSTREAM_CONNECT_TIMEOUT,
         RESUME_TIMEOUT,

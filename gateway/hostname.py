@@ -138,8 +138,8 @@ class HostRouter:
     """Routes Host values under the configured domains, with a bounded memo of recent answers.
 
     ``route`` answers a Route, a Reason, or None for a shared host (one of ``shared_hosts``, an IP
-    literal or ``localhost``), whose requests name the sandbox in routing fields instead, so an SDK
-    can reach many sandboxes over one connection.
+    literal, ``localhost`` or a bare configured domain), whose requests name the sandbox in routing
+    fields instead, so an SDK can reach many sandboxes over one connection.
 
     A gateway sees few distinct Host values per second compared to requests, so the answer for the
     exact bytes of a Host field is memoised: the hot path is one dict lookup.
@@ -172,8 +172,8 @@ class HostRouter:
         name = normalize_host(host)
         if isinstance(name, Reason):
             return name
-        if name.startswith("[") or name in self._shared or _ipv4(name):
-            return None
+        if name.startswith("[") or name in self._shared or _ipv4(name) or name in self._domains:
+            return None  # no sandbox in the name: routing fields (or the health path) decide
         for d in self._domains:
             if len(name) > len(d) + 1 and name.endswith(d) and name[-len(d) - 1] == ".":
                 label = name[: -len(d) - 1]

@@ -51,6 +51,12 @@ class Forward:
     token: bytes | None = None
     execution_id: str = ""
 
+    @property
+    def upstream(self) -> str:
+        """``address:port`` as logged (IPv6 in brackets)."""
+        a = self.address
+        return f"[{a}]:{self.port}" if ":" in a else f"{a}:{self.port}"
+
 
 def decide(route: Route, record: SandboxRecord, node_port: int, exempt_ports: Collection[int] = ()) -> Forward | Reason:
     """The routing decision for a port of a sandbox: the same for every request while the record is."""

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
 import socket
+from typing import Any
 
+from gateway.access_log import AccessLog
 from gateway.admin import AdminServer
 from gateway.catalog import connection
 from gateway.catalog.cache import CatalogCache
@@ -26,6 +29,8 @@ from gateway.http.context import Context
 from gateway.http.downstream import ClientConnection
 from gateway.http.resume import Resumer
 from gateway.http.upstream import Pool
+from gateway.metrics import Snapshot, merge, write_snapshot
+from gateway.tls import TlsCertificates
 
 __all__ = ["Gateway"]
 
@@ -46,9 +51,9 @@ def _raise_fd_limit() -> int:
     return soft
 
 
-def _listen_socket(host: str, port: int) -> socket.socket:
+def _listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=4096, reuse_port=False)
+    sock = socket.create_server((host, port), family=family, backlog=4096, reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
 
@@ -56,8 +61,13 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 class Gateway:
     """One serving process: call :meth:`start`, then :meth:`serve_until_signalled` or :meth:`stop`."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker_dir: str | None = None) -> None:
+        """``worker_dir``: this process is one of several workers under a supervisor, which serves
+        the admin app; the worker shares its listeners (SO_REUSEPORT) and writes its metrics and
+        readiness to a file there every second."""
         self.config = config
+        self.worker_dir = worker_dir
+        self.tls: TlsCertificates | None = None
         self.ctx: Context = None  # type: ignore[assignment]
         self.catalog: Catalog = None  # type: ignore[assignment]
         self.pool: Pool = None  # type: ignore[assignment]
@@ -85,24 +95,32 @@ class Gateway:
         if cfg.resume_url:
             ctx.resumer = Resumer(self.catalog, cfg.resume_url, cfg.resume_timeout)
         self.invalidation = InvalidationListener(cfg, client, self.catalog, ctx.sandbox_changed)
-        for host, port in cfg.listen_addrs:
-            sock = _listen_socket(host, port)
+        ctx.access_log = AccessLog.open(cfg.access_log, cfg.access_log_query)
+        if cfg.tls_certificates:
+            self.tls = TlsCertificates(cfg.tls_certificates, cfg.tls_min_version)
+        for lst in cfg.listeners:
+            sock = _listen_socket(lst.host, lst.port, reuse_port=self.worker_dir is not None)
             real_port = sock.getsockname()[1]
 
-            def factory(p: int = real_port) -> ClientConnection:
-                return ClientConnection(ctx, p)
+            def factory(p: int = real_port, tls: bool = lst.tls, proxy: str = lst.proxy) -> ClientConnection:
+                return ClientConnection(ctx, p, tls, proxy)
 
-            self.servers.append(await loop.create_server(factory, sock=sock))
+            ssl_ctx = self.tls.listener_context() if lst.tls and self.tls is not None else None
+            server = await loop.create_server(
+                factory, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=cfg.request_head_timeout if ssl_ctx else None
+            )
+            self.servers.append(server)
             self.ports.append(real_port)
-        self.admin = AdminServer(self)
-        await self.admin.start(*cfg.admin_addr)
+        if self.worker_dir is None:
+            self.admin = AdminServer(self.status, lambda: merge([(self.snapshot(), True)]))
+            await self.admin.start(*cfg.admin_addr)
         self._tick_handle = loop.call_later(1.0, self._tick)
         self._watch_task = loop.create_task(self._watch_catalog())
         self._listen_task = loop.create_task(self.invalidation.run())
         log.info(
             "gateway listening on %s (admin %s), domains %s, %d file descriptors",
             ", ".join(f"{h}:{p}" for (h, _), p in zip(cfg.listen_addrs, self.ports, strict=True)),
-            self.admin.address,
+            self.admin.address if self.admin else "in the supervisor",
             ", ".join(cfg.domains),
             fds,
         )
@@ -118,6 +136,10 @@ class Gateway:
             if idle:
                 for t in [t for t in ctx.tunnels if now - t.idle_since() > idle]:
                     t.close()
+            if ctx.access_log is not None:
+                ctx.access_log.flush()
+            if self.worker_dir is not None:
+                write_snapshot(self.worker_dir, os.getpid(), self.snapshot())
         except Exception:
             log.exception("timer tick failed")
         self._tick_handle = ctx.loop.call_later(1.0, self._tick)
@@ -132,6 +154,54 @@ class Gateway:
     def ready(self) -> bool:
         return self.catalog is not None and self.catalog.reached and not self.ctx.draining
 
+    def status(self) -> tuple[int, dict[str, Any]]:
+        """Readiness for /ready: (HTTP status, body)."""
+        body: dict[str, Any] = {"catalog": self.catalog.health()}
+        if self.ctx.draining:
+            body["status"] = "draining"
+            return 503, body
+        if not self.catalog.reached:
+            body["status"] = "starting"
+            return 503, body
+        body["status"] = "ready"
+        return 200, body
+
+    def snapshot(self) -> Snapshot:
+        """This worker's metrics (and readiness, for a supervisor) as plain data."""
+        ctx = self.ctx
+        cat = self.catalog
+        pool = self.pool
+        snap = ctx.metrics.snapshot(
+            gauges={
+                "downstream_connections": len(ctx.connections),
+                "upstream_connections": pool.opened,
+                "tunnels": len(ctx.tunnels),
+                "pool_idle": pool.idle_count,
+                "cached_records": len(cat.cache),
+            },
+            counters={
+                "cache_hits": cat.hits,
+                "cache_misses": cat.stats["misses"],
+                "cache_stale": cat.stats["stale"],
+                "redis_errors": cat.stats["redis_errors"],
+            },
+        )
+        code, body = self.status()
+        snap["ready"] = code == 200
+        snap["status"] = body
+        return snap
+
+    def reload_tls(self) -> None:
+        """SIGHUP: read the certificates again; new handshakes use them, open connections go on."""
+        if self.tls is None:
+            return
+        try:
+            self.tls.reload()
+        except (OSError, ValueError) as e:
+            log.error("TLS reload failed, keeping the previous certificates: %s", e)
+        else:
+            log.info("TLS certificates reloaded")
+
     def request_stop(self, fast: bool = False) -> None:
         self._fast = self._fast or fast
         if self._stopping is not None:
@@ -142,11 +212,13 @@ class Gateway:
         self._stopping = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop, True)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_tls)
         try:
             await self._stopping.wait()
         finally:
             loop.remove_signal_handler(signal.SIGTERM)
             loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGHUP)
         await self.drain(0.0 if self._fast else self.config.drain_delay)
         await self.stop()
 
@@ -181,8 +253,10 @@ class Gateway:
         for task in (self._watch_task, self._listen_task):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # Bounded: closing Redis connections of a dead or frozen server must not hang a stop.
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await task
         for s in self.servers:
             s.close()
         if self.ctx is not None:
@@ -195,5 +269,11 @@ class Gateway:
         if self.ctx is not None and self.ctx.resumer is not None:
             await self.ctx.resumer.close()
         if self.catalog is not None:
-            await self.catalog.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self.catalog.close()
+        if self.ctx is not None and self.ctx.access_log is not None:
+            self.ctx.access_log.flush()
+        if self.worker_dir is not None and self.ctx is not None:
+            write_snapshot(self.worker_dir, os.getpid(), self.snapshot())  # final counts
         log.info("gateway stopped")

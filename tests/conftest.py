@@ -166,6 +166,7 @@ async def start_gateway(redis_server: RedisServer) -> AsyncIterator[Callable[...
             "redis_url": redis_server.url,
             "domains": (DOMAIN,),
             "drain_delay": 0.0,
+            "access_log": "off",
             "connect_wait": 0.3,
         }
         for k, v in settings.items():
@@ -209,7 +210,8 @@ def gateway_process(redis_server: RedisServer) -> Iterator[Callable[..., Gateway
 
     def start(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> GatewayProcess:
         port, admin = free_port(), free_port()
-        e = gateway_env() | {"GATEWAY_DRAIN_DELAY": "0"} | (env or {})
+        # The access log goes to stdout, a pipe nobody reads here: off unless a test asks for it.
+        e = gateway_env() | {"GATEWAY_DRAIN_DELAY": "0", "GATEWAY_ACCESS_LOG": "off"} | (env or {})
         cmd = [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
                "--admin-listen", f"127.0.0.1:{admin}", "--redis-url", redis_server.url, "--domain", DOMAIN, *args]  # fmt: skip
         proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)

@@ -102,12 +102,15 @@ class InvalidationListener:
             log.info("following catalog changes on %s (%d node(s))", self.cfg.invalidate_channel, len(nodes))
             await asyncio.gather(*(self._read(ps) for ps in reading))
         finally:
+            # Bounded: this also runs when the task is cancelled at shutdown, maybe with Redis frozen.
             for ps in pubsubs:
                 with contextlib.suppress(Exception):
-                    await ps.aclose()  # type: ignore[no-untyped-call]
+                    async with asyncio.timeout(1.0):
+                        await ps.aclose()  # type: ignore[no-untyped-call]
             for n in nodes:
                 with contextlib.suppress(Exception):
-                    await n.aclose()
+                    async with asyncio.timeout(1.0):
+                        await n.aclose()
 
     async def _read(self, ps: aioredis.client.PubSub) -> None:
         prefix = self._prefix

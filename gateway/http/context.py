@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
+import re
 from typing import TYPE_CHECKING
 
+from gateway.access_log import AccessLog
 from gateway.catalog.reader import Catalog, CatalogUnavailable
 from gateway.config import Config
 from gateway.hostname import HostRouter
 from gateway.http.headers import FieldRoles
+from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
     from gateway.http.downstream import ClientConnection
@@ -32,6 +36,10 @@ class Context:
     """Per-worker shared state. ``clock`` is a coarse time (loop.time() each second) for timeouts."""
 
     __slots__ = (
+        "_rid_n",
+        "_rid_prefix",
+        "access_log",
+        "active",
         "catalog",
         "clock",
         "config",
@@ -39,10 +47,14 @@ class Context:
         "drained",
         "draining",
         "fields",
+        "health_path",
         "loop",
         "max_head",
+        "metrics",
         "pool",
         "resumer",
+        "rid_header",
+        "rid_in_response",
         "router",
         "trusted",
         "tunnels",
@@ -60,7 +72,18 @@ class Context:
             config.sandbox_id_header.encode(),
             config.sandbox_port_header.encode(),
             [p.lower().encode() for p in config.upgrade_protocols],
+            config.request_id_header.lower().encode(),
         )
+        self.metrics = Metrics()
+        self.health_path = config.health_path.encode()
+        self.access_log: AccessLog | None = None  # set by the server (a worker's own writer)
+        # Request IDs: a random prefix per process and a counter, unique across workers and restarts.
+        self.rid_header = config.request_id_header.encode()
+        self.rid_in_response = re.compile(b"\r\n" + re.escape(self.rid_header) + b":", re.IGNORECASE)
+        self._rid_prefix = os.urandom(6).hex().encode()
+        self._rid_n = 0
+        #: sandbox ID -> requests in progress and open tunnels (max_sandbox_connections)
+        self.active: dict[str, int] = {}
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[TunnelEnd] = set()  # client ends of open tunnels
@@ -68,6 +91,10 @@ class Context:
         self.clock = self.loop.time()
         self.draining = False
         self.drained = asyncio.Event()  # set once draining and nothing is open any more
+
+    def next_request_id(self) -> bytes:
+        self._rid_n += 1
+        return b"%s-%x" % (self._rid_prefix, self._rid_n)
 
     def closed_one(self) -> None:
         """A client connection or tunnel ended; while draining, note when none is left."""

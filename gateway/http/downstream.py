@@ -26,7 +26,7 @@ import httptools
 
 from gateway import errors
 from gateway.errors import Reason
-from gateway.http import flow, framing, tunnel
+from gateway.http import flow, framing, proxy_protocol, tunnel
 from gateway.http.context import Context
 from gateway.http.headers import Peer, RequestHead, analyze_request
 from gateway.http.proxy import Exchange
@@ -76,8 +76,10 @@ class ClientConnection(asyncio.Protocol):
         "parsing",
         "peer",
         "pending",
+        "proxy",
         "pumping",
         "queue",
+        "rate_mark",
         "remaining",
         "state",
         "tls",
@@ -85,10 +87,11 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, ctx: Context, listen_port: int, tls: bool = False) -> None:
+    def __init__(self, ctx: Context, listen_port: int, tls: bool = False, proxy: str = "off") -> None:
         self.ctx = ctx
         self.listen_port = listen_port
         self.tls = tls
+        self.proxy = proxy  # PROXY protocol: "off", or "required"/"optional" until the header is read
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.gate: flow.ReadGate = None  # type: ignore[assignment]
         self.peer: Peer = None  # type: ignore[assignment]
@@ -110,6 +113,8 @@ class ClientConnection(asyncio.Protocol):
         self.broken: Reason | None = None
         self.last_active = ctx.clock
         self.last_req: RequestHead | None = None  # the previous request head, analysed
+        # min_body_rate: (window start, body bytes then, the exchange) while a body is moving
+        self.rate_mark: tuple[float, int, Exchange] | None = None
 
     # ---- asyncio.Protocol
 
@@ -121,11 +126,51 @@ class ClientConnection(asyncio.Protocol):
         peername = t.get_extra_info("peername")
         ip = peername[0] if isinstance(peername, tuple) else "unix"
         self.peer = Peer.make(ip, self.listen_port, self.tls, self.ctx.trusted)
-        self.ctx.connections.add(self)
+        ctx = self.ctx
+        if len(ctx.connections) >= ctx.config.max_connections:
+            # Past the limit a new connection costs little and says why; accepting it silently
+            # and never reading would look like a hang to the client and to the balancer.
+            self.closing = True
+            t.write(errors.render(errors.OVERLOADED, close=True))
+            t.close()
+            return
+        ctx.connections.add(self)
+
+    def _proxy_header(self, data: bytes) -> bytes | None:
+        """Read the PROXY protocol header the balancer sends first; the bytes after it, or None
+        while more are needed or when the connection was refused."""
+        buf = self.pending + data
+        try:
+            got = proxy_protocol.parse(buf)
+        except proxy_protocol.ProxyProtocolError as e:
+            if self.proxy == "optional" and not buf.startswith((b"PROXY", b"\r\n\r\n")):
+                self.proxy = "off"  # no header: a direct client
+                self.pending = b""
+                return buf
+            log.info("PROXY protocol header refused from %s: %s", self.peer.ip, e)
+            self.pending = b""
+            self.closing = True
+            self.transport.write(errors.render(errors.PROXY_PROTOCOL_INVALID, close=True))
+            self.transport.close()
+            return None
+        if got is proxy_protocol.NEED_MORE:
+            self.pending = buf
+            return None
+        info, used = got
+        self.proxy = "off"
+        self.pending = b""
+        if info.source is not None:  # LOCAL (the balancer's own health check): the socket's peer
+            self.peer = Peer.make(info.source[0], self.listen_port, self.tls, self.ctx.trusted)
+        return buf[used:]
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.broken is not None:
             return
+        if self.proxy != "off":
+            rest = self._proxy_header(data)
+            if not rest:
+                return
+            data = rest
         self.in_feed = True
         try:
             if self.pending:
@@ -359,7 +404,7 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         self.closing = True
         self.ctx.connections.discard(self)  # the tunnel now counts in ctx.tunnels
-        tunnel.splice(self.ctx, self.transport, up, early, client_write_paused=self.write_paused)
+        tunnel.splice(self.ctx, self.transport, up, early, client_write_paused=self.write_paused, exchange=x)
 
     # ---- closing
 
@@ -383,6 +428,10 @@ class ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         """Called about once a second: slow request heads get 408, idle connections close."""
         cfg = self.ctx.config
+        if self.proxy != "off":  # still no PROXY header
+            if now - self.last_active > cfg.request_head_timeout:
+                self.close()
+            return
         if self.state == _HEAD and self.fed and self.parsing is None:
             if now - self.last_active > cfg.request_head_timeout:
                 if self.active is None and not self.queue:
@@ -392,3 +441,38 @@ class ClientConnection(asyncio.Protocol):
             limit = cfg.client_idle_timeout if not self.ctx.draining else 0.0
             if now - self.last_active >= limit:
                 self.close()
+        if cfg.min_body_rate:
+            self._check_body_rate(now, cfg.min_body_rate, cfg.body_rate_window)
+
+    def _check_body_rate(self, now: float, rate: int, window: float) -> None:
+        """A body must average ``rate`` bytes/s over each ``window``: a large slow upload or
+        download goes on, a stalled one ends (instead of one fixed deadline for the whole body).
+
+        Request bodies count while the gateway is reading (not while it holds the client back
+        because the sandbox is slow); response bodies count while the client is the bottleneck
+        (its socket buffer is full)."""
+        up = self.parsing
+        x = self.active
+        if up is not None and not self.gate.reasons:
+            moved, which = up.body_bytes, up
+        elif x is not None and x.resp_started and self.write_paused:
+            moved, which = x.resp_bytes, x
+        else:
+            self.rate_mark = None
+            return
+        mark = self.rate_mark
+        if mark is None or mark[2] is not which:
+            self.rate_mark = (now, moved, which)
+            return
+        if now - mark[0] < window:
+            return
+        if moved - mark[1] >= rate * window:
+            self.rate_mark = (now, moved, which)
+            return
+        self.rate_mark = None
+        log.info("body slower than %d bytes/s for %.0f s from %s: ending it", rate, window, self.peer.ip)
+        if which is up and not up.resp_started:
+            self._protocol_error(errors.BODY_TIMEOUT)
+        else:
+            which.fail(errors.BODY_TIMEOUT)  # the response has begun: the connection is reset
+            self.reset()

@@ -60,7 +60,7 @@ _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 # desynchronise the two hops, and Host is not a hop-by-hop option.
 _NEVER_DROPPED = frozenset({hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING})
 
-_HOST, _CL, _TE, _CONN, _UPG, _HOP, _EXPECT, _FWD, _TOKEN, _SB_ID, _SB_PORT = range(1, 12)
+_HOST, _CL, _TE, _CONN, _UPG, _HOP, _EXPECT, _FWD, _TOKEN, _SB_ID, _SB_PORT, _RID = range(1, 13)
 _ROLES = {
     hdrs.HOST: _HOST,
     hdrs.CONTENT_LENGTH: _CL,
@@ -96,7 +96,9 @@ class FieldRoles:
     """The fields the policy acts on and what each is, including the configurable ones.
 
     ``token`` names the traffic-token field, ``sandbox_id``/``sandbox_port`` the routing fields of
-    shared hosts; ``upgrade_protocols`` the Upgrade tokens that may be tunnelled.
+    shared hosts; ``upgrade_protocols`` the Upgrade tokens that may be tunnelled; ``request_id`` the
+    request ID field (empty: none). A received request ID is always cut from the head: the proxy
+    appends the one it uses (the received one only from a trusted peer).
     """
 
     __slots__ = ("pattern", "roles", "spellings", "upgrade_protocols")
@@ -107,15 +109,18 @@ class FieldRoles:
         sandbox_id: bytes = b"e2b-sandbox-id",
         sandbox_port: bytes = b"e2b-sandbox-port",
         upgrade_protocols: Collection[bytes] = (b"websocket",),
+        request_id: bytes = b"x-request-id",
     ) -> None:
         self.roles = {**_ROLES, token.lower(): _TOKEN, sandbox_id.lower(): _SB_ID, sandbox_port.lower(): _SB_PORT}
+        if request_id:
+            self.roles[request_id.lower()] = _RID
         self.pattern = _fields_pattern(list(self.roles))
         # The spellings peers use, so most names need no lower-casing.
         self.spellings = {**self.roles, **{k.title(): v for k, v in self.roles.items()}, b"TE": _HOP}
         self.upgrade_protocols = frozenset(upgrade_protocols)
 
 
-RESPONSE_FIELDS = FieldRoles()
+RESPONSE_FIELDS = FieldRoles(request_id=b"")
 
 Field = tuple[bytes, bytes]
 
@@ -230,6 +235,7 @@ class RequestHead:
         "keep_alive",
         "method",
         "raw",
+        "request_id",
         "route_id",
         "route_port",
         "target",
@@ -253,6 +259,7 @@ class RequestHead:
         self.cuts: list[Field] | None = None  # fields to remove
         self.forwarding: list[Field] | None = None  # X-Forwarded-*/Forwarded received
         self.token: bytes | None = None  # the traffic token presented (never forwarded)
+        self.request_id: bytes | None = None  # the request ID received (forwarded by the proxy if trusted)
         self.route_id: bytes | None = None  # the routing fields (shared hosts)
         self.route_port: bytes | None = None
         self.upstream: tuple[bytes | None, bytes] | None = None  # (host, upstream_head(peer, host))
@@ -355,6 +362,10 @@ def analyze_request(raw: bytes, fields: FieldRoles) -> RequestHead | Reason:
         elif role == _TOKEN:
             if r.token is None:
                 r.token = h[1]
+            cuts = [h] if cuts is None else [*cuts, h]
+        elif role == _RID:
+            if r.request_id is None:
+                r.request_id = h[1]
             cuts = [h] if cuts is None else [*cuts, h]
         elif role == _SB_ID:
             r.route_id = h[1]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from gateway import errors
@@ -69,6 +70,14 @@ class Exchange:
     task: asyncio.Task[None] | None = None
     retried = False
     early: bytes | None = None  # after an Upgrade request: what the client sent next
+    # For the access log and metrics:
+    status = 0  # the sandbox's final status, once its head arrived
+    rid = b""  # the request ID
+    body_bytes = 0  # request body bytes received
+    resp_bytes = 0  # bytes the sandbox sent for this exchange (counted by the upstream connection)
+    connect_time: float | None = None  # seconds to open a new upstream connection
+    counted: str | None = None  # the sandbox this exchange counts against (max_sandbox_connections)
+    ended = False
 
     def __init__(self, client: ClientConnection, req: RequestHead) -> None:
         self.client = client
@@ -76,6 +85,7 @@ class Exchange:
         self.req = req
         self.up_buf: list[bytes] = []  # request bytes waiting for the upstream connection
         self.down_buf: list[bytes] = []  # response bytes for the client, written after each read
+        self.t0 = monotonic()  # not loop.time(): uvloop caches it per iteration, in ms
 
     # ---- request side (called by ClientConnection)
 
@@ -94,7 +104,11 @@ class Exchange:
             assert host is not None
         r = ctx.router.route(host)
         if type(r) is not Route:
-            r = parse_routing_fields(req.route_id, req.route_port) if r is None else r  # a shared host
+            if r is None:  # a shared host: the routing fields name the sandbox
+                if req.route_id is None and req.route_port is None and self._is_health_check():
+                    self._answer_health()
+                    return
+                r = parse_routing_fields(req.route_id, req.route_port)
             if not isinstance(r, Route):
                 self.fail(r)
                 return
@@ -106,6 +120,30 @@ class Exchange:
             return
         catalog.hits += 1
         self._forward(e)
+
+    def _is_health_check(self) -> bool:
+        req = self.req
+        path = req.target.split(b"?", 1)[0]
+        return path == self.ctx.health_path and req.method in (b"GET", b"HEAD")
+
+    def _answer_health(self) -> None:
+        """A balancer probing the serving port (it cannot reach the admin port): 200 while this
+        instance takes traffic, 503 once it drains, like /ready."""
+        ctx = self.ctx
+        self.done = True
+        draining = ctx.draining
+        body = b'{"status":"draining"}\n' if draining else b'{"status":"ok"}\n'
+        keep = self.req.keep_alive and not draining
+        out = b"".join((
+            b"HTTP/1.1 503 Service Unavailable\r\n" if draining else b"HTTP/1.1 200 OK\r\n",
+            b"Content-Type: application/json\r\nCache-Control: no-store\r\nContent-Length: ",
+            str(len(body)).encode(), b"\r\n", b"" if keep else b"Connection: close\r\n", b"\r\n",
+            b"" if self.req.method == b"HEAD" else body,
+        ))  # fmt: skip
+        self.down_buf.append(out)
+        self._end(503 if draining else 200, "health", len(out))
+        self.flush_down()
+        self.client.exchange_done(self, keep)
 
     def _check_unusual(self) -> bool:
         """CONNECT, a missing Host, an absolute-form target: False if the request was answered."""
@@ -163,13 +201,75 @@ class Exchange:
             if bad is not None:
                 self.fail(bad)
                 return
+        ctx = self.ctx
+        if self.counted is None:
+            sid = self.route.sandbox_id  # type: ignore[union-attr]
+            n = ctx.active.get(sid, 0)
+            limit = ctx.config.max_sandbox_connections
+            if limit and n >= limit:
+                self.fail(errors.TOO_MANY_CONNECTIONS)
+                return
+            ctx.active[sid] = n + 1
+            self.counted = sid
         self.fwd = d
-        self.head = self.req.upstream_head(self.client.peer, d.host)
-        up = self.ctx.pool.acquire(d.key)
+        self.head = self._head_for(d)
+        up = ctx.pool.acquire(d.key)
         if up is not None:
             self._attach(up)
         else:
             self.task = self.ctx.loop.create_task(self._connect(d))
+
+    def _head_for(self, d: Forward) -> bytes:
+        """The head for the sandbox: the policy's, plus the request ID (RFC-less but de facto:
+        X-Request-ID, kept from trusted proxies, else generated)."""
+        req = self.req
+        head = req.upstream_head(self.client.peer, d.host)
+        name = self.ctx.rid_header
+        if not name:
+            return head
+        return b"".join((head[:-2], name, b": ", self.rid or self._new_rid(), b"\r\n\r\n"))
+
+    def _new_rid(self) -> bytes:
+        """This request's ID: the one a trusted proxy sent, else a new one."""
+        rid = self.req.request_id
+        self.rid = rid if rid is not None and self.client.peer.trusted else self.ctx.next_request_id()
+        return self.rid
+
+    def _uncount(self) -> None:
+        sid = self.counted
+        if sid is not None:
+            self.counted = None
+            active = self.ctx.active
+            n = active.get(sid, 1) - 1
+            if n > 0:
+                active[sid] = n
+            else:
+                active.pop(sid, None)
+
+    def _end(self, status: int, reason: str, out_bytes: int | None = None) -> None:
+        """The exchange is over: count it, log it, free its place among the sandbox's connections."""
+        if self.ended:
+            return
+        self.ended = True
+        self._uncount()
+        ctx = self.ctx
+        seconds = monotonic() - self.t0
+        req = self.req
+        bytes_in = len(req.raw) + self.body_bytes
+        bytes_out = self.resp_bytes if out_bytes is None else out_bytes
+        m = ctx.metrics
+        m.request(status, reason, seconds)
+        m.bytes_in += bytes_in
+        m.bytes_out += bytes_out
+        log = ctx.access_log
+        if log is not None:
+            route = self.route
+            fwd = self.fwd
+            log.log(
+                "request", self.rid, self.client.peer.ip, req.method, req.host, req.target,
+                route.sandbox_id if route else None, route.port if route else None, status, reason,
+                bytes_in, bytes_out, seconds, self.connect_time, fwd.upstream if fwd else None,
+            )  # fmt: skip
 
     async def _resume(self) -> None:
         """The sandbox is paused: have it resumed (once for all waiting requests), then go on."""
@@ -191,6 +291,7 @@ class Exchange:
         deadline = loop.time() + cfg.connect_wait
         delay = 0.025
         while True:
+            t = monotonic()
             try:
                 up = await ctx.pool.connect(
                     d.address, d.port, d.key, cfg.connect_timeout, route.sandbox_id, d.execution_id
@@ -219,6 +320,8 @@ class Exchange:
                 self.fail(reason)
                 return
             break
+        self.connect_time = took = monotonic() - t
+        ctx.metrics.connect.observe(took)
         self.task = None
         if self.done:
             up.close()
@@ -247,7 +350,7 @@ class Exchange:
             return d
         log.info("sandbox %s moved to %s", route.sandbox_id, new.address)
         self.fwd = new
-        self.head = self.req.upstream_head(self.client.peer, new.host)
+        self.head = self._head_for(new)
         return new
 
     def _attach(self, up: UpstreamConnection) -> None:
@@ -271,6 +374,7 @@ class Exchange:
             client.gate.open(flow.BUFFERING)
 
     def on_request_body(self, data: bytes) -> None:
+        self.body_bytes += len(data)
         if self.done:
             return
         self.up_buf.append(data)
@@ -316,12 +420,17 @@ class Exchange:
         last = up.last_head
         if last is not None and last[1] == flags and last[0] == head:
             r = last[2]
+            has_rid = last[3]
         else:
             r = analyze_response(head, status, head_request, req.http10, keep_alive)
-            up.last_head = (head, flags, r)
+            has_rid = self.ctx.rid_in_response.search(head) is not None
+            up.last_head = (head, flags, r, has_rid)
         out, body_in, self.body_out, length, self.keep_alive, self.reusable = r
         self.body_in = body_in
         self.resp_started = True
+        self.status = status
+        if self.rid and not has_rid:  # the client learns the ID to quote (unless the sandbox set one)
+            out = b"".join((out[:-2], self.ctx.rid_header, b": ", self.rid, b"\r\n\r\n"))
         self.down_buf.append(out)
         return body_in, length
 
@@ -346,6 +455,7 @@ class Exchange:
         self.down_buf = []
         self.up = None
         up.exchange = None
+        self._end(self.status, "sandbox")
         if (
             self.reusable and self.req_done and not self.up_buf and up.reusable and not up.write_paused
             and not up.gate.reasons
@@ -373,7 +483,10 @@ class Exchange:
         if self.req.upgrade is None or find_header(raw_fields(head), hdrs.UPGRADE) is None:
             self.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, "101 without an Upgrade it was asked for")
             return
-        self.down_buf.append(analyze_response(head, 101, False, False, False)[0])
+        out = analyze_response(head, 101, False, False, False)[0]
+        if self.rid and self.ctx.rid_in_response.search(head) is None:
+            out = b"".join((out[:-2], self.ctx.rid_header, b": ", self.rid, b"\r\n\r\n"))
+        self.down_buf.append(out)
         if rest:
             self.down_buf.append(rest)
         self.flush_down()
@@ -381,7 +494,31 @@ class Exchange:
         self.up = None
         early = self.early or b""
         self.early = None
+        self.status = 101
+        counted, self.counted = self.counted, None  # the tunnel keeps the sandbox's place
+        self._end(101, "sandbox")
+        self.counted = counted
         self.client.become_tunnel(self, up, early)
+
+    def tunnel_ended(self, bytes_in: int, bytes_out: int) -> None:
+        """The tunnel this exchange became has closed: log it and free the sandbox's place."""
+        self._uncount()
+        ctx = self.ctx
+        seconds = monotonic() - self.t0
+        m = ctx.metrics
+        m.bytes_in += bytes_in
+        m.bytes_out += bytes_out
+        m.tunnels_total += 1
+        log = ctx.access_log
+        if log is not None:
+            req = self.req
+            route = self.route
+            fwd = self.fwd
+            log.log(
+                "tunnel", self.rid, self.client.peer.ip, req.method, req.host, req.target,
+                route.sandbox_id if route else None, route.port if route else None, 101, "sandbox",
+                bytes_in, bytes_out, seconds, self.connect_time, fwd.upstream if fwd else None,
+            )  # fmt: skip
 
     def on_upstream_error(self, reason: Reason, detail: str) -> None:
         """The sandbox sent something that is not a valid response."""
@@ -393,6 +530,7 @@ class Exchange:
         if self.resp_started:
             self.done = True
             self.flush_down()
+            self._end(self.status, reason.code)
             self.client.reset()
         else:
             self.fail(reason)
@@ -410,6 +548,7 @@ class Exchange:
         if self.resp_started:
             self.done = True
             self.flush_down()
+            self._end(self.status, errors.UPSTREAM_RESET.code)
             self.client.reset()
         elif up.reused and not up.got_bytes and not self.retried and self._replayable():
             self._retry()
@@ -456,31 +595,38 @@ class Exchange:
         client = self.client
         if self.resp_started:
             self.flush_down()
+            self._end(self.status, reason.code)
             client.reset()
             return
         req = self.req
         h = raw_fields(req.raw)
         keep = req.keep_alive and not close and not self.ctx.draining
         route = self.route
-        self.down_buf.append(
-            errors.render(
-                reason,
-                sandbox_id=route.sandbox_id if route else None,
-                port=route.port if route else None,
-                detail=detail,
-                as_html=errors.wants_html(
-                    find_header(h, hdrs.SEC_FETCH_MODE), find_header(h, hdrs.ACCEPT), find_header(h, hdrs.USER_AGENT)
-                ),
-                origin=find_header(h, hdrs.ORIGIN),
-                head_only=req.method == b"HEAD",
-                close=not keep,
-            )
+        out = errors.render(
+            reason,
+            sandbox_id=route.sandbox_id if route else None,
+            port=route.port if route else None,
+            detail=detail,
+            as_html=errors.wants_html(
+                find_header(h, hdrs.SEC_FETCH_MODE), find_header(h, hdrs.ACCEPT), find_header(h, hdrs.USER_AGENT)
+            ),
+            origin=find_header(h, hdrs.ORIGIN),
+            head_only=req.method == b"HEAD",
+            close=not keep,
         )
+        name = self.ctx.rid_header
+        if name:
+            end = out.find(b"\r\n\r\n")
+            out = b"".join((out[:end], b"\r\n", name, b": ", self.rid or self._new_rid(), out[end:]))
+        self.down_buf.append(out)
+        self._end(reason.status, reason.code, len(out))
         self.flush_down()
         client.exchange_done(self, keep)
 
     def abort(self) -> None:
         """The client is gone: drop everything, close the upstream connection."""
+        if not self.done:
+            self._end(499, "client_closed")
         self.done = True
         task = self.task
         if task is not None:

@@ -26,6 +26,7 @@ from gateway.http import flow
 
 if TYPE_CHECKING:
     from gateway.http.context import Context
+    from gateway.http.proxy import Exchange
     from gateway.http.upstream import UpstreamConnection
 
 __all__ = ["TunnelEnd", "splice"]
@@ -36,8 +37,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class TunnelEnd(asyncio.Protocol):
     """One side of a tunnel: what it reads, its peer writes."""
 
-    __slots__ = ("address", "closed", "ctx", "eof", "execution_id", "gate", "is_client", "last", "peer",
-                 "sandbox_id", "transport")  # fmt: skip
+    __slots__ = ("address", "closed", "count", "ctx", "eof", "exchange", "execution_id", "gate", "is_client", "last",
+                 "peer", "sandbox_id", "transport")  # fmt: skip
 
     def __init__(self, ctx: Context, transport: asyncio.Transport, is_client: bool) -> None:
         self.ctx = ctx
@@ -49,10 +50,13 @@ class TunnelEnd(asyncio.Protocol):
         self.eof = False
         self.closed = False
         self.last = ctx.clock  # when this side last sent bytes (the coarse clock)
+        self.count = 0  # bytes this side sent
+        self.exchange: Exchange | None = None  # on the client side: the request that became this tunnel
 
     def data_received(self, data: bytes) -> None:
         self.peer.transport.write(data)
         self.last = self.ctx.clock
+        self.count += len(data)
 
     def idle_since(self) -> float:
         return max(self.last, self.peer.last)
@@ -83,6 +87,11 @@ class TunnelEnd(asyncio.Protocol):
                 _reset(peer.transport)
             else:
                 peer.transport.close()
+        client = self if self.is_client else peer
+        x = client.exchange
+        if x is not None:
+            client.exchange = None
+            x.tunnel_ended(client.count, client.peer.count)
 
     def pause_writing(self) -> None:
         self.peer.gate.close(flow.PEER_BUSY)
@@ -120,6 +129,7 @@ def splice(
     client_early: bytes,
     *,
     client_write_paused: bool,
+    exchange: Exchange | None = None,
 ) -> None:
     """Join a client and an upstream connection; ``client_early`` are bytes the client sent after
     its Upgrade head. The tunnel's sandbox side takes the upstream connection's place among the
@@ -130,6 +140,7 @@ def splice(
     b = TunnelEnd(ctx, upstream, False)
     b.sandbox_id, b.address, b.execution_id = up.sandbox_id, up.address, up.execution_id
     a.peer, b.peer = b, a
+    a.exchange = exchange
     ctx.tunnels.add(a)
     up.closed = True  # its protocol is replaced: its connection_lost will not run
     ctx.pool.opened -= 1

@@ -109,7 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         # (raw head, request flags, analysis) of the previous response: the same resource answered
         # on the same connection within the same second (its Date) has the same head.
-        self.last_head: tuple[bytes, int, ResponseHead] | None = None
+        # The last response head, its request flags, its analysis and whether it has a request ID.
+        self.last_head: tuple[bytes, int, ResponseHead, bool] | None = None
 
     # ---- asyncio.Protocol
 
@@ -126,6 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        x.resp_bytes += len(data)
         try:
             if self.pending:
                 data = self.pending + data

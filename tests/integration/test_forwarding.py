@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
 import subprocess
 import sys
 from typing import Any
@@ -35,8 +36,11 @@ async def test_request_bytes_reach_the_sandbox_as_sent(start_gateway: Any, catal
         c.send(head)
         r = await c.read_response()
         assert r.status == 200
+        rid = r.header("X-Request-ID")
+        assert rid is not None and re.fullmatch(rb"[0-9a-f]{12}-[0-9a-f]+", rid)
         expected = head.replace(b"Connection: keep-alive\r\n", b"")[:-2] + fwd_lines(host, gw.port)
-        assert bytes(up.received) == expected
+        # plus the request ID, last, the same the client was told
+        assert bytes(up.received) == expected[:-2] + b"X-Request-ID: " + rid + b"\r\n\r\n"
         await c.close()
 
 
@@ -113,7 +117,10 @@ async def test_response_fidelity(start_gateway: Any, catalog: Catalog) -> None:
         gw = await start_gateway()
         c = await Client.connect(gw.port)
         r = await c.request(gw.host(up.port, "abc"), "/")
-        assert r.raw == head + gz  # status, reason, order, duplicates, spelling, encoding: unchanged
+        rid = r.header("X-Request-ID")
+        assert rid is not None
+        # status, reason, order, duplicates, spelling, encoding: unchanged; the request ID added last
+        assert r.raw == head[:-2] + b"X-Request-ID: " + rid + b"\r\n\r\n" + gz
         await c.close()
 
 

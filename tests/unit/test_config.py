@@ -77,6 +77,15 @@ def test_config_file_lists_every_setting_with_its_default() -> None:
     assert load_config(str(ROOT / "config" / "gateway.toml"), env={}) == Config()
 
 
+def test_settings_page_lists_every_setting() -> None:
+    from gateway.config import settings_markdown
+
+    text = (ROOT / "docs" / "settings.md").read_text()
+    assert text == settings_markdown(), "regenerate with `make config`"
+    for name, _, _ in settings_table():
+        assert f"| `{name}` |" in text
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     e = gateway_env() | (env or {})
     return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, env=e, timeout=60)

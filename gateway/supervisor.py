@@ -1,0 +1,165 @@
+"""Several worker processes under one supervisor (``workers`` > 1): all cores, one address.
+
+Python runs one thread of bytecode at a time, so a gateway uses more cores the way nginx does: N
+worker processes, each a complete gateway with its own event loop, cache and pool, each binding
+the same listeners with SO_REUSEPORT so the kernel spreads new connections across them.
+
+The supervisor is small and does no proxying:
+
+- it starts the workers (``python -m gateway serve`` with the same arguments, and the private
+  variable ``_GATEWAY_WORKER_DIR`` naming a directory for their reports);
+- it restarts a worker that dies (with a growing delay if one keeps dying), counted in
+  ``gateway_worker_restarts_total``;
+- it passes SIGTERM (drain), SIGINT (stop now) and SIGHUP (reload TLS certificates) on to every
+  worker, and exits when they have;
+- it serves the admin app: ``/metrics`` sums the snapshots the workers write every second, and
+  ``/ready`` is 200 only while every live worker reports ready (and 503 once draining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any
+
+from gateway.admin import AdminServer
+from gateway.config import Config
+from gateway.metrics import Snapshot, merge, read_snapshots
+
+__all__ = ["WORKER_DIR_ENV", "Supervisor"]
+
+log = logging.getLogger("gateway.supervisor")
+
+#: Set in a worker's environment: the directory it reports to (not a setting, hence no GATEWAY_).
+WORKER_DIR_ENV = "_GATEWAY_WORKER_DIR"
+#: A worker whose report is older than this counts as not ready.
+STALE_REPORT = 3.0
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.argv = argv
+        self.env = env or {}
+        self.n = cfg.workers or len(os.sched_getaffinity(0))  # the CPUs this process may use (cgroups)
+        self.dir = ""
+        self.procs: dict[int, asyncio.subprocess.Process] = {}  # slot -> worker
+        self.restarts = 0
+        self.stopping = False
+        self.draining = False
+        self.admin: AdminServer | None = None
+        self._stop: asyncio.Event | None = None
+
+    async def _spawn(self, slot: int) -> None:
+        env = {**os.environ, **self.env, WORKER_DIR_ENV: self.dir}
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", *self.argv, env=env)
+        self.procs[slot] = proc
+        log.info("worker %d started (pid %d)", slot, proc.pid)
+
+    async def _watch(self, slot: int) -> None:
+        """Keep a worker running in this slot until the supervisor stops."""
+        delay = 0.1
+        while True:
+            proc = self.procs[slot]
+            started = time.monotonic()
+            code = await proc.wait()
+            if self.stopping:
+                return
+            log.error("worker %d (pid %d) exited with %s; restarting", slot, proc.pid, code)
+            self.restarts += 1
+            if time.monotonic() - started > 30:
+                delay = 0.1  # it ran a while: not a crash loop
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            if self._stopped():
+                return
+            await self._spawn(slot)
+
+    def _stopped(self) -> bool:
+        return self.stopping
+
+    def _signal(self, sig: int) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+            self.draining = True
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+        if self.stopping and self._stop is not None:
+            self._stop.set()
+
+    def _reports(self) -> list[tuple[int, Snapshot, bool, float]]:
+        try:
+            return read_snapshots(self.dir)
+        except OSError:
+            return []
+
+    def snapshot(self) -> Snapshot:
+        merged = merge((snap, alive) for _, snap, alive, _ in self._reports())
+        merged["worker_restarts"] = self.restarts
+        return merged
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        live = {p.pid for p in self.procs.values() if p.returncode is None}
+        ready = 0
+        catalog: dict[str, Any] = {}
+        for pid, snap, _, age in self._reports():
+            if pid in live and age < STALE_REPORT and snap.get("ready"):
+                ready += 1
+            if pid in live and not catalog:
+                catalog = snap.get("status", {}).get("catalog", {})
+        body: dict[str, Any] = {"workers": len(live), "ready_workers": ready, "catalog": catalog}
+        if self.draining:
+            body["status"] = "draining"
+            return 503, body
+        if ready < self.n:
+            body["status"] = "starting"
+            return 503, body
+        body["status"] = "ready"
+        return 200, body
+
+    async def run(self) -> int:
+        self.dir = tempfile.mkdtemp(prefix="gateway-workers-")
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._signal, sig)
+        try:
+            self.admin = AdminServer(self.status, self.snapshot)
+            await self.admin.start(*self.cfg.admin_addr)
+            for slot in range(self.n):
+                await self._spawn(slot)
+            log.info("supervisor: %d workers, admin on %s", self.n, self.admin.address)
+            watchers = [loop.create_task(self._watch(slot)) for slot in range(self.n)]
+            await self._stop.wait()
+            # The workers drain themselves (drain_delay, then in-flight work up to shutdown_timeout).
+            limit = self.cfg.drain_delay + self.cfg.shutdown_timeout + 10
+            try:
+                async with asyncio.timeout(limit):
+                    await asyncio.gather(*(p.wait() for p in self.procs.values()))
+            except TimeoutError:
+                log.warning("workers still running after %.0f s: killing them", limit)
+                for p in self.procs.values():
+                    if p.returncode is None:
+                        p.kill()
+                await asyncio.gather(*(p.wait() for p in self.procs.values()))
+            for w in watchers:
+                w.cancel()
+            return 0
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            for p in self.procs.values():
+                if p.returncode is None:
+                    p.kill()
+            if self.admin is not None:
+                await self.admin.stop()
+            shutil.rmtree(self.dir, ignore_errors=True)
