@@ -93,7 +93,8 @@ class MemoryTransport:
 
 
 async def run(n: int, real: bool, ready: str | None) -> float:
-    cfg = load_config(None, env={}, overrides={"domains": ("e2b.dev",), "redis_url": "redis://unused"})
+    env = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}  # to try settings (access log...)
+    cfg = load_config(None, env=env, overrides={"domains": ("e2b.dev",), "redis_url": "redis://unused"})
     loop = asyncio.get_running_loop()
     cache = CatalogCache(1e9, 1, 1, 100)
     cache.put("abc", SandboxRecord("127.0.0.1", "e1"), loop.time())

@@ -16,6 +16,7 @@ time series (cardinality); the access log has the per-sandbox detail.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import tempfile
@@ -69,11 +70,13 @@ class Histogram:
 class Metrics:
     """One worker's numbers. The data plane updates the attributes directly."""
 
-    __slots__ = ("bytes_in", "bytes_out", "connect", "duration", "requests", "tunnels_total")
+    __slots__ = ("bytes_in", "bytes_out", "connect", "duration", "requests", "sandbox_status", "tunnels_total")
 
     def __init__(self) -> None:
-        #: (status class like "2xx", reason code or "sandbox") -> requests answered
-        self.requests: dict[tuple[str, str], int] = {}
+        #: (status, reason code) -> requests the gateway answered itself, and status -> requests the
+        #: sandbox answered (no tuple to build on the common path); classes are made at scrape time
+        self.requests: collections.defaultdict[tuple[int, str], int] = collections.defaultdict(int)
+        self.sandbox_status: collections.defaultdict[int, int] = collections.defaultdict(int)
         self.duration = Histogram(DURATION_BUCKETS)
         self.connect = Histogram(CONNECT_BUCKETS)
         self.bytes_in = 0  # from clients (request heads and bodies, tunnel bytes)
@@ -81,15 +84,18 @@ class Metrics:
         self.tunnels_total = 0
 
     def request(self, status: int, reason: str, seconds: float) -> None:
-        key = (_CLASSES[status // 100] if status < 600 else "5xx", reason)
-        r = self.requests
-        r[key] = r.get(key, 0) + 1
+        """Count one answered request (the data plane inlines the same steps)."""
+        if reason == "sandbox":
+            self.sandbox_status[status] += 1
+        else:
+            self.requests[status, reason] += 1
         self.duration.observe(seconds)
 
     def snapshot(self, gauges: dict[str, float], counters: dict[str, float]) -> Snapshot:
         """Everything as JSON-able data; ``gauges``/``counters`` come from the rest of the worker."""
         return {
-            "requests": [[c, r, n] for (c, r), n in self.requests.items()],
+            "requests": [[_class(s), r, n] for (s, r), n in self.requests.items()]
+            + [[_class(s), "sandbox", n] for s, n in self.sandbox_status.items()],
             "duration": {"counts": list(self.duration.counts), "sum": self.duration.sum},
             "connect": {"counts": list(self.connect.counts), "sum": self.connect.sum},
             "bytes_in": self.bytes_in,
@@ -101,6 +107,10 @@ class Metrics:
 
 
 _CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def _class(status: int) -> str:
+    return _CLASSES[status // 100] if 0 <= status < 600 else "5xx"
 
 
 def _add_hist(into: dict[str, Any], h: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from gateway.catalog.cache import CatalogCache
 from gateway.catalog.invalidation import InvalidationListener
 from gateway.catalog.reader import Catalog
 from gateway.config import Config
+from gateway.http import proxy_tls
 from gateway.http.context import Context
 from gateway.http.downstream import ClientConnection
 from gateway.http.resume import Resumer
@@ -68,6 +69,7 @@ class Gateway:
         self.config = config
         self.worker_dir = worker_dir
         self.tls: TlsCertificates | None = None
+        self._accept_tasks: list[asyncio.Task[None]] = []
         self.ctx: Context = None  # type: ignore[assignment]
         self.catalog: Catalog = None  # type: ignore[assignment]
         self.pool: Pool = None  # type: ignore[assignment]
@@ -106,11 +108,18 @@ class Gateway:
                 return ClientConnection(ctx, p, tls, proxy)
 
             ssl_ctx = self.tls.listener_context() if lst.tls and self.tls is not None else None
+            self.ports.append(real_port)
+            if ssl_ctx is not None and lst.proxy != "off":
+                # The PROXY header comes before the TLS handshake, in clear: read it off the raw
+                # socket first (proxy_tls.py), then hand the socket to TLS and the protocol.
+                self._accept_tasks.append(
+                    loop.create_task(proxy_tls.accept_loop(ctx, sock, real_port, lst.proxy, ssl_ctx))
+                )
+                continue
             server = await loop.create_server(
                 factory, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=cfg.request_head_timeout if ssl_ctx else None
             )
             self.servers.append(server)
-            self.ports.append(real_port)
         if self.worker_dir is None:
             self.admin = AdminServer(self.status, lambda: merge([(self.snapshot(), True)]))
             await self.admin.start(*cfg.admin_addr)
@@ -130,6 +139,7 @@ class Gateway:
         now = ctx.clock = ctx.loop.time()
         try:
             self.pool.sweep()
+            ctx.sweep()
             for c in list(ctx.connections):
                 c.check_timeouts(now)
             idle = self.config.tunnel_idle_timeout
@@ -191,6 +201,11 @@ class Gateway:
         snap["status"] = body
         return snap
 
+    def _stop_accepting(self) -> None:
+        for t in self._accept_tasks:
+            t.cancel()
+        self._accept_tasks.clear()
+
     def reload_tls(self) -> None:
         """SIGHUP: read the certificates again; new handshakes use them, open connections go on."""
         if self.tls is None:
@@ -231,6 +246,7 @@ class Gateway:
             await asyncio.sleep(delay)
         for s in self.servers:
             s.close()
+        self._stop_accepting()
         for c in list(ctx.connections):
             c.check_timeouts(ctx.loop.time())  # idle keep-alive connections close now
         ctx.closed_one()  # maybe nothing is open already
@@ -259,6 +275,7 @@ class Gateway:
                         await task
         for s in self.servers:
             s.close()
+        self._stop_accepting()
         if self.ctx is not None:
             for c in list(self.ctx.connections):
                 c.reset()

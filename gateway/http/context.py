@@ -8,6 +8,7 @@ live upstream connections and tunnels are reset, so nothing keeps talking to a s
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import os
@@ -36,8 +37,6 @@ class Context:
     """Per-worker shared state. ``clock`` is a coarse time (loop.time() each second) for timeouts."""
 
     __slots__ = (
-        "_rid_n",
-        "_rid_prefix",
         "access_log",
         "active",
         "catalog",
@@ -50,11 +49,14 @@ class Context:
         "health_path",
         "loop",
         "max_head",
+        "max_per_sandbox",
         "metrics",
         "pool",
         "resumer",
         "rid_header",
         "rid_in_response",
+        "rid_n",
+        "rid_prefix",
         "router",
         "trusted",
         "tunnels",
@@ -80,10 +82,12 @@ class Context:
         # Request IDs: a random prefix per process and a counter, unique across workers and restarts.
         self.rid_header = config.request_id_header.encode()
         self.rid_in_response = re.compile(b"\r\n" + re.escape(self.rid_header) + b":", re.IGNORECASE)
-        self._rid_prefix = os.urandom(6).hex().encode()
-        self._rid_n = 0
-        #: sandbox ID -> requests in progress and open tunnels (max_sandbox_connections)
-        self.active: dict[str, int] = {}
+        self.rid_prefix = os.urandom(6).hex().encode() + b"-"
+        self.rid_n = 0
+        #: sandbox ID -> requests in progress and open tunnels (max_sandbox_connections); zeros are
+        #: swept once a second rather than deleted per request
+        self.active: collections.defaultdict[str, int] = collections.defaultdict(int)
+        self.max_per_sandbox = config.max_sandbox_connections or 1 << 62
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[TunnelEnd] = set()  # client ends of open tunnels
@@ -93,8 +97,14 @@ class Context:
         self.drained = asyncio.Event()  # set once draining and nothing is open any more
 
     def next_request_id(self) -> bytes:
-        self._rid_n += 1
-        return b"%s-%x" % (self._rid_prefix, self._rid_n)
+        self.rid_n += 1
+        return self.rid_prefix + b"%x" % self.rid_n
+
+    def sweep(self) -> None:
+        """Forget sandboxes with nothing in progress (called once a second)."""
+        active = self.active
+        for sid in [k for k, n in active.items() if n <= 0]:
+            del active[sid]
 
     def closed_one(self) -> None:
         """A client connection or tunnel ended; while draining, note when none is left."""

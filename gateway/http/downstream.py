@@ -81,17 +81,22 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "rate_mark",
         "remaining",
+        "source",
         "state",
         "tls",
         "transport",
         "write_paused",
     )
 
-    def __init__(self, ctx: Context, listen_port: int, tls: bool = False, proxy: str = "off") -> None:
+    def __init__(
+        self, ctx: Context, listen_port: int, tls: bool = False, proxy: str = "off", source: str | None = None
+    ) -> None:
+        """``source``: the client address a PROXY header named, read before the TLS handshake."""
         self.ctx = ctx
         self.listen_port = listen_port
         self.tls = tls
         self.proxy = proxy  # PROXY protocol: "off", or "required"/"optional" until the header is read
+        self.source = source
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.gate: flow.ReadGate = None  # type: ignore[assignment]
         self.peer: Peer = None  # type: ignore[assignment]
@@ -125,7 +130,7 @@ class ClientConnection(asyncio.Protocol):
         flow.tune(t)
         peername = t.get_extra_info("peername")
         ip = peername[0] if isinstance(peername, tuple) else "unix"
-        self.peer = Peer.make(ip, self.listen_port, self.tls, self.ctx.trusted)
+        self.peer = Peer.make(self.source or ip, self.listen_port, self.tls, self.ctx.trusted)
         ctx = self.ctx
         if len(ctx.connections) >= ctx.config.max_connections:
             # Past the limit a new connection costs little and says why; accepting it silently

@@ -236,6 +236,7 @@ class RequestHead:
         "method",
         "raw",
         "request_id",
+        "rid_pre",
         "route_id",
         "route_port",
         "target",
@@ -260,6 +261,7 @@ class RequestHead:
         self.forwarding: list[Field] | None = None  # X-Forwarded-*/Forwarded received
         self.token: bytes | None = None  # the traffic token presented (never forwarded)
         self.request_id: bytes | None = None  # the request ID received (forwarded by the proxy if trusted)
+        self.rid_pre: tuple[bytes, bytes] | None = None  # (upstream head, it up to a request ID value)
         self.route_id: bytes | None = None  # the routing fields (shared hosts)
         self.route_port: bytes | None = None
         self.upstream: tuple[bytes | None, bytes] | None = None  # (host, upstream_head(peer, host))

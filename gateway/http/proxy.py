@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from time import monotonic
 from typing import TYPE_CHECKING
 
@@ -204,12 +205,11 @@ class Exchange:
         ctx = self.ctx
         if self.counted is None:
             sid = self.route.sandbox_id  # type: ignore[union-attr]
-            n = ctx.active.get(sid, 0)
-            limit = ctx.config.max_sandbox_connections
-            if limit and n >= limit:
+            active = ctx.active
+            if active[sid] >= ctx.max_per_sandbox:
                 self.fail(errors.TOO_MANY_CONNECTIONS)
                 return
-            ctx.active[sid] = n + 1
+            active[sid] += 1
             self.counted = sid
         self.fwd = d
         self.head = self._head_for(d)
@@ -227,38 +227,49 @@ class Exchange:
         name = self.ctx.rid_header
         if not name:
             return head
-        return b"".join((head[:-2], name, b": ", self.rid or self._new_rid(), b"\r\n\r\n"))
+        pre = req.rid_pre  # the head up to the ID's value, kept while the head repeats
+        if pre is None or pre[0] is not head:
+            pre = req.rid_pre = (head, head[:-2] + name + b": ")
+        return b"".join((pre[1], self.rid or self._new_rid(), b"\r\n\r\n"))
 
     def _new_rid(self) -> bytes:
         """This request's ID: the one a trusted proxy sent, else a new one."""
         rid = self.req.request_id
-        self.rid = rid if rid is not None and self.client.peer.trusted else self.ctx.next_request_id()
-        return self.rid
+        if rid is None or not self.client.peer.trusted:
+            ctx = self.ctx
+            n = ctx.rid_n = ctx.rid_n + 1
+            rid = ctx.rid_prefix + b"%x" % n
+        self.rid = rid
+        return rid
 
     def _uncount(self) -> None:
         sid = self.counted
         if sid is not None:
             self.counted = None
-            active = self.ctx.active
-            n = active.get(sid, 1) - 1
-            if n > 0:
-                active[sid] = n
-            else:
-                active.pop(sid, None)
+            self.ctx.active[sid] -= 1  # zeros are swept once a second (Context.sweep)
 
     def _end(self, status: int, reason: str, out_bytes: int | None = None) -> None:
         """The exchange is over: count it, log it, free its place among the sandbox's connections."""
         if self.ended:
             return
         self.ended = True
-        self._uncount()
         ctx = self.ctx
+        sid = self.counted
+        if sid is not None:
+            self.counted = None
+            ctx.active[sid] -= 1
         seconds = monotonic() - self.t0
         req = self.req
         bytes_in = len(req.raw) + self.body_bytes
         bytes_out = self.resp_bytes if out_bytes is None else out_bytes
         m = ctx.metrics
-        m.request(status, reason, seconds)
+        if reason == "sandbox":
+            m.sandbox_status[status] += 1
+        else:
+            m.requests[status, reason] += 1
+        h = m.duration
+        h.counts[bisect_left(h.bounds, seconds)] += 1
+        h.sum += seconds
         m.bytes_in += bytes_in
         m.bytes_out += bytes_out
         log = ctx.access_log
@@ -420,17 +431,21 @@ class Exchange:
         last = up.last_head
         if last is not None and last[1] == flags and last[0] == head:
             r = last[2]
-            has_rid = last[3]
+            rid_pre = last[3]
         else:
             r = analyze_response(head, status, head_request, req.http10, keep_alive)
-            has_rid = self.ctx.rid_in_response.search(head) is not None
-            up.last_head = (head, flags, r, has_rid)
+            # The client learns the request ID to quote, unless the sandbox set one itself.
+            name = self.ctx.rid_header
+            rid_pre = None
+            if name and self.ctx.rid_in_response.search(head) is None:
+                rid_pre = r[0][:-2] + name + b": "
+            up.last_head = (head, flags, r, rid_pre)
         out, body_in, self.body_out, length, self.keep_alive, self.reusable = r
         self.body_in = body_in
         self.resp_started = True
         self.status = status
-        if self.rid and not has_rid:  # the client learns the ID to quote (unless the sandbox set one)
-            out = b"".join((out[:-2], self.ctx.rid_header, b": ", self.rid, b"\r\n\r\n"))
+        if rid_pre is not None and self.rid:
+            out = b"".join((rid_pre, self.rid, b"\r\n\r\n"))
         self.down_buf.append(out)
         return body_in, length
 

@@ -109,8 +109,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         # (raw head, request flags, analysis) of the previous response: the same resource answered
         # on the same connection within the same second (its Date) has the same head.
-        # The last response head, its request flags, its analysis and whether it has a request ID.
-        self.last_head: tuple[bytes, int, ResponseHead, bool] | None = None
+        # The last response head, its request flags, its analysis and the head for the client up to a
+        # request ID value (None: no ID to add).
+        self.last_head: tuple[bytes, int, ResponseHead, bytes | None] | None = None
 
     # ---- asyncio.Protocol
 

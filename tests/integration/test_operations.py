@@ -375,3 +375,41 @@ async def test_stalled_download_is_ended(start_gateway: Any, catalog: Catalog) -
                     got += len(data)
         assert got < 1 << 30
         await c.close()
+
+
+async def test_proxy_protocol_before_tls(start_gateway: Any, catalog: Catalog, tmp_path: Path) -> None:
+    """TLS passthrough behind an L4 balancer: the PROXY header in clear, then the TLS handshake."""
+    import socket
+
+    cert, key = make_cert(tmp_path, "pt", "*.sandbox.test")
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("pt", host="127.0.0.1")
+        gw = await start_gateway(
+            listen=["127.0.0.1:0 tls proxy", "127.0.0.1:0 tls proxy-optional"], domains=["sandbox.test"],
+            tls_certificates=[f"{cert}:{key}"],
+        )  # fmt: skip
+        required, optional = gw.gateway.ports
+        host = f"{up.port}-pt.sandbox.test"
+
+        async def via(port: int, header: bytes) -> Any:
+            s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            s.sendall(header)
+            s.setblocking(False)
+            async with asyncio.timeout(WAIT):
+                r, w = await asyncio.open_connection(sock=s, ssl=client_ctx(cert), server_hostname=host)
+            w.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            resp = await read_response(r)
+            w.close()
+            return resp
+
+        r = await via(required, b"PROXY TCP4 203.0.113.9 10.0.0.1 4444 443\r\n")
+        assert r.status == 200 and b"X-Forwarded-For: 203.0.113.9\r\n" in r.body
+        assert b"X-Forwarded-Proto: https\r\n" in r.body
+        r = await via(required, proxy_v2("198.51.100.4", "10.0.0.1", 4444, 443))
+        assert r.status == 200 and b"X-Forwarded-For: 198.51.100.4\r\n" in r.body
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            await via(required, b"")  # no header: refused before TLS
+        r = await via(optional, b"")
+        assert r.status == 200 and b"X-Forwarded-For: 127.0.0.1\r\n" in r.body
+        r = await via(optional, b"PROXY TCP4 203.0.113.10 10.0.0.1 4444 443\r\n")
+        assert b"X-Forwarded-For: 203.0.113.10\r\n" in r.body
