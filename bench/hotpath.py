@@ -23,6 +23,7 @@ from typing import Any
 
 import uvloop
 
+from gateway.access_log import AccessLog
 from gateway.catalog.cache import CatalogCache
 from gateway.catalog.reader import Catalog
 from gateway.catalog.record import SandboxRecord
@@ -101,6 +102,8 @@ async def run(n: int, real: bool, ready: str | None) -> float:
     catalog = Catalog(None, cache, "sandbox:catalog:", 1)  # type: ignore[arg-type]  # never asked
     pool = Pool(1e9, 10, 10, 65536)
     ctx = Context(cfg, catalog, pool)
+    if "GATEWAY_ACCESS_LOG" in env:  # off unless asked: GATEWAY_ACCESS_LOG=/dev/null measures its cost
+        ctx.access_log = AccessLog.open(cfg.access_log, cfg.access_log_query)
     up = UpstreamConnection(pool, pool_key("127.0.0.1", 18100, "e1"))
     up.connection_made(MemoryTransport())  # type: ignore[arg-type]
     pool.release(up)

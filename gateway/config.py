@@ -260,7 +260,11 @@ class Config:
     shutdown_timeout: float = _s(30.0, "seconds in-flight requests get to finish after listeners close", _non_negative)
     # Observability
     log_level: str = _s("info", "debug, info, warning or error", _log_level)
-    access_log: str = _s("stdout", "where JSON access log lines go: stdout, stderr, off or a file path", _log_target)
+    access_log: str = _s(
+        "off",
+        "where JSON access log lines go: stdout, stderr, a file path, or off (costs ~4 µs a request)",
+        _log_target,
+    )
     access_log_query: bool = _s(False, "keep the query string in logged paths (it often carries tokens)")
     request_id_header: str = _s(
         "X-Request-ID",

@@ -233,6 +233,7 @@ class RequestHead:
         "host_field",
         "http10",
         "keep_alive",
+        "log_part",
         "method",
         "raw",
         "request_id",
@@ -262,6 +263,7 @@ class RequestHead:
         self.token: bytes | None = None  # the traffic token presented (never forwarded)
         self.request_id: bytes | None = None  # the request ID received (forwarded by the proxy if trusted)
         self.rid_pre: tuple[bytes, bytes] | None = None  # (upstream head, it up to a request ID value)
+        self.log_part: str | None = None  # method, host and path as the access log writes them
         self.route_id: bytes | None = None  # the routing fields (shared hosts)
         self.route_port: bytes | None = None
         self.upstream: tuple[bytes | None, bytes] | None = None  # (host, upstream_head(peer, host))

@@ -276,10 +276,13 @@ class Exchange:
         if log is not None:
             route = self.route
             fwd = self.fwd
+            part = req.log_part
+            if part is None:
+                part = req.log_part = log.head_part(req.method, req.host, req.target)
             log.log(
-                "request", self.rid, self.client.peer.ip, req.method, req.host, req.target,
-                route.sandbox_id if route else None, route.port if route else None, status, reason,
-                bytes_in, bytes_out, seconds, self.connect_time, fwd.upstream if fwd else None,
+                "request", self.rid, self.client.peer.ip, part, route.sandbox_id if route else None,
+                route.port if route else None, status, reason, bytes_in, bytes_out, seconds, self.connect_time,
+                fwd.upstream if fwd else None,
             )  # fmt: skip
 
     async def _resume(self) -> None:
@@ -530,7 +533,7 @@ class Exchange:
             route = self.route
             fwd = self.fwd
             log.log(
-                "tunnel", self.rid, self.client.peer.ip, req.method, req.host, req.target,
+                "tunnel", self.rid, self.client.peer.ip, log.head_part(req.method, req.host, req.target),
                 route.sandbox_id if route else None, route.port if route else None, 101, "sandbox",
                 bytes_in, bytes_out, seconds, self.connect_time, fwd.upstream if fwd else None,
             )  # fmt: skip
