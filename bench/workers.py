@@ -122,7 +122,7 @@ def main(n: int, duration: int, rounds: int) -> None:
         host = f"{app_port}-wk.e2b.dev"
         results: dict[int, list[tuple[float, float, float]]] = {1: [], n: []}
         for r in range(rounds):
-            for w in ((1, n) if r % 2 == 0 else (n, 1)):
+            for w in (1, n) if r % 2 == 0 else (n, 1):
                 port = free_port()
                 gw = run_gateway(w, port, f"redis://127.0.0.1:{rport}/0", os.path.join(tmp, f"gw{w}.log"))
                 wrk(port, host, 2)  # warm up

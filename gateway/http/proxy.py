@@ -78,7 +78,6 @@ class Exchange:
     resp_bytes = 0  # bytes the sandbox sent for this exchange (counted by the upstream connection)
     connect_time: float | None = None  # seconds to open a new upstream connection
     counted: str | None = None  # the sandbox this exchange counts against (max_sandbox_connections)
-    ended = False
 
     def __init__(self, client: ClientConnection, req: RequestHead) -> None:
         self.client = client
@@ -212,25 +211,27 @@ class Exchange:
             active[sid] += 1
             self.counted = sid
         self.fwd = d
-        self.head = self._head_for(d)
+        # The head for the sandbox: the policy's, plus the request ID (X-Request-ID: kept from
+        # trusted proxies, else generated). Inline: this runs for every request.
+        req = self.req
+        head = req.upstream_head(self.client.peer, d.host)
+        name = ctx.rid_header
+        if name:
+            rid = req.request_id
+            if rid is None or not self.client.peer.trusted:
+                n = ctx.rid_n = ctx.rid_n + 1
+                rid = ctx.rid_prefix + b"%x" % n
+            self.rid = rid
+            pre = req.rid_pre  # the head up to the ID's value, kept while the head repeats
+            if pre is None or pre[0] is not head:
+                pre = req.rid_pre = (head, head[:-2] + name + b": ")
+            head = b"".join((pre[1], rid, b"\r\n\r\n"))
+        self.head = head
         up = ctx.pool.acquire(d.key)
         if up is not None:
             self._attach(up)
         else:
             self.task = self.ctx.loop.create_task(self._connect(d))
-
-    def _head_for(self, d: Forward) -> bytes:
-        """The head for the sandbox: the policy's, plus the request ID (RFC-less but de facto:
-        X-Request-ID, kept from trusted proxies, else generated)."""
-        req = self.req
-        head = req.upstream_head(self.client.peer, d.host)
-        name = self.ctx.rid_header
-        if not name:
-            return head
-        pre = req.rid_pre  # the head up to the ID's value, kept while the head repeats
-        if pre is None or pre[0] is not head:
-            pre = req.rid_pre = (head, head[:-2] + name + b": ")
-        return b"".join((pre[1], self.rid or self._new_rid(), b"\r\n\r\n"))
 
     def _new_rid(self) -> bytes:
         """This request's ID: the one a trusted proxy sent, else a new one."""
@@ -250,15 +251,16 @@ class Exchange:
 
     def _end(self, status: int, reason: str, out_bytes: int | None = None) -> None:
         """The exchange is over: count it, log it, free its place among the sandbox's connections."""
-        if self.ended:
-            return
-        self.ended = True
+        t0 = self.t0
+        if not t0:
+            return  # already counted
+        self.t0 = 0.0
         ctx = self.ctx
         sid = self.counted
         if sid is not None:
             self.counted = None
             ctx.active[sid] -= 1
-        seconds = monotonic() - self.t0
+        seconds = monotonic() - t0
         req = self.req
         bytes_in = len(req.raw) + self.body_bytes
         bytes_out = self.resp_bytes if out_bytes is None else out_bytes
@@ -272,18 +274,23 @@ class Exchange:
         h.sum += seconds
         m.bytes_in += bytes_in
         m.bytes_out += bytes_out
-        log = ctx.access_log
-        if log is not None:
-            route = self.route
-            fwd = self.fwd
-            part = req.log_part
-            if part is None:
-                part = req.log_part = log.head_part(req.method, req.host, req.target)
-            log.log(
-                "request", self.rid, self.client.peer.ip, part, route.sandbox_id if route else None,
-                route.port if route else None, status, reason, bytes_in, bytes_out, seconds, self.connect_time,
-                fwd.upstream if fwd else None,
-            )  # fmt: skip
+        if ctx.access_log is not None:
+            self._log(status, reason, bytes_in, bytes_out, seconds)
+
+    def _log(self, status: int, reason: str, bytes_in: int, bytes_out: int, seconds: float) -> None:
+        log = self.ctx.access_log
+        assert log is not None
+        req = self.req
+        route = self.route
+        fwd = self.fwd
+        part = req.log_part
+        if part is None:
+            part = req.log_part = log.head_part(req.method, req.host, req.target)
+        log.log(
+            "request", self.rid, self.client.peer.ip, part, route.sandbox_id if route else None,
+            route.port if route else None, status, reason, bytes_in, bytes_out, seconds, self.connect_time,
+            fwd.upstream if fwd else None,
+        )  # fmt: skip
 
     async def _resume(self) -> None:
         """The sandbox is paused: have it resumed (once for all waiting requests), then go on."""
@@ -364,7 +371,11 @@ class Exchange:
             return d
         log.info("sandbox %s moved to %s", route.sandbox_id, new.address)
         self.fwd = new
-        self.head = self._head_for(new)
+        head = self.req.upstream_head(self.client.peer, new.host)
+        name = self.ctx.rid_header
+        if name:
+            head = b"".join((head[:-2], name, b": ", self.rid or self._new_rid(), b"\r\n\r\n"))
+        self.head = head
         return new
 
     def _attach(self, up: UpstreamConnection) -> None:
@@ -473,7 +484,25 @@ class Exchange:
         self.down_buf = []
         self.up = None
         up.exchange = None
-        self._end(self.status, "sandbox")
+        t0 = self.t0
+        if t0:  # _end(self.status, "sandbox"), inline: this is every proxied request
+            self.t0 = 0.0
+            ctx = self.ctx
+            sid = self.counted
+            if sid is not None:
+                self.counted = None
+                ctx.active[sid] -= 1
+            seconds = monotonic() - t0
+            m = ctx.metrics
+            m.sandbox_status[self.status] += 1
+            h = m.duration
+            h.counts[bisect_left(h.bounds, seconds)] += 1
+            h.sum += seconds
+            bytes_in = len(self.req.raw) + self.body_bytes
+            m.bytes_in += bytes_in
+            m.bytes_out += self.resp_bytes
+            if ctx.access_log is not None:
+                self._log(self.status, "sandbox", bytes_in, self.resp_bytes, seconds)
         if (
             self.reusable and self.req_done and not self.up_buf and up.reusable and not up.write_paused
             and not up.gate.reasons

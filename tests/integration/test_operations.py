@@ -413,3 +413,26 @@ async def test_proxy_protocol_before_tls(start_gateway: Any, catalog: Catalog, t
         assert r.status == 200 and b"X-Forwarded-For: 127.0.0.1\r\n" in r.body
         r = await via(optional, b"PROXY TCP4 203.0.113.10 10.0.0.1 4444 443\r\n")
         assert b"X-Forwarded-For: 203.0.113.10\r\n" in r.body
+
+
+async def test_slow_heads_and_idle_clients(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("slow", host="127.0.0.1")
+        gw = await start_gateway(request_head_timeout=1.0, client_idle_timeout=1.0)
+        host = gw.host(up.port, "slow")
+        # slowloris: a head that trickles in never completes in time, however steady the trickle
+        c = await Client.connect(gw.port)
+        c.send(f"GET / HTTP/1.1\r\nHost: {host}\r\n".encode())
+        r = await read_response(c.reader)
+        assert (r.status, r.header("X-Gateway-Reason")) == (408, b"request_timeout")
+        assert await c.closed()
+        # an idle keep-alive connection is closed after client_idle_timeout
+        c = await Client.connect(gw.port)
+        assert (await c.request(host)).status == 200
+        assert await c.closed()
+        # a head too large is 431, and the connection closes
+        c = await Client.connect(gw.port)
+        c.send(f"GET / HTTP/1.1\r\nHost: {host}\r\nX-Big: {'a' * 70000}\r\n\r\n".encode())
+        r = await read_response(c.reader)
+        assert (r.status, r.header("X-Gateway-Reason")) == (431, b"request_head_too_large")
+        assert await c.closed()
