@@ -94,7 +94,7 @@ async def main(n: int) -> None:
             [os.path.join(ROOT, ".venv", "bin", "gateway"), "serve", "--listen", f"127.0.0.1:{gport}",
              "--admin-listen", f"127.0.0.1:{aport}", "--redis-url", f"redis://127.0.0.1:{rport}/0", "--domain", "e2b.dev"],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "gateway.log"), "w"),
-            env={**os.environ, "GATEWAY_DRAIN_DELAY": "0"},
+            env={**os.environ, "GATEWAY_DRAIN_DELAY": "0", "GATEWAY_MAX_SANDBOX_CONNECTIONS": "0"},  # one sandbox, 10,000 sockets
         )  # fmt: skip
         procs.append(gw)
         host = f"{sport}-idle.e2b.dev"
