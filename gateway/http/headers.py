@@ -262,7 +262,7 @@ class RequestHead:
         self.forwarding: list[Field] | None = None  # X-Forwarded-*/Forwarded received
         self.token: bytes | None = None  # the traffic token presented (never forwarded)
         self.request_id: bytes | None = None  # the request ID received (forwarded by the proxy if trusted)
-        self.rid_pre: tuple[bytes, bytes] | None = None  # (upstream head, it up to a request ID value)
+        self.rid_pre: tuple[bytes | None, bytes] | None = None  # (Host sent, head up to a request ID value)
         self.log_part: str | None = None  # method, host and path as the access log writes them
         self.route_id: bytes | None = None  # the routing fields (shared hosts)
         self.route_port: bytes | None = None

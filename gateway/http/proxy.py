@@ -214,7 +214,6 @@ class Exchange:
         # The head for the sandbox: the policy's, plus the request ID (X-Request-ID: kept from
         # trusted proxies, else generated). Inline: this runs for every request.
         req = self.req
-        head = req.upstream_head(self.client.peer, d.host)
         name = ctx.rid_header
         if name:
             rid = req.request_id
@@ -222,11 +221,14 @@ class Exchange:
                 n = ctx.rid_n = ctx.rid_n + 1
                 rid = ctx.rid_prefix + b"%x" % n
             self.rid = rid
-            pre = req.rid_pre  # the head up to the ID's value, kept while the head repeats
-            if pre is None or pre[0] is not head:
-                pre = req.rid_pre = (head, head[:-2] + name + b": ")
-            head = b"".join((pre[1], rid, b"\r\n\r\n"))
-        self.head = head
+            # The head up to the ID's value, kept while the head (and the Host sent) repeats.
+            pre = req.rid_pre
+            if pre is None or pre[0] is not d.host:
+                head = req.upstream_head(self.client.peer, d.host)
+                pre = req.rid_pre = (d.host, head[:-2] + name + b": ")
+            self.head = b"".join((pre[1], rid, b"\r\n\r\n"))
+        else:
+            self.head = req.upstream_head(self.client.peer, d.host)
         up = ctx.pool.acquire(d.key)
         if up is not None:
             self._attach(up)
