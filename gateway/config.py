@@ -242,7 +242,7 @@ class Config:
     max_connections: int = _s(16384, "client connections per worker; more are answered 503 and closed", _positive)
     max_sandbox_connections: int = _s(
         1000,
-        "concurrent requests and tunnels per sandbox and worker (then 429 too_many_connections); 0: no limit",
+        "connections open to one sandbox per worker, tunnels included (then 429 too_many_connections); 0: none",
         _non_negative_int,
     )
     min_body_rate: int = _s(

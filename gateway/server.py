@@ -139,7 +139,6 @@ class Gateway:
         now = ctx.clock = ctx.loop.time()
         try:
             self.pool.sweep()
-            ctx.sweep()
             for c in list(ctx.connections):
                 c.check_timeouts(now)
             idle = self.config.tunnel_idle_timeout

@@ -8,7 +8,6 @@ live upstream connections and tunnels are reset, so nothing keeps talking to a s
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import logging
 import os
@@ -38,7 +37,6 @@ class Context:
 
     __slots__ = (
         "access_log",
-        "active",
         "catalog",
         "clock",
         "config",
@@ -84,9 +82,6 @@ class Context:
         self.rid_in_response = re.compile(b"\r\n" + re.escape(self.rid_header) + b":", re.IGNORECASE)
         self.rid_prefix = os.urandom(6).hex().encode() + b"-"
         self.rid_n = 0
-        #: sandbox ID -> requests in progress and open tunnels (max_sandbox_connections); zeros are
-        #: swept once a second rather than deleted per request
-        self.active: collections.defaultdict[str, int] = collections.defaultdict(int)
         self.max_per_sandbox = config.max_sandbox_connections or 1 << 62
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
         self.connections: set[ClientConnection] = set()
@@ -99,12 +94,6 @@ class Context:
     def next_request_id(self) -> bytes:
         self.rid_n += 1
         return self.rid_prefix + b"%x" % self.rid_n
-
-    def sweep(self) -> None:
-        """Forget sandboxes with nothing in progress (called once a second)."""
-        active = self.active
-        for sid in [k for k, n in active.items() if n <= 0]:
-            del active[sid]
 
     def closed_one(self) -> None:
         """A client connection or tunnel ended; while draining, note when none is left."""

@@ -77,7 +77,6 @@ class Exchange:
     body_bytes = 0  # request body bytes received
     resp_bytes = 0  # bytes the sandbox sent for this exchange (counted by the upstream connection)
     connect_time: float | None = None  # seconds to open a new upstream connection
-    counted: str | None = None  # the sandbox this exchange counts against (max_sandbox_connections)
 
     def __init__(self, client: ClientConnection, req: RequestHead) -> None:
         self.client = client
@@ -202,14 +201,6 @@ class Exchange:
                 self.fail(bad)
                 return
         ctx = self.ctx
-        if self.counted is None:
-            sid = self.route.sandbox_id  # type: ignore[union-attr]
-            active = ctx.active
-            if active[sid] >= ctx.max_per_sandbox:
-                self.fail(errors.TOO_MANY_CONNECTIONS)
-                return
-            active[sid] += 1
-            self.counted = sid
         self.fwd = d
         # The head for the sandbox: the policy's, plus the request ID (X-Request-ID: kept from
         # trusted proxies, else generated). Inline: this runs for every request.
@@ -232,8 +223,15 @@ class Exchange:
         up = ctx.pool.acquire(d.key)
         if up is not None:
             self._attach(up)
-        else:
-            self.task = self.ctx.loop.create_task(self._connect(d))
+            return
+        # max_sandbox_connections bounds the connections open to one sandbox (requests in progress,
+        # idle pooled ones and tunnels): checked only when a new one would be opened, so reusing a
+        # pooled connection costs nothing extra.
+        links = ctx.pool.links.get(self.route.sandbox_id)  # type: ignore[union-attr]
+        if links is not None and len(links) >= ctx.max_per_sandbox:
+            self.fail(errors.TOO_MANY_CONNECTIONS)
+            return
+        self.task = ctx.loop.create_task(self._connect(d))
 
     def _new_rid(self) -> bytes:
         """This request's ID: the one a trusted proxy sent, else a new one."""
@@ -245,12 +243,6 @@ class Exchange:
         self.rid = rid
         return rid
 
-    def _uncount(self) -> None:
-        sid = self.counted
-        if sid is not None:
-            self.counted = None
-            self.ctx.active[sid] -= 1  # zeros are swept once a second (Context.sweep)
-
     def _end(self, status: int, reason: str, out_bytes: int | None = None) -> None:
         """The exchange is over: count it, log it, free its place among the sandbox's connections."""
         t0 = self.t0
@@ -258,10 +250,6 @@ class Exchange:
             return  # already counted
         self.t0 = 0.0
         ctx = self.ctx
-        sid = self.counted
-        if sid is not None:
-            self.counted = None
-            ctx.active[sid] -= 1
         seconds = monotonic() - t0
         req = self.req
         bytes_in = len(req.raw) + self.body_bytes
@@ -490,10 +478,6 @@ class Exchange:
         if t0:  # _end(self.status, "sandbox"), inline: this is every proxied request
             self.t0 = 0.0
             ctx = self.ctx
-            sid = self.counted
-            if sid is not None:
-                self.counted = None
-                ctx.active[sid] -= 1
             seconds = monotonic() - t0
             m = ctx.metrics
             m.sandbox_status[self.status] += 1
@@ -544,14 +528,11 @@ class Exchange:
         early = self.early or b""
         self.early = None
         self.status = 101
-        counted, self.counted = self.counted, None  # the tunnel keeps the sandbox's place
         self._end(101, "sandbox")
-        self.counted = counted
         self.client.become_tunnel(self, up, early)
 
     def tunnel_ended(self, bytes_in: int, bytes_out: int) -> None:
-        """The tunnel this exchange became has closed: log it and free the sandbox's place."""
-        self._uncount()
+        """The tunnel this exchange became has closed: log and count it."""
         ctx = self.ctx
         seconds = monotonic() - self.t0
         m = ctx.metrics
