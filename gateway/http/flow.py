@@ -6,6 +6,9 @@ memory. Each connection has one :class:`ReadGate`; several independent reasons c
 upstream connects...). Reading resumes only when every reason is gone, so one reason clearing
 cannot undo another. Only this module and tunnel.py call ``pause_reading``/``resume_reading``.
 
+It also holds the one way a connection is torn down hard (:func:`reset`): a TCP RST, so a peer
+whose message was cut short can never take it for complete.
+
 Writes need no code: asyncio calls ``pause_writing`` on a protocol when its transport's buffer
 passes the high-water mark, and the protocol closes the *other* side's gate with
 :data:`PEER_BUSY`; ``resume_writing`` opens it again.
@@ -14,9 +17,11 @@ passes the high-water mark, and the protocol closes the *other* side's gate with
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from typing import Final
 
-__all__ = ["BUFFERING", "PEER_BUSY", "QUEUED", "UPGRADING", "ReadGate", "tune"]
+__all__ = ["BUFFERING", "PEER_BUSY", "QUEUED", "UPGRADING", "ReadGate", "reset", "tune"]
 
 PEER_BUSY: Final = 1  #: the transport we write this side's data to is full
 QUEUED: Final = 2  #: pipelined requests wait for the one in progress
@@ -53,3 +58,17 @@ class ReadGate:
 def tune(transport: asyncio.Transport) -> None:
     """Apply the gateway's write-buffer limits to a new transport."""
     transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+
+
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close with a TCP RST (SO_LINGER 0, then abort) instead of a FIN."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()

@@ -18,8 +18,6 @@ Only this module and flow.py pause and resume reading on transports.
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from typing import TYPE_CHECKING
 
 from gateway.http import flow
@@ -30,8 +28,6 @@ if TYPE_CHECKING:
     from gateway.http.upstream import UpstreamConnection
 
 __all__ = ["TunnelEnd", "splice"]
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class TunnelEnd(asyncio.Protocol):
@@ -84,7 +80,7 @@ class TunnelEnd(asyncio.Protocol):
         self.ctx.closed_one()
         if not peer.closed:
             if exc is not None:
-                _reset(peer.transport)
+                flow.reset(peer.transport)
             else:
                 peer.transport.close()
         client = self if self.is_client else peer
@@ -107,19 +103,9 @@ class TunnelEnd(asyncio.Protocol):
     def reset(self) -> None:
         """The sandbox is gone or replaced: reset both sides."""
         if not self.closed:
-            _reset(self.transport)
+            flow.reset(self.transport)
         if not self.peer.closed:
-            _reset(self.peer.transport)
-
-
-def _reset(t: asyncio.Transport) -> None:
-    sock = t.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass
-    t.abort()
+            flow.reset(self.peer.transport)
 
 
 def splice(

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
 from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
@@ -35,9 +33,6 @@ __all__ = ["Pool", "SandboxLink", "UpstreamConnection", "connect_failure"]
 log = logging.getLogger("gateway.upstream")
 
 _HEAD, _LENGTH, _CHUNKED, _CLOSE = range(4)
-
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class SandboxLink(Protocol):
@@ -282,15 +277,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def reset(self) -> None:
         """The sandbox this leads to is gone or replaced: reset (RST), whether idle or busy."""
-        if self.closed:
-            return
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        self.transport.abort()  # a busy exchange hears of it in connection_lost
+        if not self.closed:
+            flow.reset(self.transport)  # a busy exchange hears of it in connection_lost
 
 
 class Pool:
