@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
-import struct
 from typing import cast
 
 import httptools
@@ -36,7 +34,6 @@ __all__ = ["ClientConnection"]
 
 log = logging.getLogger("gateway.downstream")
 
-_LINGER_RESET = struct.pack("ii", 1, 0)
 _HEAD, _LENGTH, _CHUNKED = range(3)
 
 
@@ -148,7 +145,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             got = proxy_protocol.parse(buf)
         except proxy_protocol.ProxyProtocolError as e:
-            if self.proxy == "optional" and not buf.startswith((b"PROXY", b"\r\n\r\n")):
+            if self.proxy == "optional" and not proxy_protocol.may_be_header(buf):
                 self.proxy = "off"  # no header: a direct client
                 self.pending = b""
                 return buf
@@ -422,13 +419,7 @@ class ClientConnection(asyncio.Protocol):
     def reset(self) -> None:
         """Reset the connection (RST): a response cut short must not look complete."""
         self.closing = True
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:
-                pass
-        self.transport.abort()
+        flow.reset(self.transport)
 
     def check_timeouts(self, now: float) -> None:
         """Called about once a second: slow request heads get 408, idle connections close."""

@@ -60,6 +60,7 @@ __all__ = [
     "NeedMore",
     "ProxyInfo",
     "ProxyProtocolError",
+    "may_be_header",
     "parse",
 ]
 
@@ -116,6 +117,19 @@ class NeedMore(enum.Enum):
 
 #: :func:`parse` needs more bytes to decide (everything so far is a prefix of a valid header).
 NEED_MORE: Final = NeedMore.NEED_MORE
+
+
+def may_be_header(buf: bytes) -> bool:
+    """Whether ``buf`` starts like a PROXY header (v1 or v2), even if too short to tell more.
+
+    For ``proxy-optional`` listeners: bytes that cannot begin a header come from a direct client,
+    bytes that can but do not parse are a broken header and refused.
+    """
+    n = min(len(buf), len(_V1_PREFIX))
+    if buf[:n] == _V1_PREFIX[:n]:
+        return True
+    n = min(len(buf), len(_V2_SIGNATURE))
+    return buf[:n] == _V2_SIGNATURE[:n]
 
 
 def parse(buf: bytes) -> tuple[ProxyInfo, int] | NeedMore:

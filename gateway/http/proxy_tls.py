@@ -26,8 +26,6 @@ __all__ = ["accept_loop"]
 
 log = logging.getLogger("gateway.downstream")
 
-_V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
-
 
 async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     fut: asyncio.Future[None] = loop.create_future()
@@ -58,7 +56,7 @@ async def _read_header(
         try:
             got = proxy_protocol.parse(data)
         except proxy_protocol.ProxyProtocolError as e:
-            if mode == "optional" and not (data.startswith(b"PROXY") or data.startswith(_V2_SIG[: len(data)])):
+            if mode == "optional" and not proxy_protocol.may_be_header(data):
                 return None, True  # a direct TLS client
             log.info("PROXY protocol header refused: %s", e)
             return None, False
