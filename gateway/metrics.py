@@ -84,7 +84,7 @@ class Metrics:
         self.tunnels_total = 0
 
     def request(self, status: int, reason: str, seconds: float) -> None:
-        """Count one answered request (the data plane inlines the same steps)."""
+        """Count one answered request (proxy.Exchange.on_response_complete inlines the sandbox case)."""
         if reason == "sandbox":
             self.sandbox_status[status] += 1
         else:

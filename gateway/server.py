@@ -159,10 +159,6 @@ class Gateway:
             ok = await self.catalog.ping()
             await asyncio.sleep(1.0 if ok else 0.25)
 
-    @property
-    def ready(self) -> bool:
-        return self.catalog is not None and self.catalog.reached and not self.ctx.draining
-
     def status(self) -> tuple[int, dict[str, Any]]:
         """Readiness for /ready: (HTTP status, body)."""
         body: dict[str, Any] = {"catalog": self.catalog.health()}

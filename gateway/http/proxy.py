@@ -209,8 +209,7 @@ class Exchange:
         if name:
             rid = req.request_id
             if rid is None or not self.client.peer.trusted:
-                n = ctx.rid_n = ctx.rid_n + 1
-                rid = ctx.rid_prefix + b"%x" % n
+                rid = ctx.next_request_id()
             self.rid = rid
             # The head up to the ID's value, kept while the head (and the Host sent) repeats.
             pre = req.rid_pre
@@ -237,9 +236,7 @@ class Exchange:
         """This request's ID: the one a trusted proxy sent, else a new one."""
         rid = self.req.request_id
         if rid is None or not self.client.peer.trusted:
-            ctx = self.ctx
-            n = ctx.rid_n = ctx.rid_n + 1
-            rid = ctx.rid_prefix + b"%x" % n
+            rid = self.ctx.next_request_id()
         self.rid = rid
         return rid
 
@@ -255,13 +252,7 @@ class Exchange:
         bytes_in = len(req.raw) + self.body_bytes
         bytes_out = self.resp_bytes if out_bytes is None else out_bytes
         m = ctx.metrics
-        if reason == "sandbox":
-            m.sandbox_status[status] += 1
-        else:
-            m.requests[status, reason] += 1
-        h = m.duration
-        h.counts[bisect_left(h.bounds, seconds)] += 1
-        h.sum += seconds
+        m.request(status, reason, seconds)
         m.bytes_in += bytes_in
         m.bytes_out += bytes_out
         if ctx.access_log is not None:
