@@ -34,6 +34,7 @@ __all__ = [
     "normalize_host",
     "parse_label",
     "parse_routing_fields",
+    "valid_sandbox_id",
 ]
 
 _LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
@@ -58,7 +59,8 @@ class Route:
         return base if self.client_id is None else f"{base}-{self.client_id}"
 
 
-def _valid_id(s: str) -> bool:
+def valid_sandbox_id(s: str) -> bool:
+    """``[a-z0-9]{1,64}``: the grammar of sandbox (and client) IDs."""
     return 0 < len(s) <= MAX_ID_LENGTH and _ID_CHARS.issuperset(s)
 
 
@@ -73,11 +75,11 @@ def parse_label(label: str) -> Route | Reason:
     port = int(p)
     if port > 65535:
         return errors.INVALID_PORT
-    if not _valid_id(parts[1]):
+    if not valid_sandbox_id(parts[1]):
         return errors.INVALID_SANDBOX_ID
     client_id = None
     if len(parts) == 3:
-        if not _valid_id(parts[2]):
+        if not valid_sandbox_id(parts[2]):
             return errors.INVALID_HOST
         client_id = parts[2]
     return Route(port, parts[1], client_id)
@@ -123,7 +125,7 @@ def parse_routing_fields(sandbox_id: bytes | None, port: bytes | None) -> Route 
         p = port.decode("ascii").strip()
     except UnicodeDecodeError:
         return errors.INVALID_HOST
-    if not _valid_id(sid):
+    if not valid_sandbox_id(sid):
         return errors.INVALID_SANDBOX_ID
     r = parse_label(f"{p}-{sid}")
     return errors.INVALID_PORT if isinstance(r, Reason) else r

@@ -8,19 +8,17 @@ its cached copy at once instead of after its cache TTL.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 
 from gateway.catalog.connection import CatalogRedis
 from gateway.catalog.record import RecordError, SandboxRecord, dump_record, parse_record
+from gateway.hostname import valid_sandbox_id
 
 __all__ = ["CatalogWriter"]
 
-_ID = re.compile(r"[a-z0-9]{1,64}")
-
 
 def check_id(sandbox_id: str) -> str:
-    if not _ID.fullmatch(sandbox_id):
+    if not valid_sandbox_id(sandbox_id):
         raise ValueError(f"sandbox ID {sandbox_id!r} is not [a-z0-9]{{1,64}}")
     return sandbox_id
 
