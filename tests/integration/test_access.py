@@ -3,11 +3,12 @@ shared-host routing fields SDKs use to reach many sandboxes over one connection.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from tests.conftest import Catalog
+from tests.conftest import WAIT, Catalog
 from tests.helpers import Client, RawUpstream, echo_handler, request
 
 TOKEN = "e2b-traffic-access-token"
@@ -32,8 +33,10 @@ async def test_states_other_than_running_are_not_routed(
         r = await request(gw.port, gw.host(up.port, "st"))
         assert (r.status, r.header("X-Gateway-Reason"), r.header("Retry-After")) == (status, reason, retry_after)
         assert up.conns == []
-        catalog.put("st", host="127.0.0.1", state="running")
-        assert (await request(gw.port, gw.host(up.port, "st"))).status == 200
+        catalog.put("st", host="127.0.0.1", state="running")  # announced: the gateway learns of it at once
+        async with asyncio.timeout(WAIT):  # (the message travels through Redis: poll, bounded)
+            while (await request(gw.port, gw.host(up.port, "st"))).status != 200:
+                await asyncio.sleep(0.01)
 
 
 async def test_traffic_token_is_required_checked_and_removed(start_gateway: Any, catalog: Catalog) -> None:
