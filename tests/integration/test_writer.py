@@ -17,6 +17,14 @@ from tests.conftest import ROOT, WAIT, RedisServer, gateway_env
 from tests.helpers import RawUpstream, echo_handler, request
 
 
+async def until(send: Any, status: int) -> Any:
+    """The writer's PUBLISH reaches the gateway through Redis: ask again until it has (bounded)."""
+    async with asyncio.timeout(WAIT):
+        while (r := await send()).status != status:
+            await asyncio.sleep(0.01)
+    return r
+
+
 async def test_writer_put_get_delete_scan(start_gateway: Any, redis_server: RedisServer) -> None:
     client = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
     w = CatalogWriter(client)
@@ -33,7 +41,7 @@ async def test_writer_put_get_delete_scan(start_gateway: Any, redis_server: Redi
         assert json.loads(raw) == {"host": "127.0.0.1", "execution_id": "exec-1", "traffic_access_token": "t",
                                    "ports": [up.port]}  # fmt: skip
         # put published the change: the gateway forgets "missing" at once, despite its TTL
-        r = await request(gw.port, host, headers={"e2b-traffic-access-token": "t"})
+        r = await until(lambda: request(gw.port, host, headers={"e2b-traffic-access-token": "t"}), 200)
         assert r.status == 200
         await w.put("wr2", SandboxRecord("10.1.2.3", state="paused"))
         listed = {sid: rec async for sid, rec in w.scan(count=10)}
@@ -44,7 +52,7 @@ async def test_writer_put_get_delete_scan(start_gateway: Any, redis_server: Redi
         assert await w.delete("wr1") is True
         assert await w.delete("wr1") is False
         assert await w.get("wr1") is None
-        r = await request(gw.port, host, headers={"e2b-traffic-access-token": "t"})
+        r = await until(lambda: request(gw.port, host, headers={"e2b-traffic-access-token": "t"}), 502)
         assert (r.status, r.header("X-Gateway-Reason")) == (502, b"sandbox_not_found")
         for sid in ("wr2", "wr3"):
             await client.delete("sandbox:catalog:" + sid)
@@ -87,7 +95,7 @@ async def test_cli_put_get_ls_rm(start_gateway: Any, redis_server: RedisServer) 
             "127.0.0.1", "x1", "running", "tk", "localhost:${PORT}", frozenset({up.port, 8080})
         )
         assert 0 < redis_server.client().ttl("sandbox:catalog:cli1") <= 300
-        r = await request(gw.port, host, "/c", headers={"e2b-traffic-access-token": "tk"})
+        r = await until(lambda: request(gw.port, host, "/c", headers={"e2b-traffic-access-token": "tk"}), 200)
         assert r.status == 200 and f"localhost:{up.port}".encode() in r.body  # announced and applied
         p = await asyncio.to_thread(cli, url, "get", "cli1")
         assert p.returncode == 0 and json.loads(p.stdout)["ports"] == sorted([up.port, 8080])
@@ -98,7 +106,7 @@ async def test_cli_put_get_ls_rm(start_gateway: Any, redis_server: RedisServer) 
         assert rows["cli2"]["state"] == "paused" and rows["cli1"]["host"] == "127.0.0.1"
         p = await asyncio.to_thread(cli, url, "rm", "cli1")
         assert p.returncode == 0
-        r = await request(gw.port, host, headers={"e2b-traffic-access-token": "tk"})
+        r = await until(lambda: request(gw.port, host, headers={"e2b-traffic-access-token": "tk"}), 502)
         assert r.status == 502
         p = await asyncio.to_thread(cli, url, "rm", "cli1")
         assert p.returncode == 1 and "no record" in p.stderr
