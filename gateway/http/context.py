@@ -18,6 +18,7 @@ from gateway.access_log import AccessLog
 from gateway.catalog.reader import Catalog, CatalogUnavailable
 from gateway.config import Config
 from gateway.hostname import HostRouter
+from gateway.http.flow import Outbox
 from gateway.http.headers import FieldRoles
 from gateway.metrics import Metrics
 
@@ -49,6 +50,7 @@ class Context:
         "max_head",
         "max_per_sandbox",
         "metrics",
+        "outbox",
         "pool",
         "resumer",
         "rid_header",
@@ -66,6 +68,7 @@ class Context:
         self.max_head = config.max_request_head_size
         self.catalog = catalog
         self.pool = pool
+        self.outbox = Outbox(self.loop)  # every HTTP write of this worker's connections
         self.router = HostRouter(config.domains, shared_hosts=config.shared_hosts)
         self.fields = FieldRoles(
             config.traffic_token_header.encode(),

@@ -205,6 +205,13 @@ class ClientConnection(asyncio.Protocol):
                     head = data if (pos == 0 and end == n) else data[pos:end]
                     self.fed = 0
                     pos = end
+                    last = self.last_req
+                    if not fed and last is not None and last.repeatable and self.llhttp_done and last.raw == head:
+                        # The previous request on this connection had exactly these bytes and no
+                        # body: llhttp, back at the start of a message, parsed them to a complete
+                        # request then and would again now. The verdict is known; skip the parse.
+                        self._head(head, False)
+                        continue
                     try:
                         parser.feed_data(head[fed:] if fed else head)
                     except httptools.HttpParserUpgrade:
@@ -391,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
         reason = self.broken
         assert reason is not None
         if not self.closing:
-            self.transport.write(errors.render(reason, close=True))
+            self.ctx.outbox.write(self.transport, errors.render(reason, close=True))
             self.close()
 
     def _upgrade_pending(self, rest: bytes) -> None:
@@ -406,6 +413,7 @@ class ClientConnection(asyncio.Protocol):
         self.active = None
         self.closing = True
         self.ctx.connections.discard(self)  # the tunnel now counts in ctx.tunnels
+        self.ctx.outbox.flush()  # the 101 goes before any tunnel byte (updates write_paused too)
         tunnel.splice(self.ctx, self.transport, up, early, client_write_paused=self.write_paused, exchange=x)
 
     # ---- closing
@@ -414,11 +422,13 @@ class ClientConnection(asyncio.Protocol):
         """Close after what is buffered has been written."""
         if not self.closing:
             self.closing = True
+            self.ctx.outbox.flush()  # what is pending for this transport goes first
             self.transport.close()
 
     def reset(self) -> None:
         """Reset the connection (RST): a response cut short must not look complete."""
         self.closing = True
+        self.ctx.outbox.flush()  # the bytes already answered reach the client before the RST
         flow.reset(self.transport)
 
     def check_timeouts(self, now: float) -> None:
@@ -431,7 +441,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state == _HEAD and self.fed and self.parsing is None:
             if now - self.last_active > cfg.request_head_timeout:
                 if self.active is None and not self.queue:
-                    self.transport.write(errors.render(errors.REQUEST_TIMEOUT, close=True))
+                    self.ctx.outbox.write(self.transport, errors.render(errors.REQUEST_TIMEOUT, close=True))
                 self.close()
         elif self.active is None and self.parsing is None and not self.queue:
             limit = cfg.client_idle_timeout if not self.ctx.draining else 0.0

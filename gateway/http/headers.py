@@ -236,6 +236,7 @@ class RequestHead:
         "log_part",
         "method",
         "raw",
+        "repeatable",
         "request_id",
         "rid_pre",
         "route_id",
@@ -267,6 +268,9 @@ class RequestHead:
         self.route_id: bytes | None = None  # the routing fields (shared hosts)
         self.route_port: bytes | None = None
         self.upstream: tuple[bytes | None, bytes] | None = None  # (host, upstream_head(peer, host))
+        # A complete message in its head alone, after which llhttp is back at the start of the next
+        # one: the same bytes again on the connection need no second parse (downstream.py).
+        self.repeatable = False
 
     def upstream_head(self, peer: Peer, host: bytes | None = None) -> bytes:
         """The head to send upstream; ``host`` replaces the Host value (mask_request_host).
@@ -394,6 +398,7 @@ def analyze_request(raw: bytes, fields: FieldRoles) -> RequestHead | Reason:
             cuts = _named_by_connection(raw, conn, cuts)
     r.cuts = cuts
     r.forwarding = fwd
+    r.repeatable = r.body == framing.NONE and r.keep_alive and not r.http10 and upgrade is None
     return r
 
 

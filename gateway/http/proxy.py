@@ -367,11 +367,11 @@ class Exchange:
             up.gate.close(flow.PEER_BUSY)
         req = self.req
         if req.expect_continue and not req.http10 and not self.up_buf_size and not self.req_done:
-            client.transport.write(CONTINUE)
+            self.ctx.outbox.write(client.transport, CONTINUE)
         if not self.up_buf and self.req_done:  # a request without body: the head is all of it
             if up.reused:
                 self.sent = [self.head]
-            up.transport.write(self.head)
+            self.ctx.outbox.write(up.transport, self.head)
             return
         self.up_buf.insert(0, self.head)
         if not client.in_feed:
@@ -404,10 +404,7 @@ class Exchange:
             self.sent = buf if self.up_buf_size <= REPLAY_LIMIT else None
         self.sent_body += self.up_buf_size
         self.up_buf_size = 0
-        if len(buf) == 1:
-            up.transport.write(buf[0])
-        else:
-            up.transport.writelines(buf)
+        self.ctx.outbox.write(up.transport, buf[0] if len(buf) == 1 else buf)
 
     # ---- response side (called by UpstreamConnection)
 
@@ -457,18 +454,14 @@ class Exchange:
         if self.body_out == framing.CHUNKED and self.body_in != framing.CHUNKED:
             buf.append(framing.LAST_CHUNK)
         self.done = True
-        t = self.client.transport
-        if len(buf) == 1:
-            t.write(buf[0])
-        else:
-            t.writelines(buf)
+        ctx = self.ctx
+        ctx.outbox.write(self.client.transport, buf[0] if len(buf) == 1 else buf)
         self.down_buf = []
         self.up = None
         up.exchange = None
         t0 = self.t0
         if t0:  # _end(self.status, "sandbox"), inline: this is every proxied request
             self.t0 = 0.0
-            ctx = self.ctx
             seconds = monotonic() - t0
             m = ctx.metrics
             m.sandbox_status[self.status] += 1
@@ -493,11 +486,7 @@ class Exchange:
         buf = self.down_buf
         if buf:
             self.down_buf = []
-            t = self.client.transport
-            if len(buf) == 1:
-                t.write(buf[0])
-            else:
-                t.writelines(buf)
+            self.ctx.outbox.write(self.client.transport, buf[0] if len(buf) == 1 else buf)
 
     def on_upstream_upgrade(self, up: UpstreamConnection, head: bytes, rest: bytes) -> None:
         """The sandbox answered 101: from now on both connections are one byte tunnel."""

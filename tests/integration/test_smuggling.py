@@ -173,3 +173,27 @@ async def test_garbage_and_half_requests(start_gateway: Any) -> None:
     async with asyncio.timeout(5):
         while gw.gateway.ctx.connections:
             await asyncio.sleep(0.01)
+
+
+async def test_a_repeated_head_is_served_and_a_changed_one_parsed_again(start_gateway: Any, catalog: Catalog) -> None:
+    """A head that repeats the previous one byte for byte is not parsed twice (llhttp's verdict on
+    those bytes is known); one that differs in a single byte is, and is refused when bad."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        h = gw.host(up.port, "abc")
+        good = f"GET /same HTTP/1.1\r\nHost: {h}\r\nX-A: bc\r\n\r\n"
+        bad = f"GET /same HTTP/1.1\r\nHost: {h}\r\nX-A: b\x00\r\n\r\n"  # same length, a NUL in the value
+        c = await Client.connect(gw.port)
+        # Pipelined, so the repeats arrive together; a POST between them moves llhttp through a body.
+        post = f"POST /p HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n"
+        c.send((good * 3 + post + good * 2 + bad + good).encode("latin-1"))
+        for i in range(6):
+            r = await c.read_response()
+            assert r.status == 200, i
+            assert (b"POST /p " in r.body) if i == 3 else (b"GET /same " in r.body)
+        r = await c.read_response()
+        assert r.status == 400 and r.header("X-Gateway-Reason") == b"malformed_request"
+        assert await c.closed()
+        assert bytes(up.received).count(b"GET /same ") == 5
+        await c.close()
