@@ -367,7 +367,7 @@ class Exchange:
             up.gate.close(flow.PEER_BUSY)
         req = self.req
         if req.expect_continue and not req.http10 and not self.up_buf_size and not self.req_done:
-            self.ctx.outbox.write(client.transport, CONTINUE)
+            self.ctx.outbox.send(client.transport, CONTINUE)
         if not self.up_buf and self.req_done:  # a request without body: the head is all of it
             if up.reused:
                 self.sent = [self.head]
@@ -404,7 +404,7 @@ class Exchange:
             self.sent = buf if self.up_buf_size <= REPLAY_LIMIT else None
         self.sent_body += self.up_buf_size
         self.up_buf_size = 0
-        self.ctx.outbox.write(up.transport, buf[0] if len(buf) == 1 else buf)
+        self.ctx.outbox.send(up.transport, buf[0] if len(buf) == 1 else buf)
 
     # ---- response side (called by UpstreamConnection)
 
@@ -486,7 +486,7 @@ class Exchange:
         buf = self.down_buf
         if buf:
             self.down_buf = []
-            self.ctx.outbox.write(self.client.transport, buf[0] if len(buf) == 1 else buf)
+            self.ctx.outbox.send(self.client.transport, buf[0] if len(buf) == 1 else buf)
 
     def on_upstream_upgrade(self, up: UpstreamConnection, head: bytes, rest: bytes) -> None:
         """The sandbox answered 101: from now on both connections are one byte tunnel."""

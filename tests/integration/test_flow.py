@@ -1,5 +1,6 @@
-"""The outbox (http/flow.py): writes leave after the loop iteration, in order, and never to a
-transport that was closed meanwhile. Real sockets: one end is the transport, the other a socket."""
+"""The outbox (http/flow.py): held writes leave after the loop iteration, sent ones at once after
+what is held, in order, and never to a transport that was closed meanwhile. Real sockets: one end
+is the transport, the other a socket."""
 
 from __future__ import annotations
 
@@ -51,6 +52,15 @@ async def test_writes_leave_after_the_iteration_in_order(pair: tuple[asyncio.Tra
     ob.write(t, b"4")
     assert nothing_yet(other)  # held until the loop finishes what it is handling
     assert await received(other, 4) == b"1234"
+
+
+async def test_a_sent_write_goes_at_once_after_what_is_held(pair: tuple[asyncio.Transport, socket.socket]) -> None:
+    t, other = pair
+    ob = Outbox(asyncio.get_running_loop())
+    ob.write(t, b"head;")
+    ob.send(t, [b"body", b";"])  # streaming bytes: now, but never before the held head
+    assert not ob.pending
+    assert await received(other, 10) == b"head;body;"
 
 
 async def test_order_is_kept_per_transport_across_transports() -> None:
