@@ -8,7 +8,7 @@ cannot undo another. Only this module and tunnel.py call ``pause_reading``/``res
 
 It also holds the one way a connection is torn down hard (:func:`reset`): a TCP RST, so a peer
 whose message was cut short can never take it for complete, and the :class:`Outbox` through which
-HTTP writes leave, together, once per event-loop iteration.
+every HTTP write goes (small complete messages leave together once per event-loop iteration).
 
 Write backpressure needs no code: asyncio calls ``pause_writing`` on a protocol when its transport's buffer
 passes the high-water mark, and the protocol closes the *other* side's gate with
