@@ -398,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
         reason = self.broken
         assert reason is not None
         if not self.closing:
-            self.ctx.outbox.write(self.transport, errors.render(reason, close=True))
+            self.ctx.outbox.send(self.transport, errors.render(reason, close=True))
             self.close()
 
     def _upgrade_pending(self, rest: bytes) -> None:
@@ -441,7 +441,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state == _HEAD and self.fed and self.parsing is None:
             if now - self.last_active > cfg.request_head_timeout:
                 if self.active is None and not self.queue:
-                    self.ctx.outbox.write(self.transport, errors.render(errors.REQUEST_TIMEOUT, close=True))
+                    self.ctx.outbox.send(self.transport, errors.render(errors.REQUEST_TIMEOUT, close=True))
                 self.close()
         elif self.active is None and self.parsing is None and not self.queue:
             limit = cfg.client_idle_timeout if not self.ctx.draining else 0.0
