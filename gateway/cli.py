@@ -92,14 +92,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-async def _serve_worker(cfg: Config, worker_dir: str) -> int:
-    """One of several workers: serve until the supervisor passes a signal on."""
-    gw = Gateway(cfg, worker_dir=worker_dir)
+async def _started(gw: Gateway, failure: str) -> bool:
+    """Start ``gw``; False (``failure: error`` on stderr, everything stopped) when it cannot listen."""
     try:
         await gw.start()
     except OSError as e:
-        print(f"gateway: worker cannot listen: {e}", file=sys.stderr)
+        print(f"{failure}: {e}", file=sys.stderr)
         await gw.stop()
+        return False
+    return True
+
+
+async def _serve_worker(cfg: Config, worker_dir: str) -> int:
+    """One of several workers: serve until the supervisor passes a signal on."""
+    gw = Gateway(cfg, worker_dir=worker_dir)
+    if not await _started(gw, "gateway: worker cannot listen"):
         return 1
     await gw.serve_until_signalled()
     return 0
@@ -128,11 +135,7 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
                 await embedded.stop()
     gw = Gateway(cfg)
     try:
-        try:
-            await gw.start()
-        except OSError as e:
-            print(f"gateway: cannot listen: {e}", file=sys.stderr)
-            await gw.stop()
+        if not await _started(gw, "gateway: cannot listen"):
             return 1
         if embedded is not None:
             host = cfg.listen_addrs[0][0]
