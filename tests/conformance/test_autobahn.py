@@ -23,6 +23,7 @@ import websockets
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
+from tests import needs
 from tests.conftest import ROOT, Catalog
 
 USERBASE = Path(os.environ.get("GATEWAY_WSTEST_HOME", Path.home() / ".cache" / "gateway-wstest"))
@@ -33,10 +34,16 @@ EXCLUDE = [] if ALL else ["9.*", "12.*", "13.*"]
 PASS = {"OK", "NON-STRICT", "INFORMATIONAL"}
 DOMAIN = "sandbox.localhost"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not WSTEST.exists(), reason=f"Autobahn wstest missing at {WSTEST}: run `make peers`"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def peers() -> None:
+    """wstest (Python 2.7) and names under sandbox.localhost: or say which is missing."""
+    if not WSTEST.exists():
+        needs.missing(f"Autobahn wstest at {WSTEST}", "make peers (with Python 2.7: pyenv install 2.7.18)")
+    if not resolvable():
+        needs.missing(f"a resolver for *.{DOMAIN}", "apt-get install libnss-myhostname")
 
 
 def resolvable() -> bool:
@@ -75,8 +82,6 @@ async def run_wstest(*args: str, cwd: Path, timeout: float) -> None:
 async def test_fuzzingclient_direct_and_through_the_gateway(
     start_gateway: Any, catalog: Catalog, tmp_path: Path
 ) -> None:
-    if not resolvable():
-        pytest.fail(f"*.{DOMAIN} does not resolve: apt-get install libnss-myhostname")
     async with serve(echo_handler, "127.0.0.1", 0, max_size=None, compression="deflate") as server:
         port = server.sockets[0].getsockname()[1]
         catalog.put("abc", host="127.0.0.1")

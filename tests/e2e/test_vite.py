@@ -20,18 +20,29 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests import needs
 from tests.conftest import ROOT, WAIT, Catalog, free_port
 
 APP = ROOT / "tests" / "e2e" / "vite-app"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-NODE = shutil.which("node")
+NODE = shutil.which("node") or "node"
+NODE_MIN = (20, 19)  # Vite 7's floor (Debian 12's nodejs is 18)
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(NODE is None, reason="node is missing"),
-    pytest.mark.skipif(not (APP / "node_modules" / "vite").exists(), reason="run `make peers` (npm install)"),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="apt-get install chromium"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def peers() -> None:
+    """Node.js >= 20.19, the npm packages of the app, the system Chromium: or say which is missing."""
+    node = needs.tool("node", "apt-get install nodejs npm (Node.js >= 20.19)")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=WAIT, check=False).stdout
+    found = tuple(int(x) for x in version.strip().lstrip("v").split(".")[:2] if x.isdigit())
+    if found < NODE_MIN:
+        needs.missing(f"Node.js >= 20.19 for Vite 7 (found {version.strip() or node})", "Debian 12's nodejs is 18: use a newer one")
+    if not (APP / "node_modules" / "vite").exists() or not (APP / "node_modules" / "playwright-core").exists():
+        needs.missing("the Vite app's npm packages", "make peers (npm install in tests/e2e/vite-app)")
+    if not Path(CHROMIUM).exists():
+        needs.missing(f"Chromium at {CHROMIUM}", "apt-get install chromium")
 
 
 def wait_port(port: int) -> None:
@@ -55,7 +66,7 @@ def vite(tmp_path: Path) -> Iterator[Any]:
         port = free_port()
         env = {**os.environ, "VITE_ALLOWED_HOSTS": allowed_hosts}
         p = subprocess.Popen(
-            [NODE or "node", "node_modules/vite/bin/vite.js", "--host", "127.0.0.1", "--port", str(port), "--strictPort"],
+            [NODE, "node_modules/vite/bin/vite.js", "--host", "127.0.0.1", "--port", str(port), "--strictPort"],
             cwd=app, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         procs.append(p)
@@ -73,7 +84,7 @@ def vite(tmp_path: Path) -> Iterator[Any]:
 
 async def drive(url: str, source: Path, rules: str = "") -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        NODE or "node", str(APP / "drive.mjs"), url, str(source), rules, cwd=APP,
+        NODE, str(APP / "drive.mjs"), url, str(source), rules, cwd=APP,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, "CHROMIUM": CHROMIUM},
     )  # fmt: skip
     async with asyncio.timeout(90):

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests import needs
 from tests.conftest import WAIT, Catalog, RunningGateway
 from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, request, response
 
@@ -284,11 +285,12 @@ async def test_expect_100_continue(start_gateway: Any, catalog: Catalog) -> None
 
 @pytest.mark.parametrize("curl_args", [[], ["--http1.0"], ["-X", "POST", "--data-binary", "@docs/reasons.md"]])
 async def test_curl(start_gateway: Any, catalog: Catalog, curl_args: list[str]) -> None:
+    curl = needs.tool("curl", "apt-get install curl")
     async with RawUpstream(echo_handler) as up:
         catalog.put("abc", host="127.0.0.1")
         gw = await start_gateway()
         proc = await asyncio.create_subprocess_exec(
-            "curl", "-sS", "--max-time", "10", "-H", f"Host: {gw.host(up.port, 'abc')}", *curl_args,
+            curl, "-sS", "--max-time", "10", "-H", f"Host: {gw.host(up.port, 'abc')}", *curl_args,
             f"http://127.0.0.1:{gw.port}/curl?x=1", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, err = await proc.communicate()

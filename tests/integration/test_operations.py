@@ -4,6 +4,7 @@ reload, PROXY protocol, and the limits (connections, per-sandbox, minimum body r
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import ssl
 import struct
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests import needs
 from tests.conftest import WAIT, Catalog, free_port
 from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, read_response, request, response
 from tests.integration.test_observability import scrape, value
@@ -49,7 +51,7 @@ async def test_workers_share_the_listener_and_are_restarted(gateway_process: Any
                 await asyncio.sleep(0.1)
         assert value(text, "gateway_workers") == 2
         victim = sorted(workers)[0]
-        subprocess.run(["kill", "-9", str(victim)], check=True)
+        os.kill(victim, signal.SIGKILL)
         async with asyncio.timeout(WAIT * 2):  # replaced, and ready again
             while True:
                 now = children(gw.proc.pid)
@@ -151,7 +153,7 @@ async def test_no_failed_request_across_a_sigterm(gateway_process: Any, catalog:
 def make_cert(d: Path, name: str, cn: str) -> tuple[Path, Path]:
     cert, key = d / f"{name}.pem", d / f"{name}.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={cn}",
+        [needs.tool("openssl", "apt-get install openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={cn}",
          "-addext", f"subjectAltName=DNS:{cn}", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip

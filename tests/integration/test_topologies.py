@@ -24,9 +24,10 @@ import redis
 
 from gateway.catalog.connection import connect
 from gateway.config import load_config
+from tests import needs
 from tests.conftest import WAIT, Catalog, RedisServer, free_port
 from tests.helpers import Client, RawUpstream, UpstreamConn, request, response
-from tests.redis_topologies import SERVICE, Cluster, Node, SentinelSetup, exe, make_certs
+from tests.redis_topologies import SERVICE, Cluster, Node, SentinelSetup, make_certs
 
 KEYSPACE = "__keyspace@0__:sandbox:catalog:*"
 CHANNEL = "sandbox:catalog:invalidate"
@@ -203,8 +204,14 @@ async def _ready_ok(gw: Any) -> bool:
 
 
 def _sentinel_clients(sentinel: SentinelSetup) -> int:
-    """Connections the three Sentinels have from clients (the test's own probe not counted)."""
-    return sum(1 for s in sentinel.sentinels for c in s.client().client_list() if c["cmd"] != "client|list")
+    """Connections the three Sentinels have from clients: not the test's own probe, and not the
+    Sentinels' links to each other (named ``sentinel-*``, they may still be coming up)."""
+    n = 0
+    for s in sentinel.sentinels:
+        probe = s.client()
+        me = probe.client_id()
+        n += sum(1 for c in probe.client_list() if int(c["id"]) != me and not c["name"].startswith("sentinel-"))
+    return n
 
 
 async def _closes_its_sentinel_connections(settings: dict[str, Any], sentinel: SentinelSetup) -> None:
@@ -470,13 +477,16 @@ async def test_sentinel_failover_during_traffic(sentinel: SentinelSetup, start_g
 async def test_tls_rediss_url(start_gateway: Any, tmp_path: Path) -> None:
     """rediss:// with the CA that signed the server's certificate routes and follows invalidations;
     with another CA the certificate is refused and nothing routes (503 catalog_unavailable)."""
+    server = needs.redis_tool("redis-server")
+    if not needs.redis_supports(server, "tls-port", "0"):
+        needs.missing("a redis-server built with TLS", f"{needs.APT_REDIS} (found only {server}, built without)")
     ca, crt, key = make_certs(tmp_path)
     other = tmp_path / "other"
     other.mkdir()
     wrong_ca = make_certs(other, "other")[0]
     port = free_port()
     tls = Node(
-        [exe("redis-server"), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
+        [server, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(tmp_path), "--tls-cert-file", str(crt), "--tls-key-file", str(key),
          "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"],
         port, {"ssl": True, "ssl_ca_certs": str(ca)},
