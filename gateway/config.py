@@ -165,9 +165,9 @@ class Config:
 
     # Listeners
     listen: tuple[str, ...] = _s(
-        ("127.0.0.1:8080",),
+        ("127.0.0.1:8080", "[::1]:8080"),  # both loopbacks: browsers try ::1 first for *.localhost
         "data-plane listeners: 'HOST:PORT [tls] [proxy|proxy-optional]' (IPv6: [::1]:8080); tls terminates TLS, "
-        "proxy requires a PROXY protocol v1/v2 header",
+        "proxy requires a PROXY protocol v1/v2 header; the default is both loopbacks",
         _listeners,
     )
     admin_listen: str = _s("127.0.0.1:8081", "admin listener (/health, /ready, /metrics), HOST:PORT", _hostport)

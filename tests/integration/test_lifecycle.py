@@ -13,7 +13,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import ROOT, WAIT, Catalog, gateway_env
+from gateway.config import Config
+from tests.conftest import ROOT, WAIT, Catalog, free_port, gateway_env
 from tests.helpers import Client, RawUpstream, UpstreamConn, read_response, response
 
 
@@ -73,6 +74,46 @@ async def test_embedded_mode_serves_the_demo_sandbox() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def free_port_on_both_loopbacks() -> int:
+    for _ in range(100):
+        port = free_port()
+        with socket.socket(socket.AF_INET6) as s:
+            try:
+                s.bind(("::1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no port free on both 127.0.0.1 and ::1")
+
+
+async def test_embedded_mode_listens_on_both_loopbacks() -> None:
+    """`make run`'s default listeners (on a free port here): 127.0.0.1 and ::1. Chromium tries ::1
+    first for *.localhost; with only 127.0.0.1 bound, whatever else listened on ::1 would get it."""
+    port = free_port_on_both_loopbacks()
+    listen = ",".join(a.replace(":8080", f":{port}") for a in Config().listen)
+    assert listen == f"127.0.0.1:{port},[::1]:{port}"
+    env = gateway_env() | {"GATEWAY_DEMO_PORT": "0", "GATEWAY_DRAIN_DELAY": "0", "GATEWAY_LISTEN": listen}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--admin-listen", "127.0.0.1:0",
+        env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(WAIT * 3):
+            while not (m := re.search(rb"Open http://(\d+-demo\.sandbox\.localhost:\d+)/", await proc.stdout.readline())):
+                assert not proc.stdout.at_eof(), "the gateway exited before printing its URL"
+        host = m.group(1).decode()
+        for address in ("::1", "127.0.0.1"):
+            c = await Client.connect(port, address)
+            info = await c.request(host, "/api/info")
+            assert info.status == 200 and info.json()["sandbox"] == "demo", address  # type: ignore[index]
+            await c.close()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(WAIT * 2):
+            await proc.communicate()
 
 
 async def test_sigterm_drains_in_flight_requests_then_exits_0(gateway_process: Any, catalog: Catalog) -> None:

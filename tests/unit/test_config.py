@@ -15,7 +15,7 @@ from tests.conftest import ROOT, gateway_env
 def test_defaults() -> None:
     cfg = load_config(None, env={})
     assert cfg == Config()
-    assert cfg.listen_addrs == [("127.0.0.1", 8080)]
+    assert cfg.listen_addrs == [("127.0.0.1", 8080), ("::1", 8080)]  # browsers try ::1 first for *.localhost
     assert cfg.embedded
 
 
