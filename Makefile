@@ -6,7 +6,6 @@ PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
           done)
 VENV   := .venv
 BIN    := $(VENV)/bin
-BENCH  ?= ../shared/bench/run.py
 PYTEST_ARGS ?=
 
 .PHONY: install peers run test lint typecheck pytest conformance bench config clean
@@ -21,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
-# The gateway on 127.0.0.1:8080 (admin :8081) with a local Redis and a demo sandbox. Ctrl-C stops all.
+# The gateway on 127.0.0.1:8080 and [::1]:8080 (admin 127.0.0.1:8081) with a local Redis and a demo
+# sandbox. Ctrl-C stops all.
 run: install
 	$(BIN)/gateway serve $(ARGS)
 
@@ -34,12 +34,12 @@ peers: $(WSTEST_HOME)/bin/wstest tests/e2e/vite-app/node_modules/.installed
 $(WSTEST_HOME)/bin/wstest:
 	@if [ -n "$(PY27)" ]; then \
 	  PYTHONUSERBASE=$(WSTEST_HOME) $(PY27) -m pip install -q --user --disable-pip-version-check autobahntestsuite==0.8.2; \
-	else echo "peers: no Python 2.7: the Autobahn conformance tests will be skipped"; fi
+	else echo "peers: no Python 2.7 (pyenv install 2.7.18): the Autobahn tests will skip (fail under CI)"; fi
 
 tests/e2e/vite-app/node_modules/.installed: tests/e2e/vite-app/package.json
 	@if command -v npm >/dev/null; then \
 	  cd tests/e2e/vite-app && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
-	else echo "peers: no npm: the Vite/Chromium tests will be skipped"; fi
+	else echo "peers: no npm (apt-get install nodejs npm): the Vite tests will skip (fail under CI)"; fi
 
 # The whole suite: lint, types, tests (real Redis, real sockets, real peers).
 test: install peers lint typecheck pytest
@@ -57,9 +57,10 @@ pytest: install
 conformance: install peers
 	GATEWAY_AUTOBAHN_ALL=1 $(BIN)/pytest tests/conformance $(PYTEST_ARGS)
 
-# The referee benchmark: nginx, haproxy and this gateway side by side (see ../shared/bench/README.md).
+# nginx, HAProxy and this gateway side by side, same backend and load (bench/referee; docs/development.md).
+# Quick look: make bench BENCH_ARGS="--rounds 1 --duration 3". Needs apt: nginx haproxy wrk nghttp2-client.
 bench: install
-	$(PYTHON) $(BENCH) $(BENCH_ARGS)
+	$(BIN)/python bench/referee $(BENCH_ARGS)
 
 # Regenerate config/gateway.toml from the settings declared in gateway/config.py.
 config: install
