@@ -90,17 +90,16 @@ class Stage:
         self.ports: dict[str, int] = {}
         self.h2_ports: dict[str, int] = {}
         self.tools: dict[str, str] = {"python": sys.executable}
+        self.lua = self.tmp / "upload.lua"
+        self.gateway_command = ""
 
     def need_tools(self) -> None:
-        names = ["taskset", "nginx", "wrk", *(["haproxy"] if "haproxy" in self.targets else [])]
-        if "h2" in self.scenarios:
-            names.append("h2load")
-        found = {n: shutil.which(n) or shutil.which(n, path="/usr/sbin:/sbin") for n in names}
-        lacking = sorted({APT[n] for n, path in found.items() if path is None})
-        if lacking:
-            raise SetupError(f"missing {', '.join(n for n, p in found.items() if p is None)}: "
-                             f"apt-get install {' '.join(lacking)}")  # fmt: skip
-        self.tools |= {n: p for n, p in found.items() if p is not None}
+        """The programs the bench runs, or which to install; h2load only matters for ``h2`` (see probe)."""
+        names = ["taskset", "nginx", "wrk", "h2load", *(["haproxy"] if "haproxy" in self.targets else [])]
+        found = {n: p for n in names if (p := shutil.which(n) or shutil.which(n, path="/usr/sbin:/sbin"))}
+        if lacking := [n for n in names if n not in found and n != "h2load"]:
+            raise SetupError(f"missing {', '.join(lacking)}: apt-get install {' '.join(APT[n] for n in lacking)}")
+        self.tools |= found
 
     def host(self, sc: Scenario) -> str:
         return f"{self.ports['echo' if sc.tool == 'ws' else 'backend']}-{SID}.{self.domain}"
@@ -127,7 +126,7 @@ class Stage:
         values = {"RUN": str(self.tmp), "WWW": str(www), "BACKEND": str(self.ports["backend"]), "SID": SID,
                   "ECHO": str(self.ports["echo"]), "DOMAIN": self.domain, "DOMAIN_RE": re.escape(self.domain),
                   "USER": "user root;" if os.geteuid() == 0 else "", "BODY_BYTES": str(BIG)}  # fmt: skip
-        self.lua = self.render("upload.lua", values)
+        self.render("upload.lua", values)
         # The upload sink allocates a 10 MiB buffer per body; glibc's adaptive mmap threshold made that
         # cost once or three times as much depending on history. Fixed thresholds keep it steady.
         malloc = "glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=1073741824"
@@ -139,13 +138,12 @@ class Stage:
             self.spawn("echo", [sys.executable, str(Path(__file__).with_name("ws.py")), "echo", str(self.ports["echo"])],
                        self.load_core)  # fmt: skip
             self.wait("the echo server", lambda: self.connects(self.ports["echo"]), "echo")
-        proxy = values | {"LISTEN": "", "LISTEN_H2": ""}
         if "nginx" in self.targets:
-            conf = self.render("nginx-proxy.conf", proxy | {"LISTEN": str(self.ports["nginx"]),
+            conf = self.render("nginx-proxy.conf", values | {"LISTEN": str(self.ports["nginx"]),
                                                             "LISTEN_H2": str(self.h2_ports["nginx"])})  # fmt: skip
             self.nginx("nginx", conf, self.target_core)
         if "haproxy" in self.targets:
-            conf = self.render("haproxy.cfg", proxy | {"LISTEN": str(self.ports["haproxy"]),
+            conf = self.render("haproxy.cfg", values | {"LISTEN": str(self.ports["haproxy"]),
                                                        "LISTEN_H2": str(self.h2_ports["haproxy"])})  # fmt: skip
             self.spawn("haproxy", [self.tools["haproxy"], "-db", "-f", str(conf)], self.target_core)
         if "gateway" in self.targets:
@@ -194,7 +192,9 @@ class Stage:
         if not os.access(argv[0], os.X_OK):
             raise SetupError(f"{argv[0]} is missing: make install")
         self.gateway_command = " ".join(argv)
-        self.spawn("gateway", argv, self.target_core, os.environ | {"PYTHONUNBUFFERED": "1"})
+        # No drain on SIGTERM at the end (unless asked for): nothing is measured then.
+        env = {"GATEWAY_DRAIN_DELAY": "0"} | dict(os.environ) | {"PYTHONUNBUFFERED": "1"}
+        self.spawn("gateway", argv, self.target_core, env)
         self.wait("the gateway's /ready", lambda: fetch(self.ports["admin"], "/ready", "admin", timeout=1)[0] == 200,
                   "gateway", 30)  # fmt: skip
 
@@ -229,6 +229,8 @@ class Stage:
         port, host = self.port(target, sc), self.host(sc)
         try:
             if sc.tool == "h2load":
+                if "h2load" not in self.tools:
+                    return "h2load is missing: apt-get install nghttp2-client"
                 if not speaks_h2(port):
                     return "does not answer HTTP/2 with prior knowledge"
                 out = subprocess.run([self.tools["h2load"], "-n4", "-c1", "-m2", "-H", f":authority: {host}",
