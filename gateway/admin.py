@@ -35,9 +35,10 @@ class AdminServer:
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.address = ""
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, backlog: int = 4096) -> None:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        # aiohttp's own default is 128: a balancer's burst of probes must not overflow it.
+        site = web.TCPSite(self.runner, host, port, reuse_address=True, backlog=backlog)
         await site.start()
         self.address = f"{host}:{port}"
         for addr in self.runner.addresses:  # the bound port, when port 0 asked for any

@@ -177,6 +177,11 @@ class Config:
         _certificates,
     )
     tls_min_version: str = _s("1.2", "lowest TLS version accepted: 1.2 or 1.3", _tls_version)
+    listen_backlog: int = _s(
+        4096,
+        "accept queue length of every data and admin listener (the kernel caps it at net.core.somaxconn)",
+        _positive,
+    )
     workers: int = _s(1, "worker processes sharing the listeners (SO_REUSEPORT); 0: one per CPU", _non_negative_int)
     domains: tuple[str, ...] = _s(
         ("sandbox.localhost",), "domains whose {port}-{sandboxId}.{domain} hosts are routed", _domains

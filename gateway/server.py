@@ -52,9 +52,9 @@ def _raise_fd_limit() -> int:
     return soft
 
 
-def _listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+def _listen_socket(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=4096, reuse_port=reuse_port)
+    sock = socket.create_server((host, port), family=family, backlog=backlog, reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
 
@@ -101,7 +101,7 @@ class Gateway:
         if cfg.tls_certificates:
             self.tls = TlsCertificates(cfg.tls_certificates, cfg.tls_min_version)
         for lst in cfg.listeners:
-            sock = _listen_socket(lst.host, lst.port, reuse_port=self.worker_dir is not None)
+            sock = _listen_socket(lst.host, lst.port, cfg.listen_backlog, reuse_port=self.worker_dir is not None)
             real_port = sock.getsockname()[1]
 
             def factory(p: int = real_port, tls: bool = lst.tls, proxy: str = lst.proxy) -> ClientConnection:
@@ -116,13 +116,19 @@ class Gateway:
                     loop.create_task(proxy_tls.accept_loop(ctx, sock, real_port, lst.proxy, ssl_ctx))
                 )
                 continue
+            # backlog again: create_server(sock=...) calls listen() itself, with its own default
+            # (100), which would silently shrink the queue the socket was created with.
             server = await loop.create_server(
-                factory, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=cfg.request_head_timeout if ssl_ctx else None
+                factory,
+                sock=sock,
+                backlog=cfg.listen_backlog,
+                ssl=ssl_ctx,
+                ssl_handshake_timeout=cfg.request_head_timeout if ssl_ctx else None,
             )
             self.servers.append(server)
         if self.worker_dir is None:
             self.admin = AdminServer(self.status, lambda: merge([(self.snapshot(), True)]))
-            await self.admin.start(*cfg.admin_addr)
+            await self.admin.start(*cfg.admin_addr, backlog=cfg.listen_backlog)
         self._tick_handle = loop.call_later(1.0, self._tick)
         self._watch_task = loop.create_task(self._watch_catalog())
         self._listen_task = loop.create_task(self.invalidation.run())
