@@ -13,7 +13,8 @@ The supervisor is small and does no proxying:
 - it passes SIGTERM (drain), SIGINT (stop now) and SIGHUP (reload TLS certificates) on to every
   worker, and exits when they have;
 - it serves the admin app: ``/metrics`` sums the snapshots the workers write every second, and
-  ``/ready`` is 200 only while every live worker reports ready (and 503 once draining).
+  ``/ready`` is 200 while at least one live worker reports ready and the instance is not
+  draining; its body counts the workers and the ready ones.
 """
 
 from __future__ import annotations
@@ -120,9 +121,12 @@ class Supervisor:
         if self.draining:
             body["status"] = "draining"
             return 503, body
-        if ready < self.n:
+        if not ready:
             body["status"] = "starting"
             return 503, body
+        # One serving worker is enough to take traffic: a crashed worker's replacement starts in
+        # about a second, and taking the whole instance out of the balancer for that would move
+        # all of its traffic for one crash. The body says how many serve.
         body["status"] = "ready"
         return 200, body
 
@@ -134,7 +138,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._signal, sig)
         try:
             self.admin = AdminServer(self.status, self.snapshot)
-            await self.admin.start(*self.cfg.admin_addr)
+            await self.admin.start(*self.cfg.admin_addr, backlog=self.cfg.listen_backlog)
             for slot in range(self.n):
                 await self._spawn(slot)
             log.info("supervisor: %d workers, admin on %s", self.n, self.admin.address)
