@@ -239,7 +239,14 @@ class Gateway:
         await self.stop()
 
     async def drain(self, delay: float) -> None:
-        """Become unready, wait ``delay``, stop accepting, let in-flight work finish."""
+        """Become unready, keep serving for ``delay``, stop accepting, let in-flight work finish.
+
+        While ``delay`` runs nothing changes but ``/ready`` (503) and the responses (``Connection:
+        close``, so clients move to another instance one request at a time): a balancer takes
+        seconds to notice, and closing a keep-alive connection between requests races with the
+        client's next one. Then the listeners close, idle keep-alive connections close, WebSocket
+        tunnels get Close 1001, and everything in flight, whenever it arrived, has up to
+        ``shutdown_timeout``."""
         ctx = self.ctx
         ctx.draining = True
         log.info("draining: /ready is 503; listeners close in %.1f s", delay)
@@ -248,8 +255,16 @@ class Gateway:
         for s in self.servers:
             s.close()
         self._stop_accepting()
+        ctx.listening = False
+        now = ctx.clock = ctx.loop.time()
         for c in list(ctx.connections):
-            c.check_timeouts(ctx.loop.time())  # idle keep-alive connections close now
+            c.check_timeouts(now)  # idle keep-alive connections close now
+        tunnels = len(ctx.tunnels)
+        going = sum(t.go_away() for t in list(ctx.tunnels))
+        log.info(
+            "listeners closed: %d connections, %d tunnels (%d closing with 1001) get up to %.0f s",
+            len(ctx.connections), tunnels, going, self.config.shutdown_timeout,
+        )  # fmt: skip
         ctx.closed_one()  # maybe nothing is open already
         try:
             async with asyncio.timeout(self.config.shutdown_timeout):

@@ -46,6 +46,7 @@ class Context:
         "draining",
         "fields",
         "health_path",
+        "listening",
         "loop",
         "max_head",
         "max_per_sandbox",
@@ -91,16 +92,20 @@ class Context:
         self.tunnels: set[TunnelEnd] = set()  # client ends of open tunnels
         self.resumer: Resumer | None = None
         self.clock = self.loop.time()
-        self.draining = False
-        self.drained = asyncio.Event()  # set once draining and nothing is open any more
+        self.draining = False  # SIGTERM came: /ready is 503, responses say Connection: close
+        self.listening = True  # False once a drain closed the listeners
+        self.drained = asyncio.Event()  # set once the listeners are closed and nothing is open any more
 
     def next_request_id(self) -> bytes:
         self.rid_n += 1
         return self.rid_prefix + b"%x" % self.rid_n
 
     def closed_one(self) -> None:
-        """A client connection or tunnel ended; while draining, note when none is left."""
-        if self.draining and not self.connections and not self.tunnels:
+        """A client connection or tunnel ended; once the listeners are closed, note when none is left.
+
+        Not before: while ``drain_delay`` runs the listeners still accept, and a connection that
+        arrives after a moment with none open must still get its ``shutdown_timeout``."""
+        if not self.listening and not self.connections and not self.tunnels:
             self.drained.set()
 
     def sandbox_changed(self, sandbox_id: str) -> None:

@@ -35,6 +35,9 @@ __all__ = ["ClientConnection"]
 log = logging.getLogger("gateway.downstream")
 
 _HEAD, _LENGTH, _CHUNKED = range(3)
+#: After the listeners close on drain: seconds a connection accepted just before may take to send
+#: its first request before it counts as idle and is closed (bounded by ``shutdown_timeout``).
+FIRST_REQUEST_GRACE = 5.0
 
 
 class _Reject(Exception):
@@ -408,13 +411,18 @@ class ClientConnection(asyncio.Protocol):
         x.early = rest
         self.gate.close(flow.UPGRADING)
 
-    def become_tunnel(self, x: Exchange, up: UpstreamConnection, early: bytes) -> None:
+    def become_tunnel(
+        self, x: Exchange, up: UpstreamConnection, early: bytes, sandbox_early: bytes = b"", websocket: bool = False
+    ) -> None:
         """The sandbox accepted the Upgrade: hand both transports to a byte tunnel."""
         self.active = None
         self.closing = True
         self.ctx.connections.discard(self)  # the tunnel now counts in ctx.tunnels
         self.ctx.outbox.flush()  # the 101 goes before any tunnel byte (updates write_paused too)
-        tunnel.splice(self.ctx, self.transport, up, early, client_write_paused=self.write_paused, exchange=x)
+        tunnel.splice(
+            self.ctx, self.transport, up, early, client_write_paused=self.write_paused, exchange=x,
+            websocket=websocket, sandbox_early=sandbox_early,
+        )  # fmt: skip
 
     # ---- closing
 
@@ -432,7 +440,8 @@ class ClientConnection(asyncio.Protocol):
         flow.reset(self.transport)
 
     def check_timeouts(self, now: float) -> None:
-        """Called about once a second: slow request heads get 408, idle connections close."""
+        """Called about once a second (and when a drain closes the listeners): slow request heads
+        get 408, idle connections close."""
         cfg = self.ctx.config
         if self.proxy != "off":  # still no PROXY header
             if now - self.last_active > cfg.request_head_timeout:
@@ -444,7 +453,12 @@ class ClientConnection(asyncio.Protocol):
                     self.ctx.outbox.send(self.transport, errors.render(errors.REQUEST_TIMEOUT, close=True))
                 self.close()
         elif self.active is None and self.parsing is None and not self.queue:
-            limit = cfg.client_idle_timeout if not self.ctx.draining else 0.0
+            if self.ctx.listening:  # draining or not: never close between requests while accepting
+                limit = cfg.client_idle_timeout
+            elif self.last_req is not None:
+                limit = 0.0  # the listeners are closed: an idle keep-alive connection closes
+            else:  # accepted, its first request may be on its way (Go's Server.Shutdown waits too)
+                limit = FIRST_REQUEST_GRACE
             if now - self.last_active >= limit:
                 self.close()
         if cfg.min_body_rate:

@@ -493,7 +493,8 @@ class Exchange:
         if self.done or self.up is not up:
             up.close()
             return
-        if self.req.upgrade is None or find_header(raw_fields(head), hdrs.UPGRADE) is None:
+        protocol = find_header(raw_fields(head), hdrs.UPGRADE)
+        if self.req.upgrade is None or protocol is None:
             self.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, "101 without an Upgrade it was asked for")
             return
         out = analyze_response(head, 101, False, False, False)[0]
@@ -509,7 +510,8 @@ class Exchange:
         self.early = None
         self.status = 101
         self._end(101, "sandbox")
-        self.client.become_tunnel(self, up, early)
+        websocket = protocol.strip(b" \t").lower() == b"websocket"  # RFC 6455 §4.2.2: frames follow
+        self.client.become_tunnel(self, up, early, rest if websocket else b"", websocket)
 
     def tunnel_ended(self, bytes_in: int, bytes_out: int) -> None:
         """The tunnel this exchange became has closed: log and count it."""

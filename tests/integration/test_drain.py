@@ -1,0 +1,382 @@
+"""Deploys and crashes cost no request: the drain after SIGTERM as a load balancer lives it, WebSocket
+tunnels closed with 1001, readiness while one of several workers is replaced, the accept queue.
+
+Real processes (``python -m gateway serve``), real sockets, real clients. Clients behave like a
+balancer: they keep sending for a lag after ``/ready`` turns 503 and never stop at the first sign of
+trouble, so a request dropped anywhere in the drain shows up as a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import struct
+import subprocess
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.frames import Close, Frame, Opcode
+
+from tests.conftest import WAIT, Catalog
+from tests.helpers import Client, RawUpstream, UpstreamConn, read_response, request, response
+from tests.integration.test_operations import children
+
+#: How long the clients go on after they first see /ready 503 (a balancer's probe interval times
+#: its threshold, and the time to update its targets).
+LAG = 2.0
+
+
+async def ready(admin_port: int) -> tuple[int, dict[str, Any]]:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{admin_port}/ready") as r:
+            return r.status, await r.json()
+    except aiohttp.ClientError:
+        return 0, {}
+
+
+async def slowish(c: UpstreamConn) -> None:
+    """A sandbox that takes 50 ms per response: requests are always in flight."""
+    while True:
+        await c.read_request()
+        await asyncio.sleep(0.05)  # the sandbox's own pace (the load shape), not a synchronisation
+        c.send(response(200, b"ok"))
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_zero_loss_across_sigterm_with_a_lagging_balancer(gateway_process: Any, catalog: Catalog) -> None:
+    """64 keep-alive clients, 2 workers: every client keeps sending until LAG seconds after it saw
+    /ready 503, some on fresh connections whose request comes a moment after the connect. Not one
+    request fails, the process exits 0."""
+    async with RawUpstream(slowish) as up:
+        catalog.put("zl", host="127.0.0.1")
+        gw = gateway_process("--workers", "2", env={"GATEWAY_DRAIN_DELAY": "3.5", "GATEWAY_SHUTDOWN_TIMEOUT": "10"})
+        host = gw.host(up.port, "zl")
+        loop = asyncio.get_running_loop()
+        stop_at = float("inf")  # when the balancer has moved every client away
+        saw_503 = 0.0
+        sent = failed = after_503 = late_connects = 0
+        closes = 0  # responses that said Connection: close (the drain moving clients on)
+
+        async def balancer() -> None:
+            nonlocal stop_at, saw_503
+            while stop_at == float("inf"):
+                if (await ready(gw.admin_port))[0] == 503:
+                    saw_503 = loop.time()
+                    stop_at = saw_503 + LAG
+                await asyncio.sleep(0.05)
+
+        async def keep_alive_client(think: float) -> None:
+            nonlocal sent, failed, after_503, closes
+            c: Client | None = None
+            while loop.time() < stop_at:
+                if think:
+                    await asyncio.sleep(think)  # a browser's pause between requests: the connection idles
+                sent += 1
+                after_503 += saw_503 > 0
+                try:
+                    if c is None:
+                        c = await Client.connect(gw.port)
+                    r = await c.request(host, "/")
+                    if r.status != 200:
+                        failed += 1
+                        print("failed:", r.status, r.body[:200])
+                    if r.header("Connection") == b"close":
+                        closes += 1
+                        await c.close()
+                        c = None
+                except (OSError, asyncio.IncompleteReadError) as e:
+                    failed += 1
+                    print("failed:", repr(e))
+                    c = None
+            if c is not None:
+                await c.close()
+
+        async def fresh_connection_client() -> None:
+            """A new connection per request, its request a little after the connect (a balancer
+            that pre-opens connections, or a slow client)."""
+            nonlocal sent, failed, late_connects
+            while loop.time() < stop_at:
+                sent += 1
+                late_connects += saw_503 > 0
+                try:
+                    c = await Client.connect(gw.port)
+                    await asyncio.sleep(0.3)  # the client's pace, not a synchronisation
+                    r = await c.request(host, "/fresh")
+                    if r.status != 200:
+                        failed += 1
+                        print("failed:", r.status, r.body[:200])
+                    await c.close()
+                except (OSError, asyncio.IncompleteReadError) as e:
+                    failed += 1
+                    print("failed (fresh):", repr(e))
+
+        async def terminate() -> None:
+            while sent < 500:
+                await asyncio.sleep(0.01)
+            gw.proc.send_signal(signal.SIGTERM)
+
+        async with asyncio.timeout(WAIT * 4):
+            await asyncio.gather(
+                balancer(), terminate(), *(keep_alive_client(0.2 if i % 4 == 0 else 0.0) for i in range(64)),
+                *(fresh_connection_client() for _ in range(8)),
+            )  # fmt: skip
+        print(f"sent {sent}, after /ready 503: {after_503} (+{late_connects} fresh), Connection: close {closes}")
+        assert failed == 0
+        assert after_503 > 64 and late_connects > 8  # the lag really was served by the draining gateway
+        assert closes >= 64  # every keep-alive client was told to move on while served normally
+        assert await asyncio.to_thread(gw.proc.wait, WAIT * 3) == 0
+
+
+async def test_requests_arriving_during_drain_delay_get_shutdown_timeout(
+    gateway_process: Any, catalog: Catalog
+) -> None:
+    """A request that arrives during drain_delay, after a moment when no connection was open, is
+    still in flight when the listeners close: it finishes (it used to be reset at once)."""
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def held(c: UpstreamConn) -> None:
+        head, _ = await c.read_request()
+        if b"/slow" in head:
+            arrived.set()
+            async with asyncio.timeout(WAIT * 2):
+                await release.wait()
+            c.send(response(200, b"x" * 100_000))
+        else:
+            c.send(response(200, b"quick"))
+        await c.writer.drain()
+
+    async with RawUpstream(held) as up:
+        catalog.put("dd", host="127.0.0.1")
+        gw = gateway_process(env={"GATEWAY_DRAIN_DELAY": "1.5", "GATEWAY_SHUTDOWN_TIMEOUT": "20"})
+        host = gw.host(up.port, "dd")
+        gw.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT):
+            while (await ready(gw.admin_port))[0] != 503:
+                await asyncio.sleep(0.02)
+        r = await request(gw.port, host, "/quick")  # opens and closes: the worker has no connection left
+        assert r.status == 200 and r.header("Connection") == b"close"
+        slow = [await Client.connect(gw.port) for _ in range(4)]
+        for c in slow:
+            c.send(f"GET /slow HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        async with asyncio.timeout(WAIT):
+            await arrived.wait()
+            while listening(gw.port):  # the listeners close after drain_delay
+                await asyncio.sleep(0.05)
+        assert gw.proc.poll() is None  # still waiting for the four
+        release.set()
+        for c in slow:
+            r = await read_response(c.reader)
+            assert r.status == 200 and len(r.body) == 100_000
+            await c.close()
+        assert await asyncio.to_thread(gw.proc.wait, WAIT) == 0
+
+
+# ---- WebSockets
+
+
+class Sandbox:
+    """A websockets app: echoes, and records the close code each connection received."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.open = 0
+        self.received: list[int | None] = []
+        self.messages: list[bytes | str] = []
+
+    async def handler(self, ws: ServerConnection) -> None:
+        self.open += 1
+        try:
+            async for msg in ws:
+                self.messages.append(msg)
+                await ws.send(msg)
+        except websockets.ConnectionClosed:
+            pass
+        rcvd = ws.protocol.close_rcvd
+        self.received.append(rcvd.code if rcvd is not None else None)
+
+
+async def test_websockets_get_1001_going_away_on_drain(gateway_process: Any, catalog: Catalog) -> None:
+    """200 tunnels through 2 workers, then SIGTERM: when the listeners close, every client gets a
+    Close frame 1001 and completes a clean closing handshake, every sandbox connection gets a
+    masked Close 1001, and the process exits long before shutdown_timeout. A tunnel caught inside a
+    frame gets its Close right after that frame, which arrives whole."""
+    app = Sandbox()
+    drain_delay = 2.0
+    async with serve(app.handler, "127.0.0.1", 0) as server:
+        app.port = server.sockets[0].getsockname()[1]
+        catalog.put("wsd", host="127.0.0.1")
+        gw = gateway_process("--workers", "2", env={"GATEWAY_DRAIN_DELAY": str(drain_delay),
+                                                    "GATEWAY_SHUTDOWN_TIMEOUT": "60"})  # fmt: skip
+        uri = f"ws://{gw.host(app.port, 'wsd')}/ws"
+        clients: list[ClientConnection] = []
+        for i in range(200):
+            ws = await connect(uri, host="127.0.0.1", port=gw.port, open_timeout=WAIT,
+                               compression="deflate" if i % 2 else None)  # fmt: skip
+            clients.append(ws)
+            await ws.send(f"hello {i}")
+            assert await asyncio.wait_for(ws.recv(), WAIT) == f"hello {i}"
+
+        # One more tunnel, a raw client in the middle of a 1000-byte frame when the listeners close.
+        raw = await Client.connect(gw.port)
+        raw.send((f"GET /ws HTTP/1.1\r\nHost: {gw.host(app.port, 'wsd')}\r\nUpgrade: websocket\r\n"
+                  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())  # fmt: skip
+        assert (await read_response(raw.reader)).status == 101
+        frame = Frame(Opcode.BINARY, b"m" * 1000).serialize(mask=True)
+        raw.send(frame[:100])
+        async with asyncio.timeout(WAIT):
+            while app.open < 201:
+                await asyncio.sleep(0.02)
+
+        sigterm = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+
+        async def closed(ws: ClientConnection) -> tuple[int | None, float]:
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            took = time.monotonic() - sigterm
+            await ws.wait_closed()
+            rcvd = ws.protocol.close_rcvd
+            assert ws.protocol.close_sent is not None  # the client answered: a clean handshake
+            return (rcvd.code if rcvd is not None else None), took
+
+        async with asyncio.timeout(drain_delay + WAIT):
+            while listening(gw.port):
+                await asyncio.sleep(0.05)
+            results = await asyncio.gather(*(closed(ws) for ws in clients))
+        codes = [c for c, _ in results]
+        latest = max(t for _, t in results)
+        print(f"1001 received by all {len(results)} clients at most {latest:.2f} s after SIGTERM")
+        assert codes == [1001] * 200
+        assert latest < drain_delay + WAIT
+
+        # The raw tunnel: nothing arrives while its frame is incomplete; after the rest, the Close.
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(raw.reader.read(1), 0.5)
+        raw.send(frame[100:])
+        head = await asyncio.wait_for(raw.reader.readexactly(4), WAIT)
+        assert head == b"\x88\x02" + struct.pack("!H", 1001)  # unmasked, from the gateway
+        raw.send(Frame(Opcode.CLOSE, Close(1001, "").serialize()).serialize(mask=True))
+        assert await raw.closed()
+
+        async with asyncio.timeout(WAIT):  # every sandbox connection got the gateway's Close 1001
+            while len(app.received) < 201:
+                await asyncio.sleep(0.02)
+        assert app.received == [1001] * 201
+        assert b"m" * 1000 in app.messages  # the frame in flight arrived whole
+        assert await asyncio.to_thread(gw.proc.wait, WAIT) == 0  # long before shutdown_timeout (60 s)
+
+
+# ---- readiness with workers
+
+
+async def test_ready_stays_200_while_a_crashed_worker_is_replaced(gateway_process: Any, catalog: Catalog) -> None:
+    """kill -9 of one of 2 workers under load: /ready never leaves 200 (the other worker serves) and
+    its body counts the ready workers; the replacement joins; requests on new connections go on."""
+    async with RawUpstream(slowish) as up:
+        catalog.put("rw", host="127.0.0.1")
+        gw = gateway_process("--workers", "2")
+        host = gw.host(up.port, "rw")
+        async with asyncio.timeout(WAIT):
+            while (await ready(gw.admin_port))[1].get("ready_workers") != 2:
+                await asyncio.sleep(0.05)
+        workers = children(gw.proc.pid)
+        statuses: list[tuple[int, int | None]] = []
+        done = False
+        ok = 0
+
+        async def poll() -> None:
+            while not done:
+                code, body = await ready(gw.admin_port)
+                statuses.append((code, body.get("ready_workers")))
+                await asyncio.sleep(0.02)
+
+        async def load() -> None:
+            nonlocal ok
+            while not done:
+                try:
+                    r = await request(gw.port, host, "/")
+                    ok += r.status == 200
+                except (OSError, asyncio.IncompleteReadError):
+                    pass  # requests the killed worker held die with it: not what this test measures
+
+        poller = asyncio.create_task(poll())
+        loaders = [asyncio.create_task(load()) for _ in range(8)]
+        try:
+            async with asyncio.timeout(WAIT):
+                while ok < 50:
+                    await asyncio.sleep(0.02)
+            victim = sorted(workers)[0]
+            os.kill(victim, signal.SIGKILL)
+            async with asyncio.timeout(WAIT * 2):  # the replacement starts and reports ready
+                while True:
+                    now = children(gw.proc.pid)
+                    if len(now) == 2 and victim not in now and statuses[-1] == (200, 2):
+                        break
+                    await asyncio.sleep(0.05)
+            before = ok
+            async with asyncio.timeout(WAIT):
+                while ok < before + 50:
+                    await asyncio.sleep(0.02)
+        finally:
+            done = True
+            await asyncio.gather(poller, *loaders)
+        assert all(code == 200 for code, _ in statuses), sorted(set(statuses))
+        assert (200, 1) in statuses  # the time with one worker was seen, and it was 200
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(gw.proc.wait, WAIT * 2) == 0
+
+
+# ---- the accept queue
+
+
+def listen_backlogs(port: int) -> list[int]:
+    """Send-Q of every listening socket on ``port``: for a listener, the accept queue's length."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return [int(line.split()[2]) for line in out.splitlines() if line.strip()]
+
+
+def somaxconn() -> int:
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return int(f.read())
+
+
+async def test_listen_backlog_on_every_listener(gateway_process: Any, start_gateway: Any, tmp_path: Any) -> None:
+    """`ss -ltn` shows listen_backlog (capped by the kernel at somaxconn) on the data and admin
+    listeners, with workers (two sockets per data port) and without, TLS+PROXY listeners included."""
+    want = min(4096, somaxconn())
+    gw = gateway_process("--workers", "2")
+    async with asyncio.timeout(WAIT):
+        while len(listen_backlogs(gw.port)) < 2:  # both workers' sockets (SO_REUSEPORT)
+            await asyncio.sleep(0.05)
+    assert listen_backlogs(gw.port) == [want, want]
+    assert listen_backlogs(gw.admin_port) == [want]
+
+    from tests.integration.test_operations import make_cert
+
+    cert, key = make_cert(tmp_path, "bl", "*.sandbox.test")
+    small = min(1234, somaxconn())
+    g = await start_gateway(listen=["127.0.0.1:0", "127.0.0.1:0 tls proxy"], domains=["sandbox.test"],
+                            tls_certificates=[f"{cert}:{key}"], listen_backlog=small)  # fmt: skip
+    for port in (*g.gateway.ports, g.admin_port):
+        assert listen_backlogs(port) == [small], port
+
+
+def test_backlog_setting_is_checked() -> None:
+    from gateway.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="listen_backlog"):
+        load_config(None, env={"GATEWAY_LISTEN_BACKLOG": "0"})
+    assert load_config(None, env={}).listen_backlog == 4096
