@@ -4,9 +4,10 @@
 1. In process: the data plane's cached lookup (Host memo, cache dict, memoised routing decision)
    timed over many calls, with 1 and with 100,000 cached sandboxes; and ``Catalog.lookup`` with
    the cache off (one Redis GET through the gateway's own client), p50/p99.
-2. End to end: a gateway process with ``cache_ttl = 60`` (warm) and one with ``cache_ttl = 0``
-   (every request reads Redis), the same sequential requests over one keep-alive connection to a
-   small sandbox app; the p50/p99 difference is what a cold lookup adds to a request.
+2. End to end: a gateway process with ``cache_ttl = 60`` (warm) and one with ``cache_ttl = 0`` and
+   ``stale_if_error = 0`` (every request waits for a Redis read), the same sequential requests over
+   one keep-alive connection to a small sandbox app; the p50/p99 difference is what a cold lookup
+   adds to a request.
 3. Redis is then filled with 1,000,000 records (pipelined SETs) and 1 and 2 run again, the cold
    requests each naming a different sandbox among the million.
 
@@ -152,7 +153,9 @@ def gateway(port: int, redis_url: str, cache_ttl: float, log: str) -> subprocess
          "--admin-listen", f"127.0.0.1:{free_port()}", "--redis-url", redis_url, "--domain", "e2b.dev"],
         stdout=subprocess.DEVNULL, stderr=open(log, "w"),
         env={**os.environ, "GATEWAY_DRAIN_DELAY": "0", "GATEWAY_CACHE_TTL": str(cache_ttl),
-             "GATEWAY_NEGATIVE_CACHE_TTL": "0"},
+             "GATEWAY_NEGATIVE_CACHE_TTL": "0",
+             # cold: no stale-while-revalidate either, so every request waits for its GET
+             "GATEWAY_STALE_IF_ERROR": "0" if cache_ttl == 0 else "300"},
     )  # fmt: skip
 
 

@@ -207,9 +207,23 @@ class Config:
         True, "also follow Redis keyspace notifications for the prefix, when the server emits them"
     )
     redis_timeout: float = _s(0.25, "seconds one Redis call may take before it counts as failed", _positive)
-    cache_ttl: float = _s(2.0, "seconds a catalog record is used without asking Redis again", _non_negative)
+    redis_backoff_max: float = _s(
+        2.0,
+        "longest pause between a worker's Redis retries while Redis fails (from 0.1 s, doubling); "
+        "requests never wait for them",
+        _positive,
+    )
+    cache_ttl: float = _s(
+        60.0,
+        "seconds a catalog record is used before a background re-read (changes arrive by invalidation)",
+        _non_negative,
+    )
     negative_cache_ttl: float = _s(1.0, "seconds 'no such sandbox' and invalid records are remembered", _non_negative)
-    stale_if_error: float = _s(300.0, "seconds an expired record still routes while Redis fails", _non_negative)
+    stale_if_error: float = _s(
+        300.0,
+        "seconds past cache_ttl an expired record still routes: while its re-read runs, or while Redis fails",
+        _non_negative,
+    )
     cache_max_entries: int = _s(100_000, "records kept in the in-process cache", _positive)
     node_port: int = _s(0, "0: connect to {address}:{port}; else to {address}:{node_port} (node mode)", _port_or_zero)
     # Access

@@ -89,7 +89,7 @@ class Gateway:
         fds = _raise_fd_limit()
         client = connection.connect(cfg)
         cache = CatalogCache(cfg.cache_ttl, cfg.negative_cache_ttl, cfg.stale_if_error, cfg.cache_max_entries)
-        self.catalog = Catalog(client, cache, cfg.catalog_prefix, cfg.redis_timeout)
+        self.catalog = Catalog(client, cache, cfg.catalog_prefix, cfg.redis_timeout, cfg.redis_backoff_max)
         self.pool = Pool(
             cfg.upstream_idle_timeout, cfg.pool_max_idle_per_upstream, cfg.pool_max_idle, cfg.max_response_head_size
         )
@@ -130,7 +130,7 @@ class Gateway:
             self.admin = AdminServer(self.status, lambda: merge([(self.snapshot(), True)]))
             await self.admin.start(*cfg.admin_addr, backlog=cfg.listen_backlog)
         self._tick_handle = loop.call_later(1.0, self._tick)
-        self._watch_task = loop.create_task(self._watch_catalog())
+        self._watch_task = loop.create_task(self.catalog.watch())
         self._listen_task = loop.create_task(self.invalidation.run())
         log.info(
             "gateway listening on %s (admin %s), domains %s, %d file descriptors",
@@ -158,12 +158,6 @@ class Gateway:
         except Exception:
             log.exception("timer tick failed")
         self._tick_handle = ctx.loop.call_later(1.0, self._tick)
-
-    async def _watch_catalog(self) -> None:
-        """PING Redis: quickly until first reached (readiness), then once a second (health)."""
-        while True:
-            ok = await self.catalog.ping()
-            await asyncio.sleep(1.0 if ok else 0.25)
 
     def status(self) -> tuple[int, dict[str, Any]]:
         """Readiness for /ready: (HTTP status, body)."""

@@ -6,8 +6,11 @@ request, and turns every Redis hiccup into an outage. So answers are kept here:
 - a record for ``ttl`` seconds (the backstop behind invalidation messages);
 - "no such sandbox" and "invalid record" for ``negative_ttl`` seconds, so a stream of requests
   for a dead sandbox costs one Redis read per second, not one per request;
-- an expired record stays usable for ``stale_if_error`` more seconds, only when Redis fails
-  (the RFC 5861 idea: a known sandbox keeps working through a catalog outage).
+- an expired record stays usable for ``stale_if_error`` more seconds (the RFC 5861 ideas): it
+  answers while its background re-read runs (stale-while-revalidate), and while Redis fails
+  (stale-if-error: a known sandbox keeps working through a catalog outage). Records that may have
+  missed an invalidation message (the subscription was down) are re-read before they answer
+  again, unless Redis fails.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Entry:
     stale_until: float
     #: What the data plane derived from this answer (routing decisions per port), dropped with it.
     memo: dict[int, Any] = field(default_factory=dict)
+    #: A change may have been missed: read it again before use (it still answers if Redis fails).
+    must_revalidate: bool = False
 
 
 class CatalogCache:
@@ -77,9 +82,11 @@ class CatalogCache:
         return self.entries.pop(sandbox_id, None)
 
     def expire_all(self, now: float) -> None:
-        """Make every entry stale: the next request asks Redis, yet a record can still answer
-        within its stale-if-error window if Redis fails (used when invalidations may be lost)."""
+        """Make every entry stale: the next request asks Redis and waits for the answer, yet a
+        record can still answer within its stale-if-error window if Redis fails (used when
+        invalidations may be lost)."""
         for e in self.entries.values():
+            e.must_revalidate = True
             if e.fresh_until > now:
                 e.fresh_until = now
                 if e.record is None:

@@ -115,9 +115,13 @@ class Exchange:
         catalog = ctx.catalog
         e = catalog.cache.entries.get(r.sandbox_id)
         if e is None or e.fresh_until <= ctx.loop.time():
-            self.task = ctx.loop.create_task(self._lookup(r.sandbox_id))
-            return
-        catalog.hits += 1
+            # Expired or unknown: a record still inside its stale window answers while it is re-read.
+            e = catalog.revalidate(r.sandbox_id, e)
+            if e is None:
+                self.task = ctx.loop.create_task(self._lookup(r.sandbox_id))
+                return
+        else:
+            catalog.hits += 1
         self._forward(e)
 
     def _is_health_check(self) -> bool:

@@ -103,7 +103,7 @@ async def test_cache_ttl_and_negative_entries(start_gateway: Any, catalog: Catal
         assert get_calls(r) == 1  # "no such sandbox" is remembered
         catalog.put("later", publish=False, host="127.0.0.1")  # a writer that does not announce it
         assert (await request(gw.port, host)).status == 502  # ... for negative_cache_ttl
-        gw2 = await start_gateway(cache_ttl=0, negative_cache_ttl=0)
+        gw2 = await start_gateway(cache_ttl=0, negative_cache_ttl=0, stale_if_error=0)
         assert (await request(gw2.port, gw2.host(up.port, "later"))).status == 200
         r.config_resetstat()
         for _ in range(3):
@@ -114,7 +114,7 @@ async def test_cache_ttl_and_negative_entries(start_gateway: Any, catalog: Catal
 async def test_execution_id_separates_pooled_connections(start_gateway: Any, catalog: Catalog) -> None:
     async with RawUpstream(echo_handler) as up:
         catalog.put("abc", host="127.0.0.1", execution_id="first")
-        gw = await start_gateway(cache_ttl=0)
+        gw = await start_gateway(cache_ttl=0, stale_if_error=0)  # every request reads the record
         c = await Client.connect(gw.port)
         host = gw.host(up.port, "abc")
         await c.request(host)

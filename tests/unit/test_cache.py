@@ -44,3 +44,13 @@ def test_invalidate_and_clear() -> None:
     assert c.get("a") is None
     c.clear()
     assert len(c) == 0
+
+
+def test_expire_all_makes_records_revalidate_but_keeps_them_for_errors() -> None:
+    c = CatalogCache(ttl=60, negative_ttl=1, stale_if_error=10, max_entries=10)
+    c.put("a", REC, now=100)
+    c.expire_all(now=101)
+    e = c.get("a")
+    assert e is not None and e.must_revalidate and c.fresh("a", 101) is None
+    assert c.stale("a", 105) is e  # still answers if Redis fails
+    assert not c.put("a", REC, now=102).must_revalidate  # a new read is trusted again
