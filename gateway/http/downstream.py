@@ -374,8 +374,12 @@ class ClientConnection(asyncio.Protocol):
                 x.start()
         finally:
             self.pumping = False
-        if self.active is None and not self.closing:
+        if not self.queue and not self.closing:
+            # Nothing waits any more (the last one may be in progress): read on. It used to wait
+            # for nothing to be active, but the last queued request ends in exchange_done, which
+            # calls this only while more are queued: the connection never read again.
             self.gate.open(flow.QUEUED)
+        if self.active is None and not self.closing:
             if self.broken is not None:
                 self._answer_broken()
             elif self.eof and self.parsing is None:

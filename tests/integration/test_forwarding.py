@@ -99,6 +99,10 @@ async def test_pipelined_requests_are_answered_in_order(start_gateway: Any, cata
         assert (await c.read_response()).body == b"/fast"
         r = await c.read_response(b"HEAD")
         assert r.status == 200 and r.body == b""
+        # The pipeline has drained: the connection reads on (a second batch used to wait forever).
+        c.send(f"GET /again HTTP/1.1\r\nHost: {h1}\r\n\r\nGET /more HTTP/1.1\r\nHost: {h2}\r\n\r\n".encode())
+        assert (await c.read_response()).body == b"/again"
+        assert b"GET /more " in (await c.read_response()).body
         await c.close()
 
 
