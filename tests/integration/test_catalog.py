@@ -186,3 +186,62 @@ async def test_readiness_waits_for_redis_and_survives_its_outage(start_gateway: 
                 if body["catalog"]["status"] == "degraded":
                     break
                 await asyncio.sleep(0.05)
+
+
+class FastApp(asyncio.Protocol):
+    """A sandbox app cheap enough for tens of thousands of requests: 200 "ok" to every head."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        n = self.buf.count(b"\r\n\r\n")
+        if n:
+            self.buf = self.buf[self.buf.rfind(b"\r\n\r\n") + 4 :]
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" * n)  # type: ignore[attr-defined]
+
+
+async def test_a_warm_pass_over_20000_sandboxes_makes_no_redis_get(
+    gateway_process: Any, own_redis: RedisServer
+) -> None:
+    """A fleet in rotation with the default cache_ttl: the first pass reads each record once, the
+    second pass (every sandbox again, in another order) makes no GET at all."""
+    n = 20_000
+    server = await asyncio.get_running_loop().create_server(FastApp, "127.0.0.1", 0)
+    app_port = server.sockets[0].getsockname()[1]
+    r = own_redis.client()
+    pipe = r.pipeline(transaction=False)
+    for i in range(n):  # one sandbox execution per record; one address, so pooled connections are shared
+        pipe.set(f"sandbox:catalog:f{i}", json.dumps({"host": "127.0.0.1", "execution_id": "fleet"}))
+    pipe.execute()
+    gw = gateway_process("--redis-url", own_redis.url)  # the default cache_ttl
+
+    async def rotation(order: list[int]) -> list[int]:
+        async def conn(part: list[int]) -> list[int]:
+            c = await Client.connect(gw.port)
+            statuses: list[int] = []
+            for k in range(0, len(part), 100):  # pipelined, 100 at a time
+                batch = part[k : k + 100]
+                c.send(b"".join(f"GET / HTTP/1.1\r\nHost: {app_port}-f{i}.e2b.test\r\n\r\n".encode() for i in batch))
+                statuses += [(await c.read_response()).status for _ in batch]
+            await c.close()
+            return statuses
+
+        parts = await asyncio.gather(*(conn(order[j::8]) for j in range(8)))
+        return [s for p in parts for s in p]
+
+    try:
+        order = list(range(n))
+        r.config_resetstat()
+        async with asyncio.timeout(WAIT * 6):
+            assert await rotation(order) == [200] * n
+        assert get_calls(r) == n  # cold: one GET per sandbox
+        r.config_resetstat()
+        order.reverse()
+        async with asyncio.timeout(WAIT * 6):
+            assert await rotation(order) == [200] * n
+        assert get_calls(r) == 0  # warm: none
+    finally:
+        server.close()
