@@ -73,70 +73,84 @@ class FrameTracker:
 
     def feed(self, data: bytes, until_boundary: bool = False) -> int:
         """Advance over ``data``; returns how many bytes were consumed: all of them, or with
-        ``until_boundary`` only up to the first frame boundary (0 when already at one)."""
-        pos = 0
+        ``until_boundary`` only up to the first frame boundary (0 when already at one).
+
+        Runs for every read of a WebSocket tunnel, so the common cases are short: a read inside a
+        payload is one subtraction, and a header that lies whole in ``data`` is read in place."""
         n = len(data)
+        pos = 0
         while pos < n:
-            if self.remaining:
-                take = self.remaining if self.remaining < n - pos else n - pos
-                self.remaining -= take
-                pos += take
-                if self.remaining or until_boundary:
-                    return pos  # the payload goes on past this input, or a boundary is reached
+            rem = self.remaining
+            if rem:
+                if rem > n - pos:
+                    self.remaining = rem - (n - pos)
+                    return n  # the payload goes on past this input
+                pos += rem
+                self.remaining = 0
+                if until_boundary:
+                    return pos
                 continue
             if self.lost:
                 return n
-            if until_boundary and not self.head:
-                return pos
-            held = len(self.head)
-            head = self.head + data[pos : pos + _MAX_HEAD - held]
-            got = self._header(head)
-            if got is None:  # incomplete: everything left is part of the header
-                self.head = head
-                return n
-            used, length = got
+            held = self.head
+            if held:  # a header split across reads (rare): complete it from this read
+                buf = held + data[pos : pos + _MAX_HEAD - len(held)]
+                got = self._header(buf, 0)
+                if got is None:
+                    self.head = buf  # still incomplete: everything left is part of it
+                    return n
+                self.head = b""
+                used = got[0] - len(held)  # > 0: a complete header is longer than what was held
+            else:
+                if until_boundary:
+                    return pos
+                got = self._header(data, pos)
+                if got is None:
+                    self.head = data[pos:]  # shorter than a header: kept for the next read
+                    return n
+                used = got[0]
+            length = got[1]
             if length < 0:  # not a valid header: lost for good
                 self.head = b""
                 return n
-            pos += used - held  # > 0: a complete header is longer than what was held of it
-            self.head = b""
+            pos += used
             self.remaining = length
             if until_boundary and not length:
                 return pos
         return pos
 
-    def _header(self, head: bytes) -> tuple[int, int] | None:
-        """(header length, payload length) of the frame ``head`` begins, or None if incomplete.
-        When the header is not a valid §5.2 header for this direction: ``lost``, and (0, -1)."""
-        if len(head) < 2:
+    def _header(self, buf: bytes, at: int) -> tuple[int, int] | None:
+        """(header length, payload length) of the frame header at ``buf[at:]``, or None if
+        ``buf`` ends before it does. When it is not a valid §5.2 header for this direction:
+        ``lost``, and (0, -1)."""
+        have = len(buf) - at
+        if have < 2:
             return None
-        b0, b1 = head[0], head[1]
+        b0 = buf[at]
+        b1 = buf[at + 1]
         opcode = b0 & 0x0F
-        fin = b0 & 0x80
         mask = b1 & 0x80
         length = b1 & 0x7F
-        size = 2
-        if length == 126:
-            size = 4
-        elif length == 127:
-            size = 10
-        if mask:
-            size += 4
-        if opcode not in _KNOWN_OPCODES or bool(mask) != self.masked:
+        if opcode not in _KNOWN_OPCODES or (mask != 0) != self.masked:
             self.lost = True
             return _INVALID
-        if opcode & 0x8 and (not fin or length > 125):  # control frames: §5.5
+        if opcode & 0x8 and (not b0 & 0x80 or length > 125):  # control frames: §5.5
             self.lost = True
             return _INVALID
-        if len(head) < size:
+        size = 6 if mask else 2
+        if length >= 126:
+            size += 2 if length == 126 else 8
+            if have < size:
+                return None
+            if length == 126:
+                length = (buf[at + 2] << 8) | buf[at + 3]
+            else:
+                length = int.from_bytes(buf[at + 2 : at + 10], "big")
+                if length >> 63:  # §5.2: the most significant bit MUST be 0
+                    self.lost = True
+                    return _INVALID
+        elif have < size:
             return None
-        if length == 126:
-            length = struct.unpack_from("!H", head, 2)[0]
-        elif length == 127:
-            length = struct.unpack_from("!Q", head, 2)[0]
-            if length >> 63:  # §5.2: the most significant bit MUST be 0
-                self.lost = True
-                return _INVALID
         self.frames += 1
         if opcode == OP_CLOSE:
             self.closed = True
