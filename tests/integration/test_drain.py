@@ -24,6 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import Close, Frame, Opcode
 
+from gateway.http.wsframes import close_frame
 from tests.conftest import WAIT, Catalog
 from tests.helpers import Client, RawUpstream, UpstreamConn, read_response, request, response
 from tests.integration.test_operations import children
@@ -385,3 +386,96 @@ def test_backlog_setting_is_checked() -> None:
     with pytest.raises(ConfigError, match="listen_backlog"):
         load_config(None, env={"GATEWAY_LISTEN_BACKLOG": "0"})
     assert load_config(None, env={}).listen_backlog == 4096
+
+
+# ---- drain edge cases, in process (the drain called directly)
+
+
+def ws_head(host: str, path: str) -> bytes:
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()  # fmt: skip
+
+
+async def read_until_closed(c: Client) -> bytes:
+    got = b""
+    async with asyncio.timeout(WAIT):
+        while data := await c.reader.read(65536):
+            got += data
+    return got
+
+
+async def test_tunnels_the_gateway_cannot_follow_get_no_invented_close(start_gateway: Any, catalog: Catalog) -> None:
+    """Only a tunnel at a frame boundary the gateway knows gets Close 1001: a sandbox that broke
+    RFC 6455 (a masked frame), a sandbox stalled inside a frame, and a client already closing get
+    nothing added to what their peer sent; they end at shutdown_timeout with a plain close. The
+    one tunnel that can be closed cleanly gets both Close frames, the sandbox's masked."""
+    garbage = Frame(Opcode.TEXT, b"masked by a server").serialize(mask=True)
+    partial = Frame(Opcode.BINARY, b"p" * 1000).serialize(mask=False)[:50]
+    to_sandbox: dict[str, bytes] = {}
+
+    async def app(c: UpstreamConn) -> None:
+        head = await c.read_head()
+        path = head.split(b" ")[1].decode()
+        c.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        c.send({"/garbage": garbage, "/stall": partial}.get(path, b""))
+        try:
+            async with asyncio.timeout(WAIT):
+                while data := await c.reader.read(65536):
+                    to_sandbox[path] = to_sandbox.get(path, b"") + data
+        except (ConnectionError, TimeoutError):
+            pass
+
+    async with RawUpstream(app) as up:
+        catalog.put("edge", host="127.0.0.1")
+        gw = await start_gateway(shutdown_timeout=1.5)
+        host = gw.host(up.port, "edge")
+        clients = {}
+        for path in ("/fine", "/garbage", "/stall", "/closing"):
+            c = clients[path] = await Client.connect(gw.port)
+            c.send(ws_head(host, path))
+            assert (await read_response(c.reader)).status == 101
+        closing = Frame(Opcode.CLOSE, Close(1000, "").serialize()).serialize(mask=True)
+        clients["/closing"].send(closing)  # the client began the closing handshake itself
+        async with asyncio.timeout(WAIT):  # everything sent so far has gone through
+            while to_sandbox.get("/closing") != closing or not gw.gateway.ctx.tunnels:
+                await asyncio.sleep(0.01)
+        # What the sandboxes sent has reached the clients, so the gateway has read it.
+        first = {
+            "/garbage": await asyncio.wait_for(clients["/garbage"].reader.readexactly(len(garbage)), WAIT),
+            "/stall": await asyncio.wait_for(clients["/stall"].reader.readexactly(len(partial)), WAIT),
+        }
+        assert first == {"/garbage": garbage, "/stall": partial}
+        drain = asyncio.create_task(gw.gateway.drain(0.0))
+        got = {path: await read_until_closed(c) for path, c in clients.items()}
+        await asyncio.wait_for(drain, WAIT)
+        assert got == {"/fine": close_frame(), "/garbage": b"", "/stall": b"", "/closing": b""}
+        sent = to_sandbox["/fine"]
+        assert sent[:2] == b"\x88\x82" and bytes(b ^ sent[2 + i % 4] for i, b in enumerate(sent[6:8])) == b"\x03\xe9"
+        assert "/garbage" not in to_sandbox and "/stall" not in to_sandbox
+        assert to_sandbox["/closing"] == closing
+
+
+async def test_a_connection_accepted_just_before_the_listeners_close_is_served(
+    start_gateway: Any, catalog: Catalog
+) -> None:
+    """At the listeners' close an idle keep-alive connection that has carried a request closes, but
+    one accepted just before, whose first request is still on its way, is served."""
+    async with RawUpstream(slowish) as up:
+        catalog.put("late", host="127.0.0.1")
+        gw = await start_gateway(shutdown_timeout=20)
+        host = gw.host(up.port, "late")
+        used = await Client.connect(gw.port)
+        assert (await used.request(host)).status == 200
+        fresh = await Client.connect(gw.port)
+        ctx = gw.gateway.ctx
+        async with asyncio.timeout(WAIT):
+            while len(ctx.connections) < 2:
+                await asyncio.sleep(0.01)
+        drain = asyncio.create_task(gw.gateway.drain(0.0))
+        assert await used.closed()  # idle after a request: closed when the listeners close
+        assert not ctx.listening and not drain.done()
+        r = await fresh.request(host, "/first")  # its first request, after the listeners closed
+        assert r.status == 200 and r.header("Connection") == b"close"
+        await asyncio.wait_for(drain, WAIT)
+        await used.close()
+        await fresh.close()
