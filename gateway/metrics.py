@@ -177,7 +177,10 @@ class _Collector(Collector):
         c = CounterMetricFamily
         yield c("gateway_catalog_cache_hits", "Requests routed from a fresh cached record", s.get("cache_hits", 0))
         yield c("gateway_catalog_cache_misses", "Catalog reads from Redis", s.get("cache_misses", 0))
-        yield c("gateway_catalog_stale_serves", "Expired records used while re-read or while Redis fails", s.get("cache_stale", 0))
+        yield c(
+            "gateway_catalog_stale_serves", "Expired records used while re-read or while Redis fails",
+            s.get("cache_stale", 0),
+        )  # fmt: skip
         yield c("gateway_redis_errors", "Failed or timed-out Redis calls", s.get("redis_errors", 0))
         b = CounterMetricFamily("gateway_bytes", "Bytes relayed: in from clients, out from sandboxes",
                                 labels=["direction"])  # fmt: skip
