@@ -143,7 +143,7 @@ async def test_no_failed_request_across_a_sigterm(gateway_process: Any, catalog:
 
         async with asyncio.timeout(WAIT * 3):
             await asyncio.gather(watcher(), terminate(), *(client(i % 2 == 0) for i in range(6)))
-        assert sent > 50 and failed == 0
+        assert sent >= 50 and failed == 0
         assert await asyncio.to_thread(gw.proc.wait, WAIT * 2) == 0
 
 
