@@ -254,7 +254,12 @@ class Gateway:
         for c in list(ctx.connections):
             c.check_timeouts(now)  # idle keep-alive connections close now
         tunnels = len(ctx.tunnels)
-        going = sum(t.go_away() for t in list(ctx.tunnels))
+        going = 0
+        for t in list(ctx.tunnels):
+            try:
+                going += t.go_away()
+            except Exception:  # one odd tunnel must not cut the drain short for everyone else
+                log.exception("closing a tunnel with 1001 failed; it ends at shutdown_timeout")
         log.info(
             "listeners closed: %d connections, %d tunnels (%d closing with 1001) get up to %.0f s",
             len(ctx.connections), tunnels, going, self.config.shutdown_timeout,

@@ -95,9 +95,9 @@ class TunnelEnd(asyncio.Protocol):
 
     def _may_go_away(self) -> bool:
         mine, theirs = self.frames, self.peer.frames
-        if mine is None or theirs is None or self.closed or self.peer.closed or self.eof or self.peer.eof:
+        if mine is None or theirs is None or mine.lost or theirs.lost or mine.closed or theirs.closed:
             return False
-        return not (mine.lost or theirs.lost or mine.closed or theirs.closed)
+        return not any(end.closed or end.eof or end.transport.is_closing() for end in (self, self.peer))
 
     def _send_closes_if_between_frames(self) -> bool:
         mine, theirs = self.frames, self.peer.frames
