@@ -246,9 +246,15 @@ def gateway_process(redis_server: RedisServer) -> Iterator[Callable[..., Gateway
                 try:
                     with socket.create_connection(("127.0.0.1", admin), timeout=1) as s:
                         s.sendall(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                        if s.recv(64).startswith(b"HTTP/1.1 200"):
+                        answer = b""
+                        while chunk := s.recv(65536):
+                            answer += chunk
+                    if answer.startswith(b"HTTP/1.1 200"):
+                        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+                        # With workers /ready is 200 once one serves; tests start when all do.
+                        if body.get("ready_workers", 1) >= body.get("workers", 1):
                             break
-                except OSError:
+                except (OSError, ValueError):
                     pass
                 time.sleep(0.05)
             else:
