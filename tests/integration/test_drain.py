@@ -28,6 +28,7 @@ from gateway.http.wsframes import close_frame
 from tests.conftest import WAIT, Catalog
 from tests.helpers import Client, RawUpstream, UpstreamConn, read_response, request, response
 from tests.integration.test_operations import children
+from tests.needs import tool
 
 #: How long the clients go on after they first see /ready 503 (a balancer's probe interval times
 #: its threshold, and the time to update its targets).
@@ -350,7 +351,8 @@ async def test_ready_stays_200_while_a_crashed_worker_is_replaced(gateway_proces
 
 def listen_backlogs(port: int) -> list[int]:
     """Send-Q of every listening socket on ``port``: for a listener, the accept queue's length."""
-    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    ss = tool("ss", "apt-get install iproute2")
+    out = subprocess.run([ss, "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
     return [int(line.split()[2]) for line in out.splitlines() if line.strip()]
 
 
