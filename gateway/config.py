@@ -109,6 +109,12 @@ def _field_name(v: str) -> str | None:
     return None if ok else f"{v!r} is not a header field name"
 
 
+def _plain_name(v: str) -> str | None:
+    """A name that needs no escaping as a query parameter or cookie name: [A-Za-z0-9_.-]+."""
+    ok = v and all(c.isascii() and (c.isalnum() or c in "_.-") for c in v)
+    return None if ok else f"{v!r} must be letters, digits, '_', '.' or '-'"
+
+
 def _ports(v: tuple[int, ...]) -> str | None:
     return None if all(0 < p < 65536 for p in v) else "ports must be 1-65535"
 
@@ -231,6 +237,12 @@ class Config:
         "e2b-traffic-access-token", "request field carrying a record's traffic_access_token", _field_name
     )
     token_exempt_ports: tuple[int, ...] = _s((49983,), "ports reachable without the traffic token", _ports)
+    access_link_param: str = _s(
+        "e2b_access", "query parameter of a signed access link to a private sandbox (docs/catalog.md)", _plain_name
+    )
+    access_cookie: str = _s(
+        "e2b_access", "name of the host-only cookie an access link is exchanged for (never forwarded)", _plain_name
+    )
     shared_hosts: tuple[str, ...] = _s(
         (), "hosts (like sandbox.e2b.dev) whose requests name the sandbox in routing fields", _host_names
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from string import Template
@@ -23,6 +24,7 @@ __all__ = [
     "REASONS",
     "Reason",
     "render",
+    "transitioning",
     "wants_html",
 ]
 
@@ -41,6 +43,13 @@ def _r(code: str, status: int, message: str, retry_after: int | None = None) -> 
     return Reason(code, status, message, retry_after)
 
 
+# Answers that are not errors: the gateway itself grants what the request asks.
+CORS_PREFLIGHT = _r(
+    "cors_preflight", 204, "A CORS preflight for a private sandbox, answered by the gateway (it carries no token)."
+)
+ACCESS_LINK_ACCEPTED = _r(
+    "access_link_accepted", 303, "The access link was exchanged for a cookie; the same URL without it follows."
+)
 # Client errors: the request itself is wrong.
 INVALID_HOST = _r("invalid_host", 400, "The Host header is not a valid sandbox host.")
 INVALID_PORT = _r("invalid_port", 400, "The port in the host name must be 1-65535 in decimal.")
@@ -55,6 +64,10 @@ PROXY_PROTOCOL_INVALID = _r(
 MISSING_ROUTING_HEADER = _r(
     "missing_routing_header", 400, "On a shared host both the sandbox ID and port fields are needed."
 )
+# The same code, for a request that sent neither field: most likely a person at the bare address.
+NO_SANDBOX_IN_HOST = _r(
+    "missing_routing_header", 400, "This address names no sandbox (and the request has no sandbox routing fields)."
+)
 TRAFFIC_TOKEN_MISSING = _r("traffic_token_missing", 403, "This sandbox needs a traffic access token.")
 TRAFFIC_TOKEN_INVALID = _r("traffic_token_invalid", 403, "The traffic access token is not this sandbox's.")
 PORT_NOT_EXPOSED = _r("port_not_exposed", 403, "This port of the sandbox is not exposed.")
@@ -67,6 +80,11 @@ BODY_TIMEOUT = _r(
 REQUEST_TIMEOUT = _r("request_timeout", 408, "The request head did not arrive in time.")
 SANDBOX_PAUSED = _r("sandbox_paused", 409, "The sandbox is paused.")
 SANDBOX_TRANSITIONING = _r("sandbox_transitioning", 409, "The sandbox is starting, pausing, resuming or stopping.", 1)
+# The same code per state, so the message (and the browser page) says which.
+_TRANSITIONS = {
+    s: _r("sandbox_transitioning", 409, f"The sandbox is {s}.", 1)
+    for s in ("starting", "pausing", "resuming", "stopping")
+}
 TOO_MANY_CONNECTIONS = _r(
     "too_many_connections", 429, "This sandbox has too many open connections through this gateway.", 1
 )
@@ -90,6 +108,8 @@ INTERNAL_ERROR = _r("internal_error", 500, "The gateway failed to handle this re
 REASONS: dict[str, Reason] = {
     r.code: r
     for r in (
+        CORS_PREFLIGHT,
+        ACCESS_LINK_ACCEPTED,
         INVALID_HOST,
         INVALID_PORT,
         INVALID_SANDBOX_ID,
@@ -127,6 +147,8 @@ REASONS: dict[str, Reason] = {
 }
 
 _PHRASES = {
+    204: b"No Content",
+    303: b"See Other",
     400: b"Bad Request",
     403: b"Forbidden",
     404: b"Not Found",
@@ -142,12 +164,113 @@ _PHRASES = {
 }
 
 
+def transitioning(state: str) -> Reason:
+    """``sandbox_transitioning`` for a record in ``state`` (its message names the state)."""
+    return _TRANSITIONS.get(state, SANDBOX_TRANSITIONING)
+
+
+@dataclass(frozen=True, slots=True)
+class _Page:
+    """What a person sees for a reason: a plain title, what happened, what to do next, and whether
+    the page reloads itself (where waiting helps). Texts are HTML; ``{name}`` takes a hint, escaped."""
+
+    title: str
+    text: str
+    next: str = ""
+    refresh: int | None = None
+
+
+_ADDRESS = "Sandbox addresses look like <code>{expected}</code>."
+_NOT_YOURS = "This is a problem on the platform's side, not with what you did."
+_PRIVATE_NEXT = (
+    "To open it in a browser, use an access link from the sandbox's owner (an address ending in "
+    "<code>?{param}=…</code>); programs send the token in the <code>{header}</code> header."
+)
+_LATER = "This page reloads by itself and shows the app once the sandbox can answer."
+_PAGES: dict[Reason, _Page] = {
+    INVALID_HOST: _Page("Not a sandbox address", "This address does not name a sandbox.", _ADDRESS),
+    INVALID_PORT: _Page("Not a sandbox address", "The port in this address must be 1-65535.", _ADDRESS),
+    INVALID_SANDBOX_ID: _Page(
+        "Not a sandbox address", "A sandbox ID is made of lowercase letters and digits only.", _ADDRESS
+    ),
+    UNKNOWN_DOMAIN: _Page("Not a sandbox address", "This gateway serves no sandboxes under this domain.", _ADDRESS),
+    MISSING_ROUTING_HEADER: _Page("Not a sandbox address", MISSING_ROUTING_HEADER.message, _ADDRESS),
+    NO_SANDBOX_IN_HOST: _Page(
+        "No sandbox at this address", "This address reaches the sandbox gateway itself, not a sandbox.", _ADDRESS
+    ),
+    TRAFFIC_TOKEN_MISSING: _Page(
+        "This sandbox is private", "It can be opened only with access from its owner.", _PRIVATE_NEXT
+    ),
+    TRAFFIC_TOKEN_INVALID: _Page(
+        "Access link expired",
+        "Your access to this sandbox has expired or was revoked.",
+        "Ask whoever shared the link for a new access link and open it: it gives this browser access again.",
+    ),
+    PORT_NOT_EXPOSED: _Page("Port not available", "This port of the sandbox is not open to the internet."),
+    RESUME_DENIED: _Page(
+        "Sandbox is paused",
+        "The sandbox is paused and may not be resumed from here.",
+        "Its owner can resume it (for example with the SDK's <code>Sandbox.connect</code>).",
+    ),
+    SANDBOX_PAUSED: _Page(
+        "Sandbox is paused",
+        "The sandbox is paused: its apps are not running.",
+        "Its owner can resume it (for example with the SDK's <code>Sandbox.connect</code>). "
+        "This page reloads by itself and shows the app once the sandbox runs again.",
+        10,
+    ),
+    _TRANSITIONS["starting"]: _Page("Starting…", "The sandbox is starting.", _LATER, 2),
+    _TRANSITIONS["resuming"]: _Page("Resuming…", "The sandbox is resuming from pause.", _LATER, 2),
+    _TRANSITIONS["pausing"]: _Page("Pausing…", "The sandbox is being paused.", _LATER, 2),
+    _TRANSITIONS["stopping"]: _Page("Stopping…", "The sandbox is being stopped.", _LATER, 2),
+    SANDBOX_TRANSITIONING: _Page("Please wait…", "The sandbox is changing state.", _LATER, 2),
+    TOO_MANY_CONNECTIONS: _Page("Too many connections", TOO_MANY_CONNECTIONS.message, _LATER, 2),
+    RESUME_RATE_LIMITED: _Page("Resuming…", "The sandbox was resumed too often in a short time.", _LATER, 5),
+    RESUME_TIMEOUT: _Page("Resuming…", "The sandbox is taking long to resume.", _LATER, 5),
+    SANDBOX_NOT_FOUND: _Page(
+        "Sandbox not found",
+        "There is no running sandbox with this ID.",
+        "It may have been stopped, or killed when its time ran out; or the address is mistyped. "
+        "Check the sandbox ID in the address, or start a new sandbox.",
+    ),
+    CATALOG_RECORD_INVALID: _Page(
+        "Sandbox unavailable", "The platform's record of this sandbox is invalid.", _NOT_YOURS
+    ),
+    PORT_NOT_OPEN: _Page(
+        "Port {port} is not open yet",
+        "The sandbox is running, but nothing listens on port <code>{port}</code> inside it yet. "
+        "If you just started a server there, it is probably still booting.",
+        "This page reloads by itself and shows the app as soon as the port opens.",
+        3,
+    ),
+    UPSTREAM_CONNECT_FAILED: _Page("Sandbox unreachable", "The gateway could not connect to the sandbox.", _NOT_YOURS),
+    UPSTREAM_CONNECT_TIMEOUT: _Page("Sandbox unreachable", "Connecting to the sandbox timed out.", _NOT_YOURS),
+    UPSTREAM_RESET: _Page(
+        "The app closed the connection",
+        "The app in the sandbox closed the connection without "
+        "answering. It may have crashed or restarted; reloading may help.",
+    ),
+    UPSTREAM_INVALID_RESPONSE: _Page("The app answered wrongly", "The app in the sandbox sent an invalid HTTP answer."),
+    RESUME_FAILED: _Page("Could not resume the sandbox", "Resuming the paused sandbox failed.", _NOT_YOURS),
+    CATALOG_UNAVAILABLE: _Page("Temporarily unavailable", "The gateway cannot look up sandboxes right now.", _LATER, 2),
+    OVERLOADED: _Page("Temporarily unavailable", "This gateway is at its connection limit.", _LATER, 2),
+    SHUTTING_DOWN: _Page("Temporarily unavailable", "This gateway instance is restarting.", _LATER, 2),
+    ACCESS_LINK_ACCEPTED: _Page("Opening the sandbox…", "Access granted.", '<a href="{location}">Continue</a>.'),
+    INTERNAL_ERROR: _Page("Gateway error", "The gateway failed to handle this request.", _NOT_YOURS),
+}
+_DEFAULT_HINTS = {
+    "expected": "https://{port}-{sandboxId}.{domain}/",
+    "param": "e2b_access",
+    "header": "e2b-traffic-access-token",
+    "location": "/",
+}
+
+
 def _template(name: str) -> Template:
     return Template(resources.files("gateway").joinpath("templates", name).read_text("utf-8"))
 
 
 _PAGE = _template("error.html")
-_PORT_PAGE = _template("port_not_open.html")
 
 
 def wants_html(sec_fetch_mode: bytes | None, accept: bytes | None, user_agent: bytes | None) -> bool:
@@ -168,6 +291,11 @@ def wants_html(sec_fetch_mode: bytes | None, accept: bytes | None, user_agent: b
     return j < 0 or i < j
 
 
+def is_favicon(method: bytes, target: bytes) -> bool:
+    """A browser's automatic icon request (``GET /favicon.ico``): an error page is not an icon."""
+    return method in (b"GET", b"HEAD") and target.split(b"?", 1)[0] == b"/favicon.ico"
+
+
 def render(
     reason: Reason,
     *,
@@ -179,15 +307,25 @@ def render(
     head_only: bool = False,
     close: bool = False,
     extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+    hints: Mapping[str, str] | None = None,
+    favicon: bool = False,
 ) -> bytes:
     """The whole response (head and body) for ``reason``, ready to write to the client.
 
     ``close`` adds ``Connection: close`` (RFC 9112 §9.6): the gateway closes after it.
     ``head_only`` leaves the body out but keeps its Content-Length (a HEAD request, RFC 9110 §9.3.2).
+    ``hints`` fill in the page's texts (the expected address form, the access link's parameter).
+    ``favicon``: the request was a browser's icon fetch; an error is an empty 404 (one page per error,
+    no second one rendered as an icon), the reason still in ``X-Gateway-Reason``.
     """
     message = detail or reason.message
-    if as_html:
-        body = _html_body(reason, message, sandbox_id, port).encode()
+    status = reason.status
+    if favicon and status >= 400:
+        status, body, ctype = 404, b"", None
+    elif status == 204:  # no content, and no Content-Length either (RFC 9110 §8.6)
+        body, ctype = b"", None
+    elif as_html:
+        body = _html_body(reason, message, detail, sandbox_id, port, hints).encode()
         ctype = b"text/html; charset=utf-8"
     else:
         doc: dict[str, object] = {"reason": reason.code, "message": message}
@@ -197,13 +335,15 @@ def render(
             doc["port"] = port
         body = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
         ctype = b"application/json"
-    lines = [
-        b"HTTP/1.1 %d %s\r\n" % (reason.status, _PHRASES.get(reason.status, b"Error")),
-        b"Content-Type: %s\r\n" % ctype,
-        b"Content-Length: %d\r\n" % len(body),
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, _PHRASES.get(status, b"Error"))]
+    if ctype is not None:
+        lines.append(b"Content-Type: %s\r\n" % ctype)
+    if status != 204:
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    lines += (
         b"Cache-Control: no-store\r\n",
         hdrs.X_GATEWAY_REASON + b": " + reason.code.encode() + b"\r\n",
-    ]
+    )
     if reason.retry_after is not None:
         lines.append(b"Retry-After: %d\r\n" % reason.retry_after)
     if reason.status == 405:
@@ -224,22 +364,36 @@ def render(
     return b"".join(lines)
 
 
-def _html_body(reason: Reason, message: str, sandbox_id: str | None, port: int | None) -> str:
-    where = ""
+def _html_body(
+    reason: Reason,
+    message: str,
+    detail: str | None,
+    sandbox_id: str | None,
+    port: int | None,
+    hints: Mapping[str, str] | None,
+) -> str:
+    values = {
+        **_DEFAULT_HINTS,
+        **(hints or {}),
+        "port": str(port) if port is not None else "",
+        "sandbox": sandbox_id or "",
+    }
+    safe = {k: html.escape(v) for k, v in values.items()}
+    page = _PAGES.get(reason)
+    if page is None:
+        page = _Page(_PHRASES.get(reason.status, b"Error").decode(), html.escape(message))
+    text = html.escape(detail) if detail else page.text.format_map(safe)
+    where = []
     if sandbox_id is not None:
-        where = f"sandbox <code>{html.escape(sandbox_id)}</code>"
-        if port is not None:
-            where += f", port <code>{port}</code>"
-    if reason is PORT_NOT_OPEN:
-        return _PORT_PAGE.substitute(
-            port=html.escape(str(port if port is not None else "")),
-            sandbox=html.escape(sandbox_id or ""),
-            seconds=reason.retry_after or 3,
-        )
+        where.append(f"sandbox <code>{safe['sandbox']}</code>")
+    if port is not None:
+        where.append(f"port <code>{port}</code>")
     return _PAGE.substitute(
+        title=page.title.format_map(safe),
+        refresh=f'<meta http-equiv="refresh" content="{page.refresh}">' if page.refresh else "",
+        text=text,
+        next=f"<p>{page.next.format_map(safe)}</p>" if page.next else "",
+        where=", ".join(where),
         status=reason.status,
-        title=html.escape(_PHRASES.get(reason.status, b"Error").decode()),
-        message=html.escape(message),
         reason=html.escape(reason.code),
-        where=where,
     )

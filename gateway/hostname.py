@@ -118,6 +118,8 @@ def _is_port_suffix(s: str) -> bool:
 
 def parse_routing_fields(sandbox_id: bytes | None, port: bytes | None) -> Route | Reason:
     """The route a request to a shared host names in its routing fields (both are needed)."""
+    if sandbox_id is None and port is None:
+        return errors.NO_SANDBOX_IN_HOST  # a person at the bare address, most likely
     if sandbox_id is None or port is None:
         return errors.MISSING_ROUTING_HEADER
     try:

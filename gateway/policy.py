@@ -2,12 +2,13 @@
 
 - ``state``: ``running`` routes; ``paused`` is 409 ``sandbox_paused`` (unless the gateway may resume
   it, see proxy.py); a transition (``starting``, ``pausing``, ``resuming``, ``stopping``) is 409
-  ``sandbox_transitioning`` with Retry-After.
+  ``sandbox_transitioning`` with Retry-After, its message naming the state.
 - ``ports``: when set, any other port is 403 ``port_not_exposed``.
 - ``traffic_access_token``: requests must carry it in the token field (``traffic_token_header``),
   compared in constant time (hmac.compare_digest), except on ``token_exempt_ports`` (E2B's
   in-sandbox daemon port); 403 ``traffic_token_missing`` / ``traffic_token_invalid``. The field is
-  never forwarded.
+  never forwarded. Browsers present it through an access link and cookie instead (access.py,
+  http/admission.py).
 - Direct mode (``node_port = 0``) connects to ``{address}:{port from the host label}``. Node mode
   connects every request for a sandbox to ``{address}:{node_port}`` with the Host unchanged, so a
   per-node proxy (E2B's two-tier layout) can route again; the record's ``mask_request_host`` is then
@@ -61,7 +62,7 @@ class Forward:
 def decide(route: Route, record: SandboxRecord, node_port: int, exempt_ports: Collection[int] = ()) -> Forward | Reason:
     """The routing decision for a port of a sandbox: the same for every request while the record is."""
     if record.state != RUNNING:
-        return errors.SANDBOX_PAUSED if record.state == PAUSED else errors.SANDBOX_TRANSITIONING
+        return errors.SANDBOX_PAUSED if record.state == PAUSED else errors.transitioning(record.state)
     if record.ports is not None and route.port not in record.ports:
         return errors.PORT_NOT_EXPOSED
     token = None

@@ -3,11 +3,11 @@
 
 Public surface for control planes::
 
-    from gateway.catalog import CatalogWriter, SandboxRecord, connect
+    from gateway.catalog import CatalogWriter, SandboxRecord, access_link, connect
 """
 
 from gateway.catalog.connection import connect
 from gateway.catalog.record import RecordError, SandboxRecord, dump_record, parse_record
-from gateway.catalog.writer import CatalogWriter
+from gateway.catalog.writer import CatalogWriter, access_link
 
-__all__ = ["CatalogWriter", "RecordError", "SandboxRecord", "connect", "dump_record", "parse_record"]
+__all__ = ["CatalogWriter", "RecordError", "SandboxRecord", "access_link", "connect", "dump_record", "parse_record"]

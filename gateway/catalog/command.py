@@ -1,10 +1,12 @@
-"""``gateway catalog put|get|rm|ls``: the writer API from a shell, for operators and scripts.
+"""``gateway catalog put|get|rm|ls|link``: the writer API from a shell, for operators and scripts.
 
 It connects with the same settings as ``gateway serve`` (``--config``, ``--redis-url`` and the
 ``GATEWAY_*`` environment, Cluster and Sentinel included) and writes records exactly as
 :class:`~gateway.catalog.writer.CatalogWriter` does, invalidation message included. Output is JSON
-(one object per line for ``ls``) so scripts can parse it. Exit status: 0 done, 1 not found or
-invalid record, 2 bad usage or setting, 3 Redis unreachable.
+(one object per line for ``ls``) so scripts can parse it. ``link`` prints ``{"sandboxId", "port",
+"url", "expires"}``: a signed access link (gateway/access.py) made with the record's token. Exit
+status: 0 done, 1 not found or invalid record, 2 bad usage or setting (a public sandbox needs no
+link), 3 Redis unreachable.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 from gateway.catalog.connection import REDIS_ERRORS, connect
@@ -33,6 +36,12 @@ def _ports(v: str) -> frozenset[int]:
     return ports
 
 
+def _port(v: str) -> int:
+    if not v.isdigit() or not 0 < int(v) < 65536:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a port (1-65535)")
+    return int(v)
+
+
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("catalog", help="read and write catalog records", parents=[common])
     cmds = p.add_subparsers(dest="catalog_command", required=True)
@@ -50,6 +59,19 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     rm = cmds.add_parser("rm", help="delete a record and announce it")
     rm.add_argument("sandbox_id", metavar="ID")
     cmds.add_parser("ls", help="list every record, one JSON object per line")
+    link = cmds.add_parser("link", help="mint a signed link that opens a private sandbox's port in a browser")
+    link.add_argument("sandbox_id", metavar="ID")
+    link.add_argument("port", type=_port, metavar="PORT")
+    link.add_argument("--ttl", type=int, default=3600, metavar="SECONDS", help="valid this long (default 3600)")
+    link.add_argument("--any-port", action="store_true", help="the link opens every port of the sandbox")
+    link.add_argument("--path", default="/", help="path (and query) the link opens (default /)")
+    link.add_argument("--scheme", default="https", choices=("https", "http"))
+    link.add_argument(
+        "--domain",
+        dest="link_domain",
+        metavar="D",
+        help="domain (with :port if not the default); default: the first of 'domains'",
+    )
 
 
 def _doc(sandbox_id: str, rec: SandboxRecord) -> dict[str, Any]:
@@ -87,6 +109,22 @@ async def _run(cfg: Config, args: argparse.Namespace) -> int:
                 print(f"gateway: no record for {args.sandbox_id}", file=sys.stderr)
                 return 1
             print(json.dumps(_doc(args.sandbox_id, got)))
+            return 0
+        if cmd == "link":
+            if args.ttl <= 0:
+                print("gateway: --ttl must be positive", file=sys.stderr)
+                return 2
+            now = int(time.time())
+            try:
+                url = await w.link(
+                    args.sandbox_id, args.port, args.link_domain or cfg.domains[0], args.ttl, any_port=args.any_port,
+                    scheme=args.scheme, path=args.path, param=cfg.access_link_param, now=now,
+                )  # fmt: skip
+            except (LookupError, RecordError) as e:
+                print(f"gateway: {e}", file=sys.stderr)
+                return 1
+            doc = {"sandboxId": args.sandbox_id, "port": args.port, "url": url, "expires": now + args.ttl}
+            print(json.dumps(doc))
             return 0
         if cmd == "rm":
             if not await w.delete(args.sandbox_id):

@@ -8,19 +8,49 @@ its cached copy at once instead of after its cache TTL.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+from gateway import access
 from gateway.catalog.connection import CatalogRedis
 from gateway.catalog.record import RecordError, SandboxRecord, dump_record, parse_record
 from gateway.hostname import valid_sandbox_id
 
-__all__ = ["CatalogWriter"]
+__all__ = ["CatalogWriter", "access_link"]
 
 
 def check_id(sandbox_id: str) -> str:
     if not valid_sandbox_id(sandbox_id):
         raise ValueError(f"sandbox ID {sandbox_id!r} is not [a-z0-9]{{1,64}}")
     return sandbox_id
+
+
+def access_link(
+    token: str,
+    sandbox_id: str,
+    port: int,
+    domain: str,
+    ttl: int = 3600,
+    *,
+    any_port: bool = False,
+    scheme: str = "https",
+    path: str = "/",
+    param: str = "e2b_access",
+    now: float | None = None,
+) -> str:
+    """A signed link that opens ``port`` of a private sandbox in a browser for ``ttl`` seconds.
+
+    ``token`` is the record's ``traffic_access_token`` (a control plane has it: no Redis read
+    needed); rotating it in the record revokes the link and every cookie it gave. The format, for
+    control planes in other languages, is in docs/catalog.md ("Access links").
+    """
+    if ttl <= 0:
+        raise ValueError("ttl must be positive")
+    expires = int(time.time() if now is None else now) + ttl
+    return access.link_url(
+        token, check_id(sandbox_id), port, expires, domain, any_port=any_port, scheme=scheme, path=path, param=param
+    )
 
 
 class CatalogWriter:
@@ -45,6 +75,16 @@ class CatalogWriter:
         """The stored record, None if there is none; RecordError if it breaks the contract."""
         raw = await self.redis.get(self.prefix + check_id(sandbox_id))
         return None if raw is None else parse_record(raw)
+
+    async def link(self, sandbox_id: str, port: int, domain: str, ttl: int = 3600, **options: Any) -> str:
+        """:func:`access_link` with the token read from the stored record. LookupError: no record;
+        ValueError: the sandbox is public (no token, so no link is needed)."""
+        rec = await self.get(sandbox_id)
+        if rec is None:
+            raise LookupError(f"no record for {sandbox_id}")
+        if rec.traffic_access_token is None:
+            raise ValueError(f"sandbox {sandbox_id} is public (no traffic_access_token): no link is needed")
+        return access_link(rec.traffic_access_token, sandbox_id, port, domain, ttl, **options)
 
     async def delete(self, sandbox_id: str) -> bool:
         """Remove the record and announce it; False if there was none."""

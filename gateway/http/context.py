@@ -18,6 +18,7 @@ from gateway.access_log import AccessLog
 from gateway.catalog.reader import Catalog, CatalogUnavailable
 from gateway.config import Config
 from gateway.hostname import HostRouter
+from gateway.http.admission import Admission
 from gateway.http.flow import Outbox
 from gateway.http.headers import FieldRoles
 from gateway.metrics import Metrics
@@ -38,6 +39,7 @@ class Context:
 
     __slots__ = (
         "access_log",
+        "admission",
         "catalog",
         "clock",
         "config",
@@ -78,6 +80,7 @@ class Context:
             [p.lower().encode() for p in config.upgrade_protocols],
             config.request_id_header.lower().encode(),
         )
+        self.admission = Admission(config, self.fields, self.router)  # private sandboxes only
         self.metrics = Metrics()
         self.health_path = config.health_path.encode()
         self.access_log: AccessLog | None = None  # set by the server (a worker's own writer)

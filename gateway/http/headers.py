@@ -17,7 +17,13 @@ Requests (client to sandbox):
   (For and Forwarded extended); from anyone else they are removed first, so nobody can forge them.
 - The request line keeps its method and target byte for byte; the version sent is HTTP/1.1.
 - The record's ``mask_request_host`` may replace the Host value (the original is in
-  X-Forwarded-Host).
+  X-Forwarded-Host). Then an ``Origin`` that is the sandbox URL's own origin (the page came from
+  this very host) becomes ``{scheme}://{masked host}``, so apps that compare Origin with Host
+  (Jupyter's WebSocket check, CSRF guards) see a same-origin request, as they would unmasked; any
+  other Origin passes unchanged (RFC 6454 §7: the field names the page's origin, which for the app
+  behind the mask is the masked one).
+- On private sandboxes, what the gateway consumed as credentials is cut (http/admission.py): the
+  access link's query parameter, its own cookie, the token subprotocol.
 
 Responses (sandbox to client): hop-by-hop fields are removed the same way; the gateway states its
 own ``Connection`` and, where it re-frames the body (framing.py), ``Transfer-Encoding``. The status
@@ -35,12 +41,14 @@ callback per field costs more than the rest of a request).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from gateway import errors
 from gateway.errors import Reason
+from gateway.hostname import authority_matches
 from gateway.http import framing, hdrs
 
 __all__ = [
@@ -51,8 +59,10 @@ __all__ = [
     "ResponseHead",
     "analyze_request",
     "analyze_response",
+    "edit_fields",
     "find_header",
     "raw_fields",
+    "replace_target",
 ]
 
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
@@ -160,6 +170,54 @@ def _cut(raw: bytes, fields: list[Field]) -> bytes:
                 break
             i = raw.find(line, j)
     return raw
+
+
+@functools.cache
+def _field_line(lname: bytes) -> re.Pattern[bytes]:
+    return re.compile(b"\r\n(" + re.escape(lname) + b"):[ \t]*([^\r]*)", re.IGNORECASE)
+
+
+def edit_fields(raw: bytes, lname: bytes, edit: Callable[[bytes], bytes | None]) -> bytes:
+    """``raw`` with the value of every ``lname`` field replaced by ``edit(value)``; None removes
+    the line. Lines ``edit`` returns unchanged keep their bytes."""
+    out: list[bytes] = []
+    pos = 0
+    for m in _field_line(lname).finditer(raw):
+        value = m.group(2).rstrip(b" \t")
+        new = edit(value)
+        if new is None:
+            out.append(raw[pos : m.start()])  # the line's leading CRLF goes with it
+            pos = m.start(2) + len(value)
+            pos = raw.index(b"\r\n", pos)
+        elif new != value:
+            out += (raw[pos : m.start(2)], new)
+            pos = m.start(2) + len(value)
+    if not out:
+        return raw
+    out.append(raw[pos:])
+    return b"".join(out)
+
+
+def replace_target(raw: bytes, target: bytes) -> bytes:
+    """``raw`` with another request target (method and version as they were)."""
+    start = raw.index(b" ") + 1
+    end = raw.index(b" ", start)
+    return raw[:start] + target + raw[end:]
+
+
+_ORIGIN = _field_line(hdrs.ORIGIN)
+
+
+def _mask_origin(raw: bytes, original: bytes, masked: bytes) -> bytes:
+    """``raw`` with an Origin that is ``original``'s own origin rewritten to ``masked``'s."""
+    m = _ORIGIN.search(raw)
+    if m is None:
+        return raw
+    value = m.group(2).rstrip(b" \t")
+    if authority_matches(value, original) is not True or value.find(b"/", value.find(b"://") + 3) >= 0:
+        return raw  # another origin (or not an origin at all): unchanged
+    scheme = value[: value.find(b"://")]
+    return raw[: m.start(2)] + scheme + b"://" + masked + raw[m.start(2) + len(value) :]
 
 
 def _remove_line(raw: bytes, field: Field) -> bytes:
@@ -299,6 +357,7 @@ class RequestHead:
             raw = raw[: eol - 3] + b"1.1" + raw[eol:]
         if host is not None and self.host_field is not None:
             raw = _replace_value(raw, self.host_field, host)
+            raw = _mask_origin(raw, original, host)
         if self.upgrade is not None:
             raw = raw[:-2] + b"Connection: upgrade\r\nUpgrade: " + self.upgrade + b"\r\n\r\n"
         if self.forwarding is None or not peer.trusted:

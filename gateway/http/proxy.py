@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from bisect import bisect_left
-from time import monotonic
+from time import monotonic, time
 from typing import TYPE_CHECKING
 
 from gateway import errors
@@ -29,9 +29,10 @@ from gateway.catalog.reader import CatalogUnavailable
 from gateway.errors import Reason
 from gateway.hostname import Route, authority_matches, parse_routing_fields
 from gateway.http import flow, framing, hdrs
+from gateway.http.admission import Answer
 from gateway.http.headers import RequestHead, analyze_response, find_header, raw_fields
 from gateway.http.upstream import UpstreamConnection, connect_failure
-from gateway.policy import Forward, check_token, decide
+from gateway.policy import Forward, decide
 
 if TYPE_CHECKING:
     from gateway.http.downstream import ClientConnection
@@ -71,6 +72,7 @@ class Exchange:
     task: asyncio.Task[None] | None = None
     retried = False
     early: bytes | None = None  # after an Upgrade request: what the client sent next
+    admitted: RequestHead | None = None  # the head sent to a private sandbox, when admission cut from it
     # For the access log and metrics:
     status = 0  # the sandbox's final status, once its head arrived
     rid = b""  # the request ID
@@ -199,16 +201,16 @@ class Exchange:
                 self.fail(d)
             return
         assert isinstance(d, Forward)
-        if d.token is not None:
-            bad = check_token(d.token, self.req.token)
-            if bad is not None:
-                self.fail(bad)
+        req = self.req
+        if d.token is not None:  # a private sandbox (admission.py)
+            got = self._admit(d.token)
+            if got is None:
                 return
+            req = got
         ctx = self.ctx
         self.fwd = d
         # The head for the sandbox: the policy's, plus the request ID (X-Request-ID: kept from
         # trusted proxies, else generated). Inline: this runs for every request.
-        req = self.req
         name = ctx.rid_header
         if name:
             rid = req.request_id
@@ -235,6 +237,19 @@ class Exchange:
             self.fail(errors.TOO_MANY_CONNECTIONS)
             return
         self.task = ctx.loop.create_task(self._connect(d))
+
+    def _admit(self, token: bytes) -> RequestHead | None:
+        """The head to forward to a private sandbox (credentials the gateway consumed cut from it),
+        or None when the gateway answered: 403, a link's 303, a preflight's 204."""
+        route = self.route
+        assert route is not None
+        got = self.ctx.admission.admit(self.req, token, route, self.client.peer, time())
+        if isinstance(got, Answer):
+            self.fail(got.reason, got.detail, extra_headers=got.headers)
+            return None
+        if got is not self.req:
+            self.admitted = got
+        return got
 
     def _new_rid(self) -> bytes:
         """This request's ID: the one a trusted proxy sent, else a new one."""
@@ -356,7 +371,7 @@ class Exchange:
             return d
         log.info("sandbox %s moved to %s", route.sandbox_id, new.address)
         self.fwd = new
-        head = self.req.upstream_head(self.client.peer, new.host)
+        head = (self.admitted or self.req).upstream_head(self.client.peer, new.host)
         name = self.ctx.rid_header
         if name:
             head = b"".join((head[:-2], name, b": ", self.rid or self._new_rid(), b"\r\n\r\n"))
@@ -595,7 +610,13 @@ class Exchange:
 
     # ---- endings
 
-    def fail(self, reason: Reason, detail: str | None = None, close: bool = False) -> None:
+    def fail(
+        self,
+        reason: Reason,
+        detail: str | None = None,
+        close: bool = False,
+        extra_headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
         """Answer with the gateway's own response (or reset, if the sandbox's already began)."""
         if self.done:
             return
@@ -618,17 +639,21 @@ class Exchange:
         h = raw_fields(req.raw)
         keep = req.keep_alive and not close and not self.ctx.draining
         route = self.route
+        as_html = errors.wants_html(
+            find_header(h, hdrs.SEC_FETCH_MODE), find_header(h, hdrs.ACCEPT), find_header(h, hdrs.USER_AGENT)
+        )
         out = errors.render(
             reason,
             sandbox_id=route.sandbox_id if route else None,
             port=route.port if route else None,
             detail=detail,
-            as_html=errors.wants_html(
-                find_header(h, hdrs.SEC_FETCH_MODE), find_header(h, hdrs.ACCEPT), find_header(h, hdrs.USER_AGENT)
-            ),
+            as_html=as_html,
             origin=find_header(h, hdrs.ORIGIN),
             head_only=req.method == b"HEAD",
             close=not keep,
+            extra_headers=extra_headers,
+            hints=self._page_hints(extra_headers) if as_html else None,
+            favicon=errors.is_favicon(req.method, req.target),
         )
         name = self.ctx.rid_header
         if name:
@@ -638,6 +663,23 @@ class Exchange:
         self._end(reason.status, reason.code, len(out))
         self.flush_down()
         client.exchange_done(self, keep)
+
+    def _page_hints(self, extra_headers: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
+        """What a person's error page says about addresses: the form a sandbox URL takes here (this
+        scheme, the first domain, this request's port), the link parameter, the token field."""
+        cfg = self.ctx.config
+        host = self.req.host or b""
+        port = host.rsplit(b":", 1)[1].decode() if host.rfind(b":") > host.rfind(b"]") else ""
+        hints = {
+            "expected": f"{self.client.peer.proto.decode()}://{{port}}-{{sandboxId}}.{cfg.domains[0]}"
+            + (f":{port}" if port else "") + "/",
+            "param": cfg.access_link_param,
+            "header": cfg.traffic_token_header,
+        }  # fmt: skip
+        for name, value in extra_headers:
+            if name == b"Location":
+                hints["location"] = value.decode("latin-1")
+        return hints
 
     def abort(self) -> None:
         """The client is gone: drop everything, close the upstream connection."""

@@ -255,3 +255,41 @@ def test_field_names_are_configurable() -> None:
     r = analyze_request(b"GET / HTTP/1.1\r\nHost: h\r\ne2b-traffic-access-token: t\r\n\r\n", roles)
     assert isinstance(r, RequestHead) and r.token is None
     assert b"e2b-traffic-access-token: t" in r.upstream_head(PEER)
+
+
+@pytest.mark.parametrize(
+    ("origin", "sent"),
+    [
+        # The sandbox URL's own origin becomes the masked host's, so Jupyter and CSRF checks that
+        # compare Origin with Host see what they would see unmasked.
+        (b"http://8888-x.sandbox.localhost:8080", b"http://localhost:8888"),
+        (b"HTTPS://8888-X.sandbox.localhost:8080", b"HTTPS://localhost:8888"),
+        # Any other origin passes unchanged.
+        (b"http://8888-x.sandbox.localhost:8081", b"http://8888-x.sandbox.localhost:8081"),
+        (b"http://3000-x.sandbox.localhost:8080", b"http://3000-x.sandbox.localhost:8080"),
+        (b"https://evil.example", b"https://evil.example"),
+        (b"null", b"null"),
+    ],
+)
+def test_mask_rewrites_only_the_sandboxs_own_origin(origin: bytes, sent: bytes) -> None:
+    head = b"GET /api/kernels HTTP/1.1\r\nHost: 8888-x.sandbox.localhost:8080\r\nOrigin: " + origin + b"\r\nA: b\r\n\r\n"
+    out = upstream(head, host=b"localhost:8888")
+    assert out.startswith(b"GET /api/kernels HTTP/1.1\r\nHost: localhost:8888\r\nOrigin: " + sent + b"\r\nA: b\r\n")
+    assert upstream(head).startswith(head[:-2])  # no mask: Origin untouched
+
+
+def test_default_ports_compare_equal_for_the_origin() -> None:
+    head = b"GET / HTTP/1.1\r\nHost: 3000-x.e2b.dev\r\nOrigin: https://3000-x.e2b.dev\r\n\r\n"
+    assert b"\r\nOrigin: https://localhost:3000\r\n" in upstream(head, host=b"localhost:3000")
+
+
+def test_edit_fields_and_replace_target_touch_only_what_they_name() -> None:
+    from gateway.http.headers import edit_fields, replace_target
+
+    raw = b"GET /x?a=1 HTTP/1.1\r\nHost: h\r\nCookie: a=1; k=2  \r\nX-Cookie: k=3\r\ncookie: k=4\r\n\r\n"
+    drop_k = lambda v: b"; ".join(p for p in v.split(b"; ") if not p.startswith(b"k=")) or None  # noqa: E731
+    assert edit_fields(raw, b"cookie", drop_k) == (
+        b"GET /x?a=1 HTTP/1.1\r\nHost: h\r\nCookie: a=1  \r\nX-Cookie: k=3\r\n\r\n"
+    )  # an edited line keeps the client's trailing whitespace; a removed line goes whole
+    assert edit_fields(raw, b"cookie", lambda v: v) is raw
+    assert replace_target(raw, b"/y") == raw.replace(b"/x?a=1", b"/y", 1)

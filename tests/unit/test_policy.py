@@ -34,8 +34,10 @@ def test_states() -> None:
     route = Route(3000, "abc")
     assert decide(route, SandboxRecord("10.0.0.1", state="paused"), 0) is errors.SANDBOX_PAUSED
     for s in ("pausing", "resuming", "starting", "stopping"):
-        assert decide(route, SandboxRecord("10.0.0.1", state=s), 0) is errors.SANDBOX_TRANSITIONING
-    assert errors.SANDBOX_TRANSITIONING.retry_after
+        d = decide(route, SandboxRecord("10.0.0.1", state=s), 0)
+        assert isinstance(d, errors.Reason)
+        # One code for tools, a message that names the state for people.
+        assert (d.code, d.status, d.message, d.retry_after) == ("sandbox_transitioning", 409, f"The sandbox is {s}.", 1)
     assert isinstance(decide(route, SandboxRecord("10.0.0.1", state="running"), 0), Forward)
 
 

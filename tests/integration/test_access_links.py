@@ -1,0 +1,261 @@
+"""Private sandboxes for browsers, through a running gateway: signed links exchanged for cookies,
+cookies used, the token as a WebSocket subprotocol, CORS preflights; and what the sandbox's
+backend sees of all this (nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
+
+from gateway import access
+from gateway.catalog import CatalogWriter, SandboxRecord, access_link
+from tests.conftest import WAIT, Catalog, RedisServer
+from tests.helpers import Client, RawUpstream, Response, echo_handler, request
+from tests.integration.test_writer import cli
+
+TOKEN = "tok-of-priv"
+
+
+def link(sandbox_id: str, port: int, ttl: int = 600, token: str = TOKEN, path: str = "/") -> str:
+    """The path and query of a fresh link (the tests send the Host themselves)."""
+    url = access_link(token, sandbox_id, port, "e2b.test", ttl, scheme="http", path=path)
+    return url.split("e2b.test", 1)[1]
+
+
+def cookie_of(r: Response) -> str:
+    """The ``name=value`` of the gateway's Set-Cookie."""
+    sc = r.header("Set-Cookie")
+    assert sc is not None, r.raw
+    return sc.split(b";")[0].decode()
+
+
+async def test_link_is_exchanged_for_a_cookie_that_opens_the_sandbox(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("priv", host="127.0.0.1", traffic_access_token=TOKEN)
+        gw = await start_gateway()
+        host = gw.host(up.port, "priv")
+        c = await Client.connect(gw.port)
+        r = await c.request(host, link("priv", up.port, path="/app/page?a=1&b=%2F"), headers={"Cookie": "app=1"})
+        assert (r.status, r.header("X-Gateway-Reason")) == (303, b"access_link_accepted")
+        assert r.header("Location") == b"/app/page?a=1&b=%2F"  # the other parameters kept, in order
+        sc = r.header("Set-Cookie") or b""
+        attrs = [a.strip() for a in sc.split(b";")[1:]]
+        assert attrs[0] == b"Path=/" and b"HttpOnly" in attrs and b"SameSite=Lax" in attrs
+        assert not any(a.lower().startswith(b"domain") for a in attrs)  # host-only
+        assert not any(a.lower() == b"secure" for a in attrs)  # plain HTTP from an untrusted peer
+        max_age = int(next(a for a in attrs if a.startswith(b"Max-Age=")).split(b"=")[1])
+        assert 590 <= max_age <= 600
+        assert up.conns == []  # the exchange never reached the sandbox
+        app_cookies = 'z=9;  app=1; x="q"'
+        r = await c.request(host, "/app/page?a=1&b=%2F", headers={"Cookie": f"{app_cookies}; {cookie_of(r)}"})
+        assert r.status == 200
+        assert b"GET /app/page?a=1&b=%2F HTTP/1.1\r\n" in r.body
+        assert f"\r\nCookie: {app_cookies}\r\n".encode() in r.body  # byte for byte, in order
+        assert b"e2b_access" not in up.received and TOKEN.encode() not in up.received
+        await c.close()
+
+
+async def test_link_for_another_port_sandbox_expired_tampered_is_refused(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("priv", host="127.0.0.1", traffic_access_token=TOKEN)
+        catalog.put("other", host="127.0.0.1", traffic_access_token="tok-of-other")
+        gw = await start_gateway()
+        host = gw.host(up.port, "priv")
+        now = int(time.time())
+        good = access.mint(TOKEN, access.LINK, "priv", up.port, now + 600)
+        cases = {
+            "expired": access.mint(TOKEN, access.LINK, "priv", up.port, now - 1),
+            "another port": access.mint(TOKEN, access.LINK, "priv", up.port + 1, now + 600),
+            "another sandbox": access.mint("tok-of-other", access.LINK, "other", up.port, now + 600),
+            "altered": good.replace(f".{now + 600}.", f".{now + 6000}."),
+            "malformed": "v1.priv",
+        }
+        for problem, value in cases.items():
+            r = await request(gw.port, host, f"/?e2b_access={value}")
+            assert (r.status, r.header("X-Gateway-Reason")) == (403, b"traffic_token_invalid"), problem
+            doc: Any = r.json()
+            assert problem in doc["message"], (problem, doc)
+        assert up.conns == []
+
+
+async def test_bad_cookies_are_403_with_reasons(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("priv", host="127.0.0.1", traffic_access_token=TOKEN)
+        gw = await start_gateway()
+        host = gw.host(up.port, "priv")
+        now = int(time.time())
+        cases = {
+            "expired": access.mint(TOKEN, access.COOKIE, "priv", up.port, now - 1),
+            "another port": access.mint(TOKEN, access.COOKIE, "priv", up.port + 1, now + 600),
+            "another sandbox": access.mint(TOKEN, access.COOKIE, "other", up.port, now + 600),
+            "altered": access.mint("guess", access.COOKIE, "priv", up.port, now + 600),
+            "altered ": access.mint(TOKEN, access.LINK, "priv", up.port, now + 600),  # a link is no cookie
+        }
+        for problem, value in cases.items():
+            r = await request(gw.port, host, headers={"Cookie": f"e2b_access={value}"})
+            assert (r.status, r.header("X-Gateway-Reason")) == (403, b"traffic_token_invalid"), problem
+            doc: Any = r.json()
+            assert problem.strip() in doc["message"] and "new access link" in doc["message"], doc
+        good = access.mint(TOKEN, access.COOKIE, "priv", up.port, now + 600)
+        r = await request(
+            gw.port, host, headers={"Cookie": f"e2b_access={good}", "Origin": "http://3000-evil.e2b.test"}
+        )
+        assert (r.status, r.header("X-Gateway-Reason")) == (403, b"traffic_token_invalid")  # another tenant's page
+        assert up.conns == []
+        r = await request(gw.port, host, headers={"Cookie": f"e2b_access={good}", "Origin": f"http://{host}"})
+        assert r.status == 200
+
+
+async def test_rotating_the_token_revokes_cookies(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("rot", host="127.0.0.1", traffic_access_token=TOKEN)
+        gw = await start_gateway(cache_ttl=60)  # only the invalidation message can make it see the change
+        host = gw.host(up.port, "rot")
+        r = await request(gw.port, host, link("rot", up.port))
+        cookie = cookie_of(r)
+        assert (await request(gw.port, host, headers={"Cookie": cookie})).status == 200
+        catalog.put("rot", host="127.0.0.1", traffic_access_token="rotated")  # SET + PUBLISH
+        # With a 60 s cache TTL only the invalidation message can end the cookie within WAIT: the
+        # cookie is revoked as fast as any record change reaches the gateway (test_invalidation.py).
+        async with asyncio.timeout(WAIT):
+            while (r := await request(gw.port, host, headers={"Cookie": cookie})).status != 403:
+                await asyncio.sleep(0.005)
+        assert r.header("X-Gateway-Reason") == b"traffic_token_invalid"
+        assert b"token has changed" in r.body
+        # The old link is revoked too; a link minted with the new token works.
+        assert (await request(gw.port, host, link("rot", up.port))).status == 403
+        assert (await request(gw.port, host, link("rot", up.port, token="rotated"))).status == 303
+
+
+async def test_public_sandboxes_ignore_links_and_cookies(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("pub", host="127.0.0.1")
+        gw = await start_gateway()
+        path = link("pub", up.port, path="/x?a=1")
+        r = await request(gw.port, gw.host(up.port, "pub"), path, headers={"Cookie": "e2b_access=v1.x; a=1"})
+        assert r.status == 200  # no redirect: forwarded unchanged
+        assert f"GET {path} HTTP/1.1\r\n".encode() in r.body and b"\r\nCookie: e2b_access=v1.x; a=1\r\n" in r.body
+
+
+async def test_link_on_a_websocket_cookie_and_token_subprotocol(start_gateway: Any, catalog: Catalog) -> None:
+    seen: list[tuple[str, Any]] = []
+
+    def process_request(conn: ServerConnection, req: Any) -> None:
+        seen.append((req.path, req.headers))
+
+    async def echo(ws: ServerConnection) -> None:
+        async for msg in ws:
+            await ws.send(msg)
+
+    def select(conn: ServerConnection, offered: Any) -> str | None:
+        return "chat" if "chat" in offered else None  # an app that also works without a subprotocol
+
+    async with serve(echo, "127.0.0.1", 0, select_subprotocol=select, process_request=process_request) as server:
+        port = server.sockets[0].getsockname()[1]
+        catalog.put("wsp", host="127.0.0.1", traffic_access_token=TOKEN)
+        gw = await start_gateway()
+        host = gw.host(port, "wsp")
+        now = int(time.time())
+        cookie = access.mint(TOKEN, access.COOKIE, "wsp", port, now + 600)
+        ways: list[dict[str, Any]] = [
+            {"uri": f"ws://{host}{link('wsp', port, path='/ws?x=1')}"},  # a WebSocket cannot follow a 303
+            {"uri": f"ws://{host}/ws?x=1", "additional_headers": {"Cookie": f"a=1; e2b_access={cookie}"}},
+            {"uri": f"ws://{host}/ws?x=1", "subprotocols": ["chat", f"e2b-token.{TOKEN}"]},
+            {"uri": f"ws://{host}/ws?x=1", "subprotocols": [f"e2b-token.{TOKEN}"]},
+        ]
+        for way in ways:
+            async with connect(host="127.0.0.1", port=gw.port, open_timeout=WAIT, **way) as ws:
+                await ws.send("hi")
+                assert await ws.recv() == "hi"
+                assert ws.subprotocol in (None, "chat")  # never the token: the app never saw it
+        assert len(seen) == 4
+        for path, headers in seen:
+            assert path == "/ws?x=1"
+            blob = json.dumps(list(headers.raw_items()))
+            assert "e2b_access" not in blob and TOKEN not in blob and "e2b-token" not in blob, blob
+        assert seen[1][1]["Cookie"] == "a=1"
+        assert seen[2][1]["Sec-WebSocket-Protocol"] == "chat"
+        assert "Sec-WebSocket-Protocol" not in seen[3][1]
+        with pytest.raises(Exception, match="403"):
+            async with connect(f"ws://{host}/ws", host="127.0.0.1", port=gw.port, open_timeout=WAIT,
+                               subprotocols=["e2b-token.nope"]):  # fmt: skip
+                pass
+
+
+async def test_preflight_is_answered_for_private_sandboxes_only(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("priv", host="127.0.0.1", traffic_access_token=TOKEN)
+        catalog.put("pub", host="127.0.0.1")
+        gw = await start_gateway()
+        pre = {
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,e2b-traffic-access-token",
+        }
+        r = await request(gw.port, gw.host(up.port, "priv"), "/api", method="OPTIONS", headers=pre)
+        assert (r.status, r.header("X-Gateway-Reason")) == (204, b"cors_preflight")
+        assert r.header("Access-Control-Allow-Origin") == b"https://app.example"
+        assert r.header("Access-Control-Allow-Methods") == b"POST"
+        assert r.header("Access-Control-Allow-Headers") == b"content-type,e2b-traffic-access-token"
+        assert r.header("Content-Length") is None and r.body == b""
+        assert up.conns == []  # the app never sees a request without the token
+        r = await request(gw.port, gw.host(up.port, "pub"), "/api", method="OPTIONS", headers=pre)
+        assert r.status == 200 and b"OPTIONS /api HTTP/1.1" in r.body  # a public app answers its own
+
+
+async def test_secure_cookie_behind_a_trusted_tls_balancer(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("priv", host="127.0.0.1", traffic_access_token=TOKEN)
+        plain = await start_gateway()
+        trusting = await start_gateway(trusted_proxies=["127.0.0.1/32"])
+        host = plain.host(up.port, "priv")
+        xfp = {"X-Forwarded-Proto": "https"}
+        r = await request(plain.port, host, link("priv", up.port), headers=xfp)
+        assert b"Secure" not in (r.header("Set-Cookie") or b"")  # anyone may claim https
+        r = await request(trusting.port, host, link("priv", up.port), headers=xfp)
+        assert (r.header("Set-Cookie") or b"").endswith(b"; Secure")
+
+
+async def test_writer_and_cli_mint_links(start_gateway: Any, catalog: Catalog, redis_server: RedisServer) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("minted", host="127.0.0.1", traffic_access_token=TOKEN)
+        catalog.put("open", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "minted")
+        client = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+        w = CatalogWriter(client)
+        url = await w.link("minted", up.port, "e2b.test", 60, scheme="http", path="/nb?x=1")
+        assert url.startswith(f"http://{host}/nb?x=1&e2b_access=v1.minted.{up.port}.")
+        r = await request(gw.port, host, url.split("e2b.test", 1)[1])
+        assert (r.status, r.header("Location")) == (303, b"/nb?x=1")
+        with pytest.raises(ValueError, match="public"):
+            await w.link("open", up.port, "e2b.test")
+        with pytest.raises(LookupError):
+            await w.link("nosuch", up.port, "e2b.test")
+        await client.aclose()
+        p = await asyncio.to_thread(cli, redis_server.url, "link", "minted", str(up.port), "--ttl", "120",
+                                    "--any-port", "--domain", f"e2b.test:{gw.port}", "--scheme", "http")  # fmt: skip
+        assert p.returncode == 0, p.stderr
+        doc = json.loads(p.stdout)
+        assert doc["url"].startswith(f"http://{host}:{gw.port}/?e2b_access=v1.minted.0.")  # any port
+        assert abs(doc["expires"] - (time.time() + 120)) < 30
+        r = await request(gw.port, host, doc["url"].split(str(gw.port), 1)[1])
+        assert r.status == 303
+        p = await asyncio.to_thread(cli, redis_server.url, "link", "open", "3000")
+        assert p.returncode == 2 and "public" in p.stderr
+        p = await asyncio.to_thread(cli, redis_server.url, "link", "nosuch", "3000")
+        assert p.returncode == 1 and "no record" in p.stderr
+
+
+def test_writer_link_record() -> None:
+    """A control plane that has the token mints without Redis; the record type is unchanged."""
+    rec = SandboxRecord("10.0.0.1", traffic_access_token="t")
+    url = access_link(rec.traffic_access_token or "", "abc", 3000, "e2b.dev", 60, now=1_000)
+    assert url == "https://3000-abc.e2b.dev/?e2b_access=" + access.mint("t", access.LINK, "abc", 3000, 1_060)
