@@ -392,8 +392,8 @@ def _html_body(
         title=page.title.format_map(safe),
         refresh=f'<meta http-equiv="refresh" content="{page.refresh}">' if page.refresh else "",
         text=text,
-        next=f"<p>{page.next.format_map(safe)}</p>" if page.next else "",
-        where=", ".join(where),
+        next=f"<p>{page.next.format_map(safe)}</p>\n" if page.next else "",
+        where=f"<p><small>{', '.join(where)}</small></p>\n" if where else "",
         status=reason.status,
         reason=html.escape(reason.code),
     )

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.catalog import access_link
 from tests import needs
 from tests.conftest import ROOT, WAIT, Catalog, free_port
 
@@ -122,4 +123,20 @@ async def test_vite_without_allowed_hosts_works_with_mask_request_host(
     result = await drive(f"http://{masked}/", source, "MAP *.sandbox.test 127.0.0.1")  # ... with it, all works
     assert result["status"] == 200 and result["rendered"] == "hello from the sandbox"
     assert result["hmr"].startswith(f"ws://{masked}/")
+    assert result["updated"] == "updated through the gateway"
+
+
+async def test_private_vite_opens_with_an_access_link(start_gateway: Any, catalog: Catalog, vite: Any) -> None:
+    """The page, its modules and the HMR WebSocket of a private sandbox, on the cookie a link gave."""
+    port, source = vite(".sandbox.localhost")
+    catalog.put("secret", host="127.0.0.1", traffic_access_token="tok-of-vite")
+    gp = free_port()
+    gw = await start_gateway(listen=(f"127.0.0.1:{gp}", f"[::1]:{gp}"), domains=("sandbox.localhost",))
+    host = f"{port}-secret.sandbox.localhost:{gw.port}"
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{gw.port}/", headers={"Host": host}) as r:
+        assert r.status == 403  # private: nothing without the link
+    link = access_link("tok-of-vite", "secret", port, f"sandbox.localhost:{gw.port}", 600, scheme="http")
+    result = await drive(link, source)
+    assert result["status"] == 200 and result["rendered"] == "hello from the sandbox"
+    assert result["hmr"].startswith(f"ws://{host}/")  # the HMR socket went through on the cookie
     assert result["updated"] == "updated through the gateway"
