@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import importlib.util
 import json
 import os
 import subprocess
@@ -92,3 +93,93 @@ async def test_kernel_executes_through_the_gateway(start_gateway: Any, catalog: 
         assert result == "2"
         async with s.delete(f"{base}/api/kernels/{kernel}", headers=headers) as r:
             assert r.status == 204
+
+
+@pytest.fixture
+def jupyterlab(tmp_path: Path) -> Iterator[int]:
+    """JupyterLab (the whole web app: notebooks, terminals) on a free port; its JS API is exposed
+    in the page (``window.jupyterapp``) so the browser test drives it as the UI would."""
+    port = free_port()
+    env = {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython"), "SHELL": "/bin/sh"}
+    for name in ("CONFIG", "DATA", "RUNTIME"):
+        (tmp_path / name.lower()).mkdir()
+        env[f"JUPYTER_{name}_DIR"] = str(tmp_path / name.lower())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={tmp_path}", "--LabApp.expose_app_in_browser=True",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(WAIT)
+
+
+# Runs in the page: a notebook with one cell, run on a kernel; a terminal with one command. Both go
+# over WebSockets that Jupyter refuses when Origin and Host disagree.
+LAB = """async () => {
+  const app = window.jupyterapp;
+  await app.started; await app.restored;
+  const nb = await app.commands.execute("notebook:create-new", {kernelName: "python3"});
+  await nb.context.ready; await nb.sessionContext.ready;
+  nb.content.activeCell.model.sharedModel.setSource("6 * 7");
+  await app.commands.execute("notebook:run-cell");
+  const term = await app.commands.execute("terminal:create-new");
+  await term.content.ready;
+  window.terminalOutput = "";
+  term.content.session.messageReceived.connect((_, msg) => {
+    if (msg.type === "stdout") window.terminalOutput += msg.content[0];
+  });
+  term.content.session.send({type: "stdin", content: ["echo $((6*7))x\\r"]});
+  return true;
+}"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None, reason="pip install jupyterlab (dev extras)")
+async def test_jupyterlab_notebook_and_terminal_with_mask_in_chromium(
+    start_gateway: Any, catalog: Catalog, jupyterlab: int
+) -> None:
+    """With mask_request_host, Jupyter sees Host localhost:{port}; its WebSocket check compares that
+    with Origin, which the gateway rewrites when it is the sandbox URL's own origin."""
+    from tests.e2e.browser import browse, needs_browser
+
+    for mark in needs_browser:
+        if mark.args[0]:
+            pytest.skip(mark.kwargs["reason"])
+    catalog.put("lab", host="127.0.0.1", mask_request_host="localhost:${PORT}")
+    gw = await start_gateway(domains=("sandbox.test",))
+    base = f"http://{jupyterlab}-lab.sandbox.test:{gw.port}"
+    async with aiohttp.ClientSession() as s:  # JupyterLab starting: the gateway says port_not_open meanwhile
+        async with asyncio.timeout(WAIT * 3):
+            while True:
+                async with s.get(f"http://127.0.0.1:{gw.port}/api/status", headers={"Host": base[7:]}) as r:
+                    if r.status in (200, 403):
+                        break
+                await asyncio.sleep(0.1)
+    r = await browse(
+        [
+            {"op": "goto", "url": f"{base}/lab?token={TOKEN}", "name": "lab"},
+            {"op": "wait", "js": "window.jupyterapp", "timeout": 60000},
+            {"op": "eval", "js": f"({LAB})()", "name": "driven"},
+            {"op": "wait", "timeout": 60000,
+             "js": "[...document.querySelectorAll('.jp-OutputArea-output')].some((e) => e.textContent.includes('42'))"},
+            {"op": "eval", "name": "output",
+             "js": "[...document.querySelectorAll('.jp-OutputArea-output')].map((e) => e.textContent).join('|')"},
+            {"op": "wait", "timeout": 60000, "js": "window.terminalOutput.includes('42x')"},
+        ],
+        resolverRules="MAP *.sandbox.test 127.0.0.1", timeout=60000, limit=240,
+    )  # fmt: skip
+    assert r["steps"]["lab"]["status"] == 200 and r["steps"]["driven"] is True
+    assert "42" in r["steps"]["output"]  # the cell ran on a kernel reached over the kernel WebSocket
+    kernel = [w for w in r["sockets"] if "/api/kernels/" in w["url"]]
+    terminal = [w for w in r["sockets"] if "/terminals/websocket/" in w["url"]]
+    assert kernel and all(w["url"].startswith(base.replace("http", "ws")) for w in kernel), r["sockets"]
+    assert not [w for w in kernel + terminal if w["error"]], r["sockets"]
+    # The terminal's WebSocket carried the command's output back.
+    assert terminal and any("42x" in f for w in terminal for f in w["received"]), terminal

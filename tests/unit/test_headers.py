@@ -272,7 +272,9 @@ def test_field_names_are_configurable() -> None:
     ],
 )
 def test_mask_rewrites_only_the_sandboxs_own_origin(origin: bytes, sent: bytes) -> None:
-    head = b"GET /api/kernels HTTP/1.1\r\nHost: 8888-x.sandbox.localhost:8080\r\nOrigin: " + origin + b"\r\nA: b\r\n\r\n"
+    head = (
+        b"GET /api/kernels HTTP/1.1\r\nHost: 8888-x.sandbox.localhost:8080\r\nOrigin: " + origin + b"\r\nA: b\r\n\r\n"
+    )
     out = upstream(head, host=b"localhost:8888")
     assert out.startswith(b"GET /api/kernels HTTP/1.1\r\nHost: localhost:8888\r\nOrigin: " + sent + b"\r\nA: b\r\n")
     assert upstream(head).startswith(head[:-2])  # no mask: Origin untouched

@@ -3,7 +3,7 @@
 //
 // Steps: {op: "goto", url, name}            navigate; records status, final URL, X-Gateway-Reason
 //        {op: "wait", js, timeout?}          until the expression is truthy in the page
-//        {op: "eval", js, name}              the expression's value (awaited)
+//        {op: "eval", js, name, timeout?}    the expression's value (awaited)
 //        {op: "screenshot", path, name}      a PNG of the page; records its size in bytes
 //        {op: "signal", name}                prints {"signal": name}, waits for a line on stdin
 //        {op: "page"}                        a new page in the same browser context (same cookies)
@@ -48,8 +48,10 @@ try {
         redirectedFrom: r && r.request().redirectedFrom() ? r.request().redirectedFrom().url() : null };
     } else if (step.op === "wait") {
       await page.waitForFunction(step.js, null, { timeout: step.timeout || timeout });
-    } else if (step.op === "eval") {
-      out.steps[step.name] = await page.evaluate(step.js);
+    } else if (step.op === "eval") {  // page.evaluate has no timeout of its own
+      const limit = step.timeout || timeout;
+      out.steps[step.name] = await Promise.race([page.evaluate(step.js),
+        new Promise((_, reject) => setTimeout(() => reject(new Error(`${step.name}: no result in ${limit} ms`)), limit))]);
     } else if (step.op === "screenshot") {
       const png = await page.screenshot({ path: step.path, fullPage: true });
       out.steps[step.name] = png.length;
