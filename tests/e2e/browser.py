@@ -19,13 +19,20 @@ APP = ROOT / "tests" / "e2e" / "vite-app"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 NODE = shutil.which("node")
 
-needs_browser = [
-    pytest.mark.skipif(NODE is None, reason="node is missing"),
-    pytest.mark.skipif(
-        not (APP / "node_modules" / "playwright-core").exists(), reason="run `make peers` (npm install)"
-    ),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="apt-get install chromium"),
-]
+
+def _missing() -> str | None:
+    if NODE is None:
+        return "node is missing"
+    if not (APP / "node_modules" / "playwright-core").exists():
+        return "run `make peers` (npm install)"
+    if not Path(CHROMIUM).exists():
+        return "apt-get install chromium"
+    return None
+
+
+#: Why the browser tests cannot run here (None: they can).
+BROWSER_MISSING = _missing()
+needs_browser = pytest.mark.skipif(BROWSER_MISSING is not None, reason=BROWSER_MISSING or "")
 
 
 async def browse(

@@ -17,7 +17,7 @@ from gateway.catalog import access_link
 from tests.conftest import Catalog, free_port
 from tests.e2e.browser import browse, needs_browser
 
-pytestmark = [pytest.mark.slow, *needs_browser]
+pytestmark = [pytest.mark.slow, needs_browser]
 TOKEN = "tok-of-priv"
 
 PAGE = """<!doctype html><title>app</title>

@@ -19,7 +19,7 @@ from tests.conftest import WAIT, Catalog, free_port
 from tests.e2e.browser import browse, needs_browser
 from tests.helpers import RawUpstream, UpstreamConn, response
 
-pytestmark = [pytest.mark.slow, *needs_browser]
+pytestmark = [pytest.mark.slow, needs_browser]
 
 LOOK = """({title: document.title, h1: document.querySelector("h1")?.textContent ?? null,
   text: document.body.innerText, refresh: document.querySelector("meta[http-equiv=refresh]")?.content ?? null,
