@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from gateway import access
 from gateway.catalog import CatalogWriter, SandboxRecord, access_link
 from tests.conftest import WAIT, Catalog, RedisServer
 from tests.helpers import Client, RawUpstream, Response, echo_handler, request
+from tests.integration.test_operations import client_ctx, make_cert, tls_request
 from tests.integration.test_writer import cli
 
 TOKEN = "tok-of-priv"
@@ -210,7 +212,9 @@ async def test_preflight_is_answered_for_private_sandboxes_only(start_gateway: A
         assert r.status == 200 and b"OPTIONS /api HTTP/1.1" in r.body  # a public app answers its own
 
 
-async def test_secure_cookie_behind_a_trusted_tls_balancer(start_gateway: Any, catalog: Catalog) -> None:
+async def test_secure_cookie_over_tls_or_behind_a_trusted_tls_balancer(
+    start_gateway: Any, catalog: Catalog, tmp_path: Path
+) -> None:
     async with RawUpstream(echo_handler) as up:
         catalog.put("priv", host="127.0.0.1", traffic_access_token=TOKEN)
         plain = await start_gateway()
@@ -221,6 +225,10 @@ async def test_secure_cookie_behind_a_trusted_tls_balancer(start_gateway: Any, c
         assert b"Secure" not in (r.header("Set-Cookie") or b"")  # anyone may claim https
         r = await request(trusting.port, host, link("priv", up.port), headers=xfp)
         assert (r.header("Set-Cookie") or b"").endswith(b"; Secure")
+        cert, key = make_cert(tmp_path, "wild", "*.e2b.test")
+        tls = await start_gateway(listen=["127.0.0.1:0 tls"], tls_certificates=[f"{cert}:{key}"])
+        r, _ = await tls_request(tls.port, client_ctx(cert), host, link("priv", up.port))
+        assert r.status == 303 and (r.header("Set-Cookie") or b"").endswith(b"; Secure")
 
 
 async def test_writer_and_cli_mint_links(start_gateway: Any, catalog: Catalog, redis_server: RedisServer) -> None:

@@ -106,12 +106,18 @@ async def test_mask_request_host_applies_to_upgrades(start_gateway: Any, catalog
     gw = await start_gateway()
     host = gw.host(echo.port, "abc")
     async with connect(f"ws://{host}/ws", host="127.0.0.1", port=gw.port, subprotocols=["chat.v1"],
-                       open_timeout=WAIT) as ws:  # fmt: skip
+                       open_timeout=WAIT, origin=f"http://{host}") as ws:  # fmt: skip
         await ws.send("x")
         assert await ws.recv() == "x"
     h = echo.request_headers[0]
     assert h["Host"] == f"localhost:{echo.port}"
     assert h["X-Forwarded-Host"] == host
+    assert h["Origin"] == f"http://localhost:{echo.port}"  # the page's own origin follows the mask
+    async with connect(f"ws://{host}/ws", host="127.0.0.1", port=gw.port, subprotocols=["chat.v1"],
+                       open_timeout=WAIT, origin="http://elsewhere.example") as ws:  # fmt: skip
+        await ws.send("x")
+        assert await ws.recv() == "x"
+    assert echo.request_headers[1]["Origin"] == "http://elsewhere.example"  # another origin: unchanged
 
 
 async def raw_101(c: UpstreamConn) -> None:
