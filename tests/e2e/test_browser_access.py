@@ -6,6 +6,7 @@ never sees the link parameter, the gateway's cookie or the token."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 
+from gateway import access
 from gateway.catalog import access_link
 from tests.conftest import Catalog, free_port
 from tests.e2e.browser import browse, needs_browser
@@ -85,6 +87,10 @@ class App:
             resp = web.Response(text=PAGE, content_type="text/html")
             resp.headers["Set-Cookie"] = "app=1; Path=/"
             return resp
+        if path == "/plant":  # a hostile tenant's app sets the gateway's cookie for every sandbox
+            resp = web.Response(text="planted")
+            resp.headers["Set-Cookie"] = f"e2b_access={request.query['v']}; Domain={request.query['d']}; Path=/"
+            return resp
         if path == "/cors":
             return web.Response(text=CORS_PAGE, content_type="text/html")
         if path == "/whoami":
@@ -149,6 +155,7 @@ async def test_link_opens_page_websocket_and_eventsource(start_gateway: Any, cat
     link = access_link(TOKEN, "priv", a.port, domain, 600, scheme="http", path="/?x=1")
     sneaky = access_link(TOKEN, "priv", a.port, domain, 600, scheme="http", path="//evil.example/x")
     done = "['ws','sse','who'].every((id) => document.getElementById(id).textContent)"
+    forged = access.mint("a-guess", access.COOKIE, "priv", a.port, int(time.time()) + 600)
     r = await browse([
         {"op": "goto", "url": link, "name": "open"},
         {"op": "wait", "js": done},
@@ -161,6 +168,13 @@ async def test_link_opens_page_websocket_and_eventsource(start_gateway: Any, cat
         {"op": "eval", "js": "document.body.textContent", "name": "pub_saw"},
         {"op": "goto", "url": f"http://{a.port}-other.{domain}/", "name": "other"},
         {"op": "goto", "url": sneaky, "name": "sneaky"},
+        # Another tenant's app plants a domain cookie of the gateway's name (signed with a guess): the
+        # victim's own cookie still opens its sandbox, and neither reaches the app.
+        {"op": "goto", "url": f"http://{b.port}-pub.{domain}/plant?d=sandbox.localhost&v={forged}", "name": "plant"},
+        {"op": "cookies", "name": "planted"},
+        {"op": "goto", "url": f"{origin}/", "name": "after"},
+        {"op": "wait", "js": done},
+        {"op": "eval", "js": "document.getElementById('who').textContent", "name": "who_after"},
     ])  # fmt: skip
     s = r["steps"]
     assert (s["open"]["status"], s["open"]["url"], s["open"]["redirectedFrom"]) == (200, f"{origin}/?x=1", link)
@@ -182,6 +196,10 @@ async def test_link_opens_page_websocket_and_eventsource(start_gateway: Any, cat
     assert json.loads(s["pub_saw"]) == {"cookie": None}  # not sent to another sandbox's host
     assert (s["other"]["status"], s["other"]["reason"]) == (403, "traffic_token_missing")  # nor to a private one
     assert s["sneaky"]["url"].startswith(f"{origin}/")  # the redirect never leaves the host
+    assert [c["domain"] for c in s["planted"] if c["name"] == "e2b_access"] == [
+        f"{a.port}-priv.sandbox.localhost", ".sandbox.localhost"  # the browser does send both to A
+    ]
+    assert s["after"]["status"] == 200 and json.loads(s["who_after"]) == {"cookie": "app=1"}
     seen = blob(a)
     assert "e2b_access" not in seen and TOKEN not in seen and "e2b-token" not in seen
     assert any(x["path"] == "/sse" for x in a.seen) and any(x["path"] == "/ws" for x in a.seen)
