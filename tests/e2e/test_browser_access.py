@@ -197,7 +197,8 @@ async def test_link_opens_page_websocket_and_eventsource(start_gateway: Any, cat
     assert (s["other"]["status"], s["other"]["reason"]) == (403, "traffic_token_missing")  # nor to a private one
     assert s["sneaky"]["url"].startswith(f"{origin}/")  # the redirect never leaves the host
     assert [c["domain"] for c in s["planted"] if c["name"] == "e2b_access"] == [
-        f"{a.port}-priv.sandbox.localhost", ".sandbox.localhost"  # the browser does send both to A
+        f"{a.port}-priv.sandbox.localhost",
+        ".sandbox.localhost",  # the browser does send both to A
     ]
     assert s["after"]["status"] == 200 and json.loads(s["who_after"]) == {"cookie": "app=1"}
     seen = blob(a)
