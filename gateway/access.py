@@ -204,7 +204,9 @@ def location(target: bytes) -> bytes:
         ends = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
         rest = rest[min(ends) :] if ends else b""
         target = rest if rest[:1] == b"/" else b"/" + rest
-    if target[1:2] in (b"/", b"\\"):
+    # Browsers drop tabs and newlines anywhere in a URL before parsing it (llhttp refuses them in a
+    # request target already; an HTTP/2 front end might not).
+    if target.translate(None, b"\t\r\n")[1:2] in (b"/", b"\\"):
         target = b"/." + target
     return target
 

@@ -217,6 +217,7 @@ def test_take_subprotocols(value: bytes, found: list[bytes], rest: bytes | None)
         (b"/a/b?x=1", b"/a/b?x=1"),
         (b"//evil.example/x", b"/.//evil.example/x"),  # not a network-path reference
         (b"/\\evil.example/x", b"/./\\evil.example/x"),  # browsers read "/\" as "//"
+        (b"/\t/evil.example/x", b"/./\t/evil.example/x"),  # ... and drop tabs and newlines first
         (b"http://3000-abc.e2b.dev/p?a=1", b"/p?a=1"),
         (b"http://3000-abc.e2b.dev?a=1", b"/?a=1"),
         (b"http://3000-abc.e2b.dev", b"/"),
@@ -234,3 +235,22 @@ def test_set_cookie_is_host_only_httponly_lax() -> None:
     assert c == b"e2b_access=v1.x; Path=/; Max-Age=3600; HttpOnly; SameSite=Lax"
     assert b"domain" not in c.lower()  # host-only: never sent to another sandbox's host (RFC 6265 §5.3 step 6)
     assert access.set_cookie(N, b"v1.x", 5, secure=True).endswith(b"; Secure")
+
+
+@given(st.binary(max_size=200), st.sampled_from([LINK, COOKIE]), st.floats(0, 2e10))
+def test_verify_never_raises_on_hostile_input(value: bytes, purpose: str, now: float) -> None:
+    assert isinstance(verify(TOKEN, purpose, value, "abc123", 3000, now), str)
+
+
+@given(st.binary(max_size=200))
+def test_surgery_never_raises_and_changes_nothing_it_did_not_find(value: bytes) -> None:
+    for found, rest in (access.take_cookies(value, N), access.take_subprotocols(value, b"e2b-token.")):
+        assert found or rest == value
+    found, target = access.take_param(b"/" + value, N)
+    assert found or target == b"/" + value
+
+
+@given(st.lists(st.sampled_from([b"/", b"\\", b"\t", b"\n", b"\r", b"a", b".", b"?", b":"]), max_size=8).map(b"".join))
+def test_location_is_never_a_network_path(path: bytes) -> None:
+    loc = access.location(b"/" + path).translate(None, b"\t\r\n")  # as a browser reads it (WHATWG URL)
+    assert loc.startswith(b"/") and loc[1:2] not in (b"/", b"\\")
