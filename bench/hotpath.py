@@ -7,7 +7,10 @@ instructions per request, which unlike time is repeatable to the instruction on 
 use it to compare two versions of the hot path.
 
     .venv/bin/python bench/hotpath.py [--real] [-n 100000]
-    .venv/bin/python bench/hotpath.py --callgrind [--real]
+    .venv/bin/python bench/hotpath.py --callgrind [--real] [--private header|cookie]
+
+``--private`` makes the sandbox private and the request carry its token in the token field, or the
+access cookie a link gave (http/admission.py), to see what a private sandbox's request costs more.
 """
 
 from __future__ import annotations
@@ -101,12 +104,24 @@ class _NoCallSoon:
         pass
 
 
-async def run(n: int, real: bool, ready: str | None) -> float:
+def private_request(req: bytes, how: str) -> bytes:
+    """``req`` to a private sandbox: with the token field, or with the access cookie among others."""
+    if how == "header":
+        return req[:-2] + b"e2b-traffic-access-token: tok\r\n\r\n"
+    from gateway import access  # noqa: PLC0415 (the header case runs on builds before access links too)
+
+    value = access.mint("tok", access.COOKIE, "abc", 18100, 2**35).encode()
+    if b"\r\nCookie: " in req:
+        return req.replace(b"theme=dark\r\n", b"theme=dark; e2b_access=" + value + b"\r\n")
+    return req[:-2] + b"Cookie: e2b_access=" + value + b"\r\n\r\n"
+
+
+async def run(n: int, real: bool, ready: str | None, private: str | None = None) -> float:
     env = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}  # to try settings (access log...)
     cfg = load_config(None, env=env, overrides={"domains": ("e2b.dev",), "redis_url": "redis://unused"})
     loop = asyncio.get_running_loop()
     cache = CatalogCache(1e9, 1, 1, 100)
-    cache.put("abc", SandboxRecord("127.0.0.1", "e1"), loop.time())
+    cache.put("abc", SandboxRecord("127.0.0.1", "e1", traffic_access_token="tok" if private else None), loop.time())
     catalog = Catalog(None, cache, "sandbox:catalog:", 1)  # type: ignore[arg-type]  # never asked
     pool = Pool(1e9, 10, 10, 65536)
     ctx = Context(cfg, catalog, pool)
@@ -118,6 +133,8 @@ async def run(n: int, real: bool, ready: str | None) -> float:
     client = ClientConnection(ctx, 8080)
     client.connection_made(MemoryTransport())  # type: ignore[arg-type]
     req, resp = (REAL_REQ, REAL_RESP) if real else (SMALL_REQ, SMALL_RESP)
+    if private:
+        req = private_request(req, private)
     # The loop flushes the outbox once per iteration, which under load holds many requests: here
     # once every BATCH requests (the protocols do not wait for their writes, so this is the same work).
     ctx.outbox.loop = _NoCallSoon()  # type: ignore[assignment]
@@ -145,6 +162,8 @@ def callgrind(args: argparse.Namespace) -> None:
         mark = os.path.join(d, "m")
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={d}/out",
                sys.executable, __file__, "-n", str(args.n), "--ready", mark] + (["--real"] if args.real else [])  # fmt: skip
+        if args.private:
+            cmd += ["--private", args.private]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while not os.path.exists(mark + ".ready"):
@@ -155,7 +174,8 @@ def callgrind(args: argparse.Namespace) -> None:
         open(mark + ".go", "w").close()
         _, err = proc.communicate(timeout=600)
         total = next(int(line.split()[-1].replace(",", "")) for line in err.splitlines() if "Collected" in line)
-        print(f"{total / args.n:,.0f} instructions per request ({'real' if args.real else 'small'})")
+        what = ("real" if args.real else "small") + (f", private by {args.private}" if args.private else "")
+        print(f"{total / args.n:,.0f} instructions per request ({what})")
 
 
 def main() -> None:
@@ -163,6 +183,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=100_000, help="requests (default 100000; --callgrind: 2000)")
     ap.add_argument("--real", action="store_true", help="the 14-header request and 15-header response")
     ap.add_argument("--callgrind", action="store_true", help="count instructions under valgrind")
+    ap.add_argument("--private", choices=("header", "cookie"), help="a private sandbox, reached by token or cookie")
     ap.add_argument("--ready", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.callgrind:
@@ -170,7 +191,7 @@ def main() -> None:
             args.n = 2000
         callgrind(args)
         return
-    per = uvloop.run(run(args.n, args.real, args.ready))
+    per = uvloop.run(run(args.n, args.real, args.ready, args.private))
     if args.ready:
         os._exit(0)  # stop counting here, not in interpreter shutdown
     print(f"{per * 1e6:.2f} µs of Python per request ({'real' if args.real else 'small'}, n={args.n})")

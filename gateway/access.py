@@ -57,6 +57,7 @@ _VERSION = b"v1"
 _ID_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789")
 _DIGITS = frozenset(b"0123456789")
 _MAC_LENGTH = 43  # 32 bytes in unpadded base64url
+_EXPIRES_DIGITS = 12  # unix seconds until the year 33658
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +76,13 @@ def _mac(token: bytes, purpose: str, payload: bytes) -> bytes:
 
 def mint(token: str | bytes, purpose: str, sandbox_id: str, port: int, expires: int) -> str:
     """A signed value: ``v1.{sandboxId}.{port}.{expires}.{mac}`` (``port`` 0: any port)."""
-    if not (0 <= port <= 65535) or expires < 0 or not sandbox_id or not _ID_CHARS.issuperset(sandbox_id.encode()):
-        raise ValueError("a signed value needs a sandbox ID [a-z0-9]+, a port 0-65535 and an expiry >= 0")
+    if (
+        not (0 <= port <= 65535)
+        or not (0 <= expires < 10**_EXPIRES_DIGITS)
+        or not sandbox_id
+        or not _ID_CHARS.issuperset(sandbox_id.encode())
+    ):
+        raise ValueError("a signed value needs a sandbox ID [a-z0-9]+, a port 0-65535 and an expiry 0-999999999999")
     key = token.encode() if isinstance(token, str) else token
     payload = b"%s.%s.%d.%d" % (_VERSION, sandbox_id.encode(), port, expires)
     return (payload + b"." + _mac(key, purpose, payload)).decode()
@@ -121,7 +127,7 @@ def verify(token: bytes, purpose: str, value: bytes, sandbox_id: str, port: int,
     parts = value.split(b".")
     if len(parts) != 5 or parts[0] != _VERSION:
         return f"The {what} is malformed."
-    sid, p, exp, mac = parts[1], _number(parts[2], 5), _number(parts[3], 12), parts[4]
+    sid, p, exp, mac = parts[1], _number(parts[2], 5), _number(parts[3], _EXPIRES_DIGITS), parts[4]
     if p is None or p > 65535 or exp is None or not sid or not _ID_CHARS.issuperset(sid) or len(mac) != _MAC_LENGTH:
         return f"The {what} is malformed."
     if sid.decode() != sandbox_id:

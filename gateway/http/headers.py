@@ -61,6 +61,7 @@ __all__ = [
     "analyze_response",
     "edit_fields",
     "find_header",
+    "first_field",
     "raw_fields",
     "replace_target",
 ]
@@ -196,6 +197,12 @@ def edit_fields(raw: bytes, lname: bytes, edit: Callable[[bytes], bytes | None])
         return raw
     out.append(raw[pos:])
     return b"".join(out)
+
+
+def first_field(raw: bytes, lname: bytes) -> bytes | None:
+    """The first value of field ``lname`` in a head, found by one regex search (no parse)."""
+    m = _field_line(lname).search(raw)
+    return None if m is None else m.group(2).rstrip(b" \t")
 
 
 def replace_target(raw: bytes, target: bytes) -> bytes:

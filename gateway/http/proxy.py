@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from bisect import bisect_left
-from time import monotonic, time
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from gateway import errors
@@ -202,12 +202,14 @@ class Exchange:
             return
         assert isinstance(d, Forward)
         req = self.req
-        if d.token is not None:  # a private sandbox (admission.py)
-            got = self._admit(d.token)
-            if got is None:
-                return
-            req = got
         ctx = self.ctx
+        if d.token is not None:  # a private sandbox (admission.py)
+            got = ctx.admission.admit(req, d.token, self.route, self.client.peer)  # type: ignore[arg-type]
+            if type(got) is Answer:
+                self._answer(got)
+                return
+            if got is not req:
+                self.admitted = req = got  # type: ignore[assignment]
         self.fwd = d
         # The head for the sandbox: the policy's, plus the request ID (X-Request-ID: kept from
         # trusted proxies, else generated). Inline: this runs for every request.
@@ -238,18 +240,9 @@ class Exchange:
             return
         self.task = ctx.loop.create_task(self._connect(d))
 
-    def _admit(self, token: bytes) -> RequestHead | None:
-        """The head to forward to a private sandbox (credentials the gateway consumed cut from it),
-        or None when the gateway answered: 403, a link's 303, a preflight's 204."""
-        route = self.route
-        assert route is not None
-        got = self.ctx.admission.admit(self.req, token, route, self.client.peer, time())
-        if isinstance(got, Answer):
-            self.fail(got.reason, got.detail, extra_headers=got.headers)
-            return None
-        if got is not self.req:
-            self.admitted = got
-        return got
+    def _answer(self, a: Answer) -> None:
+        """Admission to a private sandbox answered instead: a 403, a link's 303, a preflight's 204."""
+        self.fail(a.reason, a.detail, extra_headers=a.headers)
 
     def _new_rid(self) -> bytes:
         """This request's ID: the one a trusted proxy sent, else a new one."""

@@ -206,3 +206,24 @@ def test_preflight_is_answered_by_the_gateway() -> None:
                 head("OPTIONS /api HTTP/1.1", "Origin: https://app.example")):  # fmt: skip
         got = admit(raw)
         assert isinstance(got, Answer) and got.reason is errors.TRAFFIC_TOKEN_MISSING
+
+
+def test_a_remembered_cookie_is_only_the_one_that_verified() -> None:
+    adm = Admission(load_config(None, env={}, overrides={"domains": ("e2b.test",)}), FIELDS, HostRouter(["e2b.test"]))
+    forged = access.mint(b"guess", access.COOKIE, "priv", 3000, EXP)
+
+    def go(cookie: str, token: bytes = TOKEN, now: float = NOW) -> RequestHead | Answer:
+        req = analyze_request(head("GET / HTTP/1.1", f"Cookie: {cookie}"), FIELDS)
+        assert isinstance(req, RequestHead)
+        return adm.admit(req, token, ROUTE, PEER, now)
+
+    assert isinstance(go(f"e2b_access={forged}; e2b_access={COOKIE}"), RequestHead)  # the valid one admits
+    assert isinstance(go(f"e2b_access={forged}"), Answer)  # its neighbour was not remembered as valid
+    assert isinstance(go(f"e2b_access={COOKIE}"), RequestHead)  # remembered
+    assert isinstance(go(f"e2b_access={COOKIE}", now=EXP), Answer)  # ... until it expires
+    assert isinstance(go(f"e2b_access={COOKIE}", token=b"rotated"), Answer)  # ... or the token changes
+    other = Route(3001, "priv")
+    req = analyze_request(head("GET / HTTP/1.1", f"Cookie: e2b_access={COOKIE}"), FIELDS)
+    assert isinstance(req, RequestHead) and isinstance(
+        adm.admit(req, TOKEN, other, PEER, NOW), Answer
+    )  # ... or the port
