@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests import needs
 from tests.conftest import ROOT
 
 APP = ROOT / "tests" / "e2e" / "vite-app"
@@ -20,19 +21,20 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 NODE = shutil.which("node")
 
 
-def _missing() -> str | None:
-    if NODE is None:
-        return "node is missing"
+def require_browser() -> None:
+    """node, npm playwright-core (`make peers`) and the system Chromium: or skip naming the missing
+    one (a failure under CI: tests/needs.py)."""
+    needs.tool("node", "apt-get install nodejs npm")
     if not (APP / "node_modules" / "playwright-core").exists():
-        return "run `make peers` (npm install)"
+        needs.missing("npm playwright-core", "make peers (npm install in tests/e2e/vite-app)")
     if not Path(CHROMIUM).exists():
-        return "apt-get install chromium"
-    return None
+        needs.missing(f"Chromium at {CHROMIUM}", "apt-get install chromium")
 
 
-#: Why the browser tests cannot run here (None: they can).
-BROWSER_MISSING = _missing()
-needs_browser = pytest.mark.skipif(BROWSER_MISSING is not None, reason=BROWSER_MISSING or "")
+@pytest.fixture
+def browser() -> None:
+    """For tests that drive Chromium: ``pytestmark = pytest.mark.usefixtures("browser")``."""
+    require_browser()
 
 
 async def browse(

@@ -17,9 +17,9 @@ from aiohttp import WSMsgType, web
 from gateway import access
 from gateway.catalog import access_link
 from tests.conftest import Catalog, free_port
-from tests.e2e.browser import browse, needs_browser
+from tests.e2e.browser import browse, browser  # noqa: F401 (the fixture)
 
-pytestmark = [pytest.mark.slow, needs_browser]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("browser")]
 TOKEN = "tok-of-priv"
 
 PAGE = """<!doctype html><title>app</title>

@@ -16,10 +16,10 @@ import pytest
 
 from gateway import access
 from tests.conftest import WAIT, Catalog, free_port
-from tests.e2e.browser import browse, needs_browser
+from tests.e2e.browser import browse, browser  # noqa: F401 (the fixture)
 from tests.helpers import RawUpstream, UpstreamConn, response
 
-pytestmark = [pytest.mark.slow, needs_browser]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("browser")]
 
 LOOK = """({title: document.title, h1: document.querySelector("h1")?.textContent ?? null,
   text: document.body.innerText, refresh: document.querySelector("meta[http-equiv=refresh]")?.content ?? null,

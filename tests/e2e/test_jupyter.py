@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +17,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import WAIT, Catalog, free_port
-from tests.e2e.browser import browse, needs_browser
+from tests.e2e.browser import browse, require_browser
 
 pytestmark = pytest.mark.slow
 TOKEN = "gateway-test-token"
@@ -142,13 +141,12 @@ LAB = """async () => {
 }"""
 
 
-@needs_browser
-@pytest.mark.skipif(importlib.util.find_spec("jupyterlab") is None, reason="pip install jupyterlab (dev extras)")
 async def test_jupyterlab_notebook_and_terminal_with_mask_in_chromium(
     start_gateway: Any, catalog: Catalog, jupyterlab: int
 ) -> None:
     """With mask_request_host, Jupyter sees Host localhost:{port}; its WebSocket check compares that
     with Origin, which the gateway rewrites when it is the sandbox URL's own origin."""
+    require_browser()
     catalog.put("lab", host="127.0.0.1", mask_request_host="localhost:${PORT}")
     gw = await start_gateway(domains=("sandbox.test",))
     base = f"http://{jupyterlab}-lab.sandbox.test:{gw.port}"

@@ -39,7 +39,10 @@ def peers() -> None:
     version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=WAIT, check=False).stdout
     found = tuple(int(x) for x in version.strip().lstrip("v").split(".")[:2] if x.isdigit())
     if found < NODE_MIN:
-        needs.missing(f"Node.js >= 20.19 for Vite 7 (found {version.strip() or node})", "Debian 12's nodejs is 18: use a newer one")
+        needs.missing(
+            f"Node.js >= 20.19 for Vite 7 (found {version.strip() or node})",
+            "Debian 12's nodejs is 18: use a newer one",
+        )
     if not (APP / "node_modules" / "vite").exists() or not (APP / "node_modules" / "playwright-core").exists():
         needs.missing("the Vite app's npm packages", "make peers (npm install in tests/e2e/vite-app)")
     if not Path(CHROMIUM).exists():

@@ -102,7 +102,9 @@ async def test_embedded_mode_listens_on_both_loopbacks() -> None:
     assert proc.stdout is not None
     try:
         async with asyncio.timeout(WAIT * 3):
-            while not (m := re.search(rb"Open http://(\d+-demo\.sandbox\.localhost:\d+)/", await proc.stdout.readline())):
+            while not (
+                m := re.search(rb"Open http://(\d+-demo\.sandbox\.localhost:\d+)/", await proc.stdout.readline())
+            ):
                 assert not proc.stdout.at_eof(), "the gateway exited before printing its URL"
         host = m.group(1).decode()
         for address in ("::1", "127.0.0.1"):
