@@ -267,3 +267,19 @@ def test_writer_link_record() -> None:
     rec = SandboxRecord("10.0.0.1", traffic_access_token="t")
     url = access_link(rec.traffic_access_token or "", "abc", 3000, "e2b.dev", 60, now=1_000)
     assert url == "https://3000-abc.e2b.dev/?e2b_access=" + access.mint("t", access.LINK, "abc", 3000, 1_060)
+
+
+async def test_parameter_and_cookie_names_are_settings(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("priv", host="127.0.0.1", traffic_access_token=TOKEN)
+        gw = await start_gateway(access_link_param="share", access_cookie="gw_pass")
+        host = gw.host(up.port, "priv")
+        value = access.mint(TOKEN, access.LINK, "priv", up.port, int(time.time()) + 60)
+        r = await request(gw.port, host, f"/?e2b_access={value}")
+        assert (r.status, r.header("X-Gateway-Reason")) == (403, b"traffic_token_missing")  # not this gateway's
+        r = await request(gw.port, host, f"/x?share={value}")
+        assert (r.status, r.header("Location")) == (303, b"/x")
+        cookie = cookie_of(r)
+        assert cookie.startswith("gw_pass=v1.priv.")
+        r = await request(gw.port, host, "/x", headers={"Cookie": f"e2b_access=1; {cookie}"})
+        assert r.status == 200 and b"\r\nCookie: e2b_access=1\r\n" in r.body  # another name is the app's

@@ -48,6 +48,10 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path: Path) -> No
         ({"GATEWAY_LOG_LEVEL": "loud"}, "log_level"),
         ({"GATEWAY_NO_SUCH_SETTING": "1"}, "no_such_setting"),
         ({"GATEWAY_CACHE_TTL": "nan"}, "cache_ttl"),
+        ({"GATEWAY_ACCESS_LINK_PARAM": "a&b"}, "access_link_param"),  # would split the query
+        ({"GATEWAY_ACCESS_LINK_PARAM": ""}, "access_link_param"),
+        ({"GATEWAY_ACCESS_COOKIE": "a;b"}, "access_cookie"),
+        ({"GATEWAY_ACCESS_COOKIE": "a=b"}, "access_cookie"),
     ],
 )
 def test_bad_settings_name_the_setting(env: dict[str, str], setting: str) -> None:
