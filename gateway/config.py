@@ -261,6 +261,12 @@ class Config:
     )
     pool_max_idle: int = _s(4096, "idle pooled connections kept in all", _non_negative)
     max_response_head_size: int = _s(65536, "bytes of an upstream response head (then 502)", _positive)
+    max_response_header_count: int = _s(256, "header fields per upstream response head (then 502)", _positive)
+    response_head_timeout: float = _s(
+        300.0,
+        "seconds from a request's last byte to the sandbox's final response head, 1xx included (then 504); 0: off",
+        _non_negative,
+    )
     # Downstream
     trusted_proxies: tuple[str, ...] = _s(
         (), "CIDRs whose X-Forwarded-*/Forwarded fields are kept and extended", _cidrs

@@ -102,6 +102,9 @@ CATALOG_UNAVAILABLE = _r("catalog_unavailable", 503, "The sandbox catalog is unr
 OVERLOADED = _r("overloaded", 503, "This gateway instance is at its connection limit; try again.", 1)
 SHUTTING_DOWN = _r("shutting_down", 503, "This gateway instance is shutting down; try again.", 1)
 UPSTREAM_CONNECT_TIMEOUT = _r("upstream_connect_timeout", 504, "Connecting to the sandbox timed out.")
+UPSTREAM_RESPONSE_TIMEOUT = _r(
+    "upstream_response_timeout", 504, "The sandbox did not send its response head in time (response_head_timeout)."
+)
 RESUME_TIMEOUT = _r("resume_timeout", 504, "The sandbox did not come back from pause in time.", 5)
 INTERNAL_ERROR = _r("internal_error", 500, "The gateway failed to handle this request.")
 
@@ -141,6 +144,7 @@ REASONS: dict[str, Reason] = {
         OVERLOADED,
         SHUTTING_DOWN,
         UPSTREAM_CONNECT_TIMEOUT,
+        UPSTREAM_RESPONSE_TIMEOUT,
         RESUME_TIMEOUT,
         INTERNAL_ERROR,
     )

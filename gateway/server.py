@@ -91,7 +91,11 @@ class Gateway:
         cache = CatalogCache(cfg.cache_ttl, cfg.negative_cache_ttl, cfg.stale_if_error, cfg.cache_max_entries)
         self.catalog = Catalog(client, cache, cfg.catalog_prefix, cfg.redis_timeout, cfg.redis_backoff_max)
         self.pool = Pool(
-            cfg.upstream_idle_timeout, cfg.pool_max_idle_per_upstream, cfg.pool_max_idle, cfg.max_response_head_size
+            cfg.upstream_idle_timeout,
+            cfg.pool_max_idle_per_upstream,
+            cfg.pool_max_idle,
+            cfg.max_response_head_size,
+            cfg.max_response_header_count,
         )
         ctx = self.ctx = Context(cfg, self.catalog, self.pool)
         if cfg.resume_url:

@@ -1,16 +1,23 @@
 """The client side: one protocol per client connection.
 
-The connection finds message boundaries itself (head end, Content-Length count, chunked framer)
-and feeds httptools (llhttp) exactly the bytes of each request before any of them goes upstream:
-llhttp validates the syntax, and its idea of where the message ends must match the gateway's.
-Anything refused is answered 400 (431 for oversized heads) with a reason code and the connection
-closes, since after a framing error nobody can know where the next request would begin
+The connection drives a :class:`~gateway.http.framing.Framer` (the same one the sandbox side
+uses): it finds where each request ends and feeds llhttp exactly its bytes before any of them goes
+upstream, so llhttp validates the syntax and its idea of where the message ends must match the
+gateway's. Anything refused is answered 400 (431 for oversized heads) with a reason code and the
+connection closes, since after a framing error nobody can know where the next request would begin
 (RFC 9112 §11.2).
 
 Requests on one connection are answered in order. Pipelined requests (a head arriving while an
 earlier response is still streaming) wait in a queue while reading pauses, so a pipeline costs at
-most one read buffer. Each request is routed on its own: a load balancer sends requests for many
-sandboxes down one connection.
+most one read buffer; reading resumes once the queue is empty. Each request is routed on its own:
+a load balancer sends requests for many sandboxes down one connection.
+
+Timeouts (RFC 9112 §9.8 leaves them to the server): a connection that has not sent a complete
+request head within ``request_head_timeout`` of its accept is closed (408 if a head had begun), so
+idle sockets and sockets sending only empty lines cost nothing for long; a keep-alive connection
+waits ``client_idle_timeout`` for its next request, whose head then has ``request_head_timeout``
+from the end of the previous response or from its first byte, whichever is later. Empty lines
+between requests start nothing and reset nothing.
 """
 
 from __future__ import annotations
@@ -18,14 +25,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from time import monotonic
 from typing import cast
-
-import httptools
 
 from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing, proxy_protocol, tunnel
 from gateway.http.context import Context
+from gateway.http.framing import BODY, END, HEAD, HEAD_BODY, NEED, UPGRADE
 from gateway.http.headers import Peer, RequestHead, analyze_request
 from gateway.http.proxy import Exchange
 from gateway.http.upstream import UpstreamConnection
@@ -34,7 +41,6 @@ __all__ = ["ClientConnection"]
 
 log = logging.getLogger("gateway.downstream")
 
-_HEAD, _LENGTH, _CHUNKED = range(3)
 #: After the listeners close on drain: seconds a connection accepted just before may take to send
 #: its first request before it counts as idle and is closed (bounded by ``shutdown_timeout``).
 FIRST_REQUEST_GRACE = 5.0
@@ -48,11 +54,12 @@ class _Reject(Exception):
         self.reason = reason
 
 
-def _parser_reason(e: Exception) -> Reason:
-    msg = str(e).lower()
-    if "content-length" in msg or "transfer-encoding" in msg or "chunk" in msg:
-        return errors.INVALID_FRAMING
-    return errors.MALFORMED_REQUEST
+#: How a request the framer refuses is answered.
+_REASONS = {
+    framing.TOO_LARGE: errors.HEAD_TOO_LARGE,
+    framing.SYNTAX: errors.MALFORMED_REQUEST,
+    framing.FRAMING: errors.INVALID_FRAMING,
+}
 
 
 class ClientConnection(asyncio.Protocol):
@@ -64,15 +71,13 @@ class ClientConnection(asyncio.Protocol):
         "closing",
         "ctx",
         "eof",
-        "fed",
         "framer",
         "gate",
+        "head_began",
         "in_feed",
         "last_active",
         "last_req",
         "listen_port",
-        "llhttp_done",
-        "parser",
         "parsing",
         "peer",
         "pending",
@@ -80,9 +85,7 @@ class ClientConnection(asyncio.Protocol):
         "pumping",
         "queue",
         "rate_mark",
-        "remaining",
         "source",
-        "state",
         "tls",
         "transport",
         "write_paused",
@@ -100,13 +103,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.gate: flow.ReadGate = None  # type: ignore[assignment]
         self.peer: Peer = None  # type: ignore[assignment]
-        self.parser = httptools.HttpRequestParser(self)
-        self.state = _HEAD
-        self.pending = b""  # an incomplete head, already fed to llhttp
-        self.fed = 0  # how much of ``pending`` llhttp has seen
-        self.remaining = 0
-        self.framer: framing.ChunkedFramer | None = None
-        self.llhttp_done = False
+        self.framer = framing.Framer(False, ctx.max_head, ctx.config.max_header_count)
+        self.pending = b""  # an incomplete PROXY protocol header
         self.active: Exchange | None = None  # the exchange whose response is being sent
         self.parsing: Exchange | None = None  # the exchange whose body is being received
         self.queue: collections.deque[Exchange] = collections.deque()
@@ -116,7 +114,8 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False
         self.eof = False
         self.broken: Reason | None = None
-        self.last_active = ctx.clock
+        self.last_active = ctx.clock  # accepted, or the last response ended
+        self.head_began = 0.0  # when the first byte of the head being received arrived
         self.last_req: RequestHead | None = None  # the previous request head, analysed
         # min_body_rate: (window start, body bytes then, the exchange) while a body is moving
         self.rate_mark: tuple[float, int, Exchange] | None = None
@@ -177,81 +176,55 @@ class ClientConnection(asyncio.Protocol):
                 return
             data = rest
         self.in_feed = True
+        fr = self.framer
         try:
-            if self.pending:
-                data = self.pending + data
-                self.pending = b""
             pos = 0
             n = len(data)
-            parser = self.parser
             while pos < n and not self.closing:
-                st = self.state
-                if st == _HEAD:
-                    fed = self.fed
-                    if not fed and data.startswith(b"\r\n", pos):  # empty lines before a request-line
-                        pos += 2  # are ignored (RFC 9112 §2.2)
-                        continue
-                    end = data.find(b"\r\n\r\n", pos)
-                    if end < 0:
-                        rest = data[pos:] if pos else data
-                        if len(rest) > self.ctx.max_head:
-                            raise _Reject(errors.HEAD_TOO_LARGE)
-                        if not fed:
-                            self.last_active = self.ctx.clock
-                        parser.feed_data(rest[fed:] if fed else rest)  # refuse bad syntax early
-                        self.pending = rest
-                        self.fed = len(rest)
-                        break
-                    end += 4
-                    if end - pos > self.ctx.max_head:
-                        raise _Reject(errors.HEAD_TOO_LARGE)
-                    head = data if (pos == 0 and end == n) else data[pos:end]
-                    self.fed = 0
+                ev = fr.next(data, pos)
+                if ev == HEAD:  # a request without body (llhttp and the analysis must agree)
+                    pos = fr.end
+                    req = self.last_req  # a head that repeats on a connection is analysed once
+                    if req is None or req.raw != fr.head:
+                        req = self._analysed(fr.head)
+                    if req.body != framing.NONE:
+                        raise _Reject(errors.INVALID_FRAMING)
+                    self._exchange(req)
+                    continue
+                if ev == HEAD_BODY:
+                    pos = fr.end
+                    req = self._analysed(fr.head)
+                    ev = fr.body(req.body, req.content_length, data, pos)  # llhttp agrees, or raises
+                    self._exchange(req)
+                if BODY <= ev <= END:
+                    end = fr.end
+                    piece = data[pos:end]
                     pos = end
-                    last = self.last_req
-                    if not fed and last is not None and last.repeatable and self.llhttp_done and last.raw == head:
-                        # The previous request on this connection had exactly these bytes and no
-                        # body: llhttp, back at the start of a message, parsed them to a complete
-                        # request then and would again now. The verdict is known; skip the parse.
-                        self._head(head, False)
-                        continue
-                    try:
-                        parser.feed_data(head[fed:] if fed else head)
-                    except httptools.HttpParserUpgrade:
-                        self.parser = parser = httptools.HttpRequestParser(self)  # HTTP unless 101
-                        if self._head(head, True):
-                            self._upgrade_pending(data[pos:])
-                            break
-                        continue
-                    self._head(head, False)
-                elif st == _LENGTH:
-                    take = self.remaining if self.remaining < n - pos else n - pos
-                    piece = data if (pos == 0 and take == n) else data[pos : pos + take]
-                    parser.feed_data(piece)
-                    pos += take
-                    self.remaining -= take
                     x = self.parsing
                     assert x is not None
                     x.on_request_body(piece)
-                    if not self.remaining:
+                    if ev == END:
                         self._message_end()
-                else:
-                    framer = self.framer
-                    assert framer is not None
-                    end = framer.scan(data, pos)
-                    stop = n if end < 0 else end
-                    piece = data if (pos == 0 and stop == n) else data[pos:stop]
-                    parser.feed_data(piece)  # validates chunk syntax before anything is forwarded
-                    pos = stop
-                    x = self.parsing
-                    assert x is not None
-                    x.on_request_body(piece)
-                    if end >= 0:
-                        self._message_end()
+                elif ev == UPGRADE:
+                    pos = fr.end
+                    req = self._analysed(fr.head)
+                    if req.body != framing.NONE:
+                        # llhttp treats what follows an Upgrade head as the new protocol; a body
+                        # there is ambiguous (body or tunnel bytes?): refused like any framing doubt.
+                        raise _Reject(errors.INVALID_FRAMING)
+                    x = self._exchange(req)
+                    if req.upgrade is not None and not x.done:  # wait for the sandbox's answer
+                        self._upgrade_pending(data[pos:])
+                        break
+                elif ev == NEED:
+                    acc = fr.acc
+                    if acc is not None and len(acc) <= n - pos:  # a head began in this read
+                        self.head_began = self.ctx.clock
+                    break
         except _Reject as e:
             self._protocol_error(e.reason)
-        except (httptools.HttpParserError, framing.FramingError) as e:
-            self._protocol_error(_parser_reason(e))
+        except framing.FramingError as e:
+            self._protocol_error(_REASONS[e.kind])
         except Exception:
             log.exception("request handling failed")
             self._protocol_error(errors.INTERNAL_ERROR)
@@ -287,45 +260,24 @@ class ClientConnection(asyncio.Protocol):
         if x is not None and x.up is not None:
             x.up.gate.open(flow.PEER_BUSY)
 
-    # ---- llhttp callbacks (it validates; the gateway frames)
-
-    def on_message_begin(self) -> None:
-        if self.state != _HEAD or self.parsing is not None:
-            raise _Reject(errors.INVALID_FRAMING)  # llhttp sees a new message where we see a body
-        self.llhttp_done = False
-
-    def on_message_complete(self) -> None:
-        self.llhttp_done = True
-
     # ---- messages
 
-    def _head(self, raw: bytes, upgrade: bool) -> bool:
-        """A complete request head: check it, start or queue its exchange. True: an Upgrade waits."""
+    def _analysed(self, raw: bytes) -> RequestHead:
+        """A complete request head, checked against the header policy."""
         req = self.last_req
         if req is None or req.raw != raw:  # a head that repeats on a connection is analysed once
-            if raw.count(b"\r\n") - 2 > self.ctx.config.max_header_count:
-                raise _Reject(errors.HEAD_TOO_LARGE)
             r = analyze_request(raw, self.ctx.fields)
             if not isinstance(r, RequestHead):
                 raise _Reject(r)
             self.last_req = req = r
-        if upgrade and req.body != framing.NONE:
-            # llhttp treats what follows an Upgrade head as the new protocol; a body there is
-            # ambiguous (body or tunnel bytes?) and so refused, like any other framing doubt.
-            raise _Reject(errors.INVALID_FRAMING)
+        return req
+
+    def _exchange(self, req: RequestHead) -> Exchange:
+        """Start the request's exchange, or queue it behind the one in progress."""
         x = Exchange(self, req)
-        self.last_active = self.ctx.clock
-        if req.body == framing.LENGTH:
-            self.state = _LENGTH
-            self.remaining = req.content_length
-            self.parsing = x
-        elif req.body == framing.CHUNKED:
-            self.state = _CHUNKED
-            self.framer = framing.ChunkedFramer()
+        if req.body != framing.NONE:
             self.parsing = x
         else:
-            if not self.llhttp_done:
-                raise _Reject(errors.INVALID_FRAMING)
             x.req_done = True
         if self.active is None:
             self.active = x
@@ -333,16 +285,13 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.queue.append(x)
             self.gate.close(flow.QUEUED)
-        return upgrade and req.upgrade is not None and not x.done
+        return x
 
     def _message_end(self) -> None:
-        if not self.llhttp_done:
-            raise _Reject(errors.INVALID_FRAMING)  # llhttp expects more of this message than we do
+        """The request body ended where both framers say it does."""
         x = self.parsing
         assert x is not None
         self.parsing = None
-        self.state = _HEAD
-        self.framer = None
         x.on_request_complete()
         if self.eof and self.active is None and not self.queue:
             self.close()
@@ -451,20 +400,32 @@ class ClientConnection(asyncio.Protocol):
             if now - self.last_active > cfg.request_head_timeout:
                 self.close()
             return
-        if self.state == _HEAD and self.fed and self.parsing is None:
-            if now - self.last_active > cfg.request_head_timeout:
-                if self.active is None and not self.queue:
-                    self.ctx.outbox.send(self.transport, errors.render(errors.REQUEST_TIMEOUT, close=True))
-                self.close()
-        elif self.active is None and self.parsing is None and not self.queue:
-            if self.ctx.listening:  # draining or not: never close between requests while accepting
-                limit = cfg.client_idle_timeout
-            elif self.last_req is not None:
-                limit = 0.0  # the listeners are closed: an idle keep-alive connection closes
-            else:  # accepted, its first request may be on its way (Go's Server.Shutdown waits too)
-                limit = FIRST_REQUEST_GRACE
-            if now - self.last_active >= limit:
-                self.close()
+        if self.active is None and self.parsing is None and not self.queue:  # waiting for a head
+            began = self.framer.acc is not None
+            if self.last_req is None or began:
+                # The first head counts from the accept; a later one from the end of the previous
+                # response or its own first byte, whichever is later.
+                since = self.last_active if self.last_req is None else max(self.last_active, self.head_began)
+                limit = cfg.request_head_timeout
+                if not began and not self.ctx.listening:  # drain: a first request may be on its way
+                    limit = min(limit, FIRST_REQUEST_GRACE)  # (Go's Server.Shutdown waits too)
+                if now - since > limit:
+                    if began:
+                        self.ctx.outbox.send(self.transport, errors.render(errors.REQUEST_TIMEOUT, close=True))
+                    self.close()
+            else:  # between requests: never closed while the listeners accept, draining or not
+                limit = cfg.client_idle_timeout if self.ctx.listening else 0.0
+                if now - self.last_active >= limit:
+                    self.close()
+        x = self.active
+        limit = cfg.response_head_timeout
+        # The sandbox has had the whole request and sent no final response head (1xx do not count).
+        if (
+            limit and x is not None and x.req_done and not x.resp_started and x.up is not None
+            and monotonic() - (x.req_end or x.t0) > limit
+        ):  # fmt: skip
+            log.info("no response head from %s in %.0f s", x.fwd.address if x.fwd else "?", limit)
+            x.fail(errors.UPSTREAM_RESPONSE_TIMEOUT)
         if cfg.min_body_rate:
             self._check_body_rate(now, cfg.min_body_rate, cfg.body_rate_window)
 

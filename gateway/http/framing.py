@@ -1,39 +1,111 @@
-"""Message framing: where a message's body ends, and chunked coding (pure: no I/O).
+"""Message framing for both directions: one sans-I/O framer, one strict grammar (no I/O).
 
 RFC 9112 §6.3 decides a body's length from the head. The gateway finds message boundaries itself
-(head end, Content-Length count, :class:`ChunkedFramer`) and feeds llhttp exactly the bytes of
-each message, so the two framers must agree: a message that llhttp ends earlier or later than the
-gateway does is refused (the defence against request smuggling is two independent framers that
-must agree, and the strict one, llhttp, sees every byte before it is forwarded).
+and feeds llhttp exactly the bytes of each message, so two framers must agree: a message that
+llhttp ends earlier or later than the :class:`Framer` does is refused (request smuggling needs two
+parties to disagree about where a message ends; here both views are checked against each other on
+every message, and where they could differ the stricter one wins and the connection closes).
+
+The same :class:`Framer` serves the client side (requests, downstream.py) and the sandbox side
+(responses, upstream.py): bytes in memory go in, events with offsets come out (a head, a piece of
+body, the end of a message, an upgrade). What a head *means* (which body framing its fields
+select) is the caller's header analysis (headers.py); the framer is told and checks llhttp agrees.
+h11's ``_readers.py`` (one table of readers for both roles, each chunk header checked by a regular
+expression) and mitmproxy's ``read_body`` (shared by its client and server layers) are the models.
+
+Grammar, stricter than Python's ``int()`` (which takes signs, spaces, ``_``, ``0x`` and Unicode
+digits; a chunk size of ``-6`` once moved the read position backwards forever):
+
+- a head ends at the first CRLF CRLF; empty lines before it are skipped (RFC 9112 §2.2), as
+  llhttp skips them; its size and field count are capped;
+- a chunk-size is ``1*16HEXDIG`` followed by ``;`` (extensions, validated by llhttp) or CRLF
+  (RFC 9112 §7.1); chunk data is followed by exactly CRLF; every line ends in CRLF (no bare LF,
+  no CR inside a line); the trailer section is capped like a head;
+- Content-Length (``1*DIGIT``) is checked by the header analysis and by llhttp.
+
+Every loop here advances: each step consumes at least one byte or changes state towards the end of
+the message, and an incomplete head is appended to a buffer and searched only from where the last
+search stopped, so the cost is linear in the bytes however they are split (tests/unit/
+test_framing.py proves it by property tests, ``make fuzz`` by coverage-guided fuzzing).
 
 Bodies pass unchanged where both hops allow it (Content-Length bodies, chunked bodies with their
 chunk boundaries, extensions and trailers). Only where the hops differ does the gateway re-frame:
 a close-delimited response becomes chunked for an HTTP/1.1 client so its connection can stay
 open, and an HTTP/1.0 client, which cannot read chunked coding, gets the body de-chunked and
-close-delimited.
+close-delimited (:attr:`Framer.segments`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
-__all__ = ["CHUNKED", "CLOSE", "LAST_CHUNK", "LENGTH", "NONE", "ChunkedFramer", "FramingError", "chunk"]
+import httptools
 
+__all__ = [
+    "BODY",
+    "CHUNKED",
+    "CLOSE",
+    "END",
+    "FRAMING",
+    "HEAD",
+    "HEAD_BODY",
+    "LAST_CHUNK",
+    "LENGTH",
+    "NEED",
+    "NONE",
+    "SYNTAX",
+    "TOO_LARGE",
+    "UPGRADE",
+    "Framer",
+    "FramingError",
+    "chunk",
+]
+
+# Body framing, as the header analysis decides it.
 NONE: Final = 0  #: no body (a request without one, HEAD responses, 1xx, 204, 304)
 LENGTH: Final = 1  #: Content-Length bytes
 CHUNKED: Final = 2  #: chunked transfer coding
 CLOSE: Final = 3  #: until the connection closes (responses only)
 
+# Events returned by Framer.next (and Framer.body).
+NEED: Final = 0  #: every byte given was consumed; call again with the next read
+#: ``head`` is a complete head and llhttp ended the message with it: the caller's analysis of the
+#: head must select no body (else the two framers disagree: refuse it)
+HEAD: Final = 1
+#: ``head`` is a complete head and llhttp expects a body: call :meth:`Framer.body` (or
+#: :meth:`Framer.skip_body` for the response to a HEAD request)
+HEAD_BODY: Final = 2
+BODY: Final = 3  #: ``data[pos:end]`` is body, as received (llhttp has seen it)
+END: Final = 4  #: ``data[pos:end]`` is the last body bytes: the message is complete, both framers agree
+UPGRADE: Final = 5  #: llhttp switched protocols after ``head``: ``data[end:]`` is not HTTP
+
+# FramingError kinds: how the caller answers (431 / 400 malformed_request / 400 invalid_framing,
+# or 502 upstream_invalid_response for a sandbox).
+TOO_LARGE: Final = "too_large"
+SYNTAX: Final = "syntax"
+FRAMING: Final = "framing"
+
 LAST_CHUNK: Final = b"0\r\n\r\n"
 CRLF: Final = b"\r\n"
-#: Longest chunk-size line (size, extensions) or trailer line the framer buffers.
+#: Longest chunk-size line (size and extensions) or trailer line.
 MAX_LINE: Final = 8192
 
-_SIZE, _DATA, _DATA_CRLF, _TRAILER, _DONE = range(5)
+_HEAD, _LENGTH, _CHUNKED, _CLOSE, _DONE = range(5)  # framer states
+_SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)  # inside a chunked body
+
+#: A chunk-size line without its CRLF (RFC 9112 §7.1): 1*HEXDIG, then extensions or nothing.
+#: Extensions are validated by llhttp; only their end matters here.
+_SIZE_LINE: Final = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?")
+_EMPTY_LINES: Final = re.compile(rb"[\r\n]*")
 
 
 class FramingError(ValueError):
-    """A chunked body the gateway cannot frame (llhttp would refuse it as well)."""
+    """Bytes that cannot be framed; ``kind`` is TOO_LARGE, SYNTAX or FRAMING."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
 
 
 def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
@@ -41,76 +113,394 @@ def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
     return b"%x\r\n" % len(data), data, CRLF
 
 
-class ChunkedFramer:
-    """Finds where a chunked body ends (RFC 9112 §7.1) as its bytes arrive.
+def _llhttp_kind(e: Exception) -> str:
+    msg = str(e).lower()
+    if "content-length" in msg or "transfer-encoding" in msg or "chunk" in msg:
+        return FRAMING
+    return SYNTAX
 
-    It does not validate: llhttp is fed the same bytes and refuses anything malformed. It only
-    needs to be exact about where the last chunk and the trailer section end.
+
+class Framer:
+    """Frames the messages of one direction of one HTTP/1.1 connection.
+
+    Drive it with :meth:`next` (``data`` and the offset to start at) until it returns
+    :data:`NEED`; after :data:`HEAD`, say which body the head selects with :meth:`body` (or
+    :meth:`skip_body`). ``end`` is the offset just past the bytes an event covers. Every byte is
+    fed to llhttp (``parser``) before the event that covers it is returned, so nothing is
+    forwarded that llhttp refused. Errors raise :class:`FramingError`; the connection cannot go on.
     """
 
-    __slots__ = ("line", "remaining", "state")
+    __slots__ = (
+        "acc",
+        "began",
+        "complete",
+        "cstate",
+        "end",
+        "error",
+        "head",
+        "keep",
+        "last",
+        "line",
+        "max_fields",
+        "max_head",
+        "parser",
+        "rem",
+        "response",
+        "segments",
+        "short_head",
+        "state",
+        "status",
+        "trailer",
+    )
 
-    def __init__(self) -> None:
-        self.state = _SIZE
-        self.remaining = 0
-        self.line = b""
+    def __init__(self, response: bool, max_head: int, max_fields: int) -> None:
+        self.response = response
+        self.max_head = max_head
+        self.max_fields = max_fields
+        self.short_head = 3 * (max_fields + 2)  # no head this long or shorter has too many fields
+        self.parser = self._new_parser()
+        self.state = _HEAD
+        self.acc: bytearray | None = None  # an incomplete head (llhttp has seen it)
+        self.head = b""  # the last complete head
+        self.status = 0  # responses: the status code of the last head
+        self.end = 0
+        self.rem = 0  # LENGTH: body bytes to come; chunk data: its bytes to come
+        self.cstate = _SIZE
+        self.line: bytearray | None = None  # an incomplete chunk-size or trailer line
+        self.trailer = 0  # trailer section bytes so far
+        #: Offsets of chunk data in ``data`` (set to a list to de-chunk a body for HTTP/1.0).
+        self.segments: list[tuple[int, int]] | None = None
+        # What llhttp has said: a message began during the current head; the last one completed
+        # (and whether it left the connection open, when it completed with its head).
+        self.began = False
+        self.complete = True
+        self.keep = False
+        self.error: FramingError | None = None  # raised in a parser callback
+        # The previous message's head when it was a complete message by itself after which llhttp
+        # was back at the start: the same bytes again need no second parse (polling, health checks).
+        self.last: bytes | None = None
 
-    @property
-    def done(self) -> bool:
-        return self.state == _DONE
+    def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
+        return httptools.HttpResponseParser(self) if self.response else httptools.HttpRequestParser(self)
 
-    def scan(self, buf: bytes, pos: int, data: list[tuple[int, int]] | None = None) -> int:
-        """Consume ``buf[pos:]``; the offset just past the body's end, or -1 if it goes on.
+    # ---- llhttp callbacks
 
-        With ``data``, the ``(start, end)`` offsets of chunk data in ``buf`` are appended (to
-        de-chunk a body for an HTTP/1.0 client).
-        """
-        n = len(buf)
-        while pos < n:
-            st = self.state
-            if st == _DATA:
-                take = min(self.remaining, n - pos)
-                if data is not None:
-                    data.append((pos, pos + take))
-                pos += take
-                self.remaining -= take
-                if not self.remaining:
-                    self.state = _DATA_CRLF
-                    self.remaining = 2
-            elif st == _DATA_CRLF:
-                take = min(self.remaining, n - pos)
-                pos += take
-                self.remaining -= take
-                if not self.remaining:
-                    self.state = _SIZE
-            elif st == _DONE:
-                return pos
-            else:
-                j = buf.find(b"\n", pos)
-                if j < 0:
-                    self.line += buf[pos:]
-                    if len(self.line) > MAX_LINE:
-                        raise FramingError("chunk-size or trailer line too long")
-                    return -1
-                line = self.line + buf[pos:j] if self.line else buf[pos:j]
-                self.line = b""
-                pos = j + 1
-                if len(line) > MAX_LINE:
-                    raise FramingError("chunk-size or trailer line too long")
-                if st == _SIZE:
-                    size_field = line.split(b";", 1)[0].rstrip(b"\r")
-                    if not size_field or len(size_field) > 16:
-                        raise FramingError("bad chunk size")
-                    try:
-                        size = int(size_field, 16)
-                    except ValueError:
-                        raise FramingError("bad chunk size") from None
-                    if size:
-                        self.state = _DATA
-                        self.remaining = size
+    def on_message_begin(self) -> None:
+        if self.state != _HEAD or self.began:
+            self.error = FramingError(FRAMING, "llhttp sees a new message where the gateway does not")
+            raise self.error
+        self.began = True
+        self.complete = False
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        if self.state == _HEAD:
+            self.keep = self.parser.should_keep_alive()
+
+    # ---- framing
+
+    def next(self, data: bytes, pos: int) -> int:
+        """The next event in ``data[pos:]``; ``end`` is where the bytes it covers stop."""
+        st = self.state
+        if st == _HEAD:
+            if self.acc is not None:
+                return self._head_continues(data, pos)
+            end = data.find(b"\r\n\r\n", pos)
+            if end < 0:
+                return self._head_begins(data, pos)
+            end += 4
+            size = end - pos
+            if size > self.max_head:
+                raise FramingError(TOO_LARGE, "head too large")
+            head = data[pos:end]  # data itself when it is all head (no copy)
+            self.end = end
+            last = self.last
+            if last is not None and head == last:
+                # The previous message was these bytes, complete in its head, and llhttp is back
+                # at the start of a message: it would parse them to the same verdict. (``head``
+                # stays the previous object: callers comparing with it compare identities.)
+                return HEAD
+            self.head = head
+            if head[0] in b"\r\n":  # empty lines before a head (never in ``last``)
+                return self._skip(data, pos)
+            # A field line takes 3 bytes at least: a short head needs no count.
+            if size > self.short_head and head.count(b"\n") - 2 > self.max_fields:
+                raise FramingError(TOO_LARGE, "too many header fields")
+            try:
+                self.parser.feed_data(head)
+            except httptools.HttpParserUpgrade as e:
+                return self._upgraded(e, len(head))
+            except httptools.HttpParserCallbackError:
+                raise self._callback_error() from None
+            except httptools.HttpParserError as e:
+                raise FramingError(_llhttp_kind(e), str(e)) from None
+            # as _head_parsed, inline (every response head comes here)
+            if not self.began:
+                raise FramingError(FRAMING, "llhttp saw no message in the head")
+            if self.response:
+                self.status = self.parser.get_status_code()  # type: ignore[union-attr]
+            if self.complete:
+                self.began = False
+                self.last = head if self.keep else None
+                return HEAD
+            self.last = None
+            return HEAD_BODY
+        if st == _LENGTH:
+            rem = self.rem
+            end = min(pos + rem, len(data))
+            self._feed_body(data[pos:end])
+            self.end = end
+            self.rem = rem = rem - (end - pos)
+            if rem:
+                if self.complete:
+                    raise FramingError(FRAMING, "llhttp ended the body before its Content-Length")
+                return BODY
+            if not self.complete:
+                raise FramingError(FRAMING, "llhttp expects more of the message than the gateway")
+            self.state = _HEAD
+            self.began = False
+            return END
+        if st == _CHUNKED:
+            end, done = self._chunked(data, pos)
+            self._feed_body(data[pos:end])
+            self.end = end
+            if done:
+                if not self.complete:
+                    raise FramingError(FRAMING, "llhttp expects more of the message than the gateway")
+                self.state = _HEAD
+                self.began = False
+                return END
+            if self.complete:
+                raise FramingError(FRAMING, "llhttp ended the chunked body before the gateway did")
+            return BODY
+        if st == _CLOSE:
+            self.end = len(data)
+            return BODY
+        raise FramingError(FRAMING, "no HTTP after an upgrade")
+
+    def body(self, mode: int, length: int, data: bytes, pos: int) -> int:
+        """After :data:`HEAD_BODY`: the body framing the head selects (the header analysis
+        decided), then the next event in ``data[pos:]`` like :meth:`next` (NEED at its end)."""
+        # (After a HEAD event llhttp is at the start of the next message: body bytes fed to it
+        # begin one, and on_message_begin refuses that.)
+        if mode == LENGTH and length > 0:
+            end = pos + length
+            if end <= len(data):  # the whole body is here (small messages): frame it at once
+                self.state = _LENGTH  # for the parser callbacks
+                try:
+                    self.parser.feed_data(data[pos:end])
+                except httptools.HttpParserCallbackError:
+                    raise self._callback_error() from None
+                except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+                    raise FramingError(_llhttp_kind(e), str(e)) from None
+                self.state = _HEAD
+                if not self.complete:
+                    raise FramingError(FRAMING, "llhttp expects more of the message than the gateway")
+                self.end = end
+                self.began = False
+                return END
+            self.state = _LENGTH
+            self.rem = length
+        elif mode == CHUNKED:
+            self.state = _CHUNKED
+            self.cstate = _SIZE
+            self.trailer = 0
+        elif mode == CLOSE and self.response:
+            self.state = _CLOSE
+        else:
+            raise FramingError(FRAMING, "llhttp expects a body where the gateway sees none")
+        return self.next(data, pos) if pos < len(data) else NEED
+
+    def skip_body(self) -> None:
+        """After :data:`HEAD_BODY` for the response to a HEAD request: no body, whatever its fields
+        say (RFC 9110 §9.3.2). llhttp cannot be told; a new parser starts clean at the message
+        boundary the gateway knows."""
+        if self.complete or not self.response:
+            raise FramingError(FRAMING, "skip_body after a head without a body")
+        self.parser = self._new_parser()
+        self.complete = True
+        self.began = False
+
+    # ---- heads
+
+    def _skip(self, data: bytes, pos: int) -> int:
+        m = _EMPTY_LINES.match(data, pos)
+        assert m is not None  # matches the empty string at least
+        end = m.end()
+        if end == len(data):
+            self.end = end
+            return NEED
+        return self.next(data, end)  # at most once: data[end] is not CR or LF
+
+    def _head_begins(self, data: bytes, pos: int) -> int:
+        """No head end in ``data[pos:]``: keep what there is (after empty lines) for the next read."""
+        n = len(data)
+        if data[pos] in b"\r\n":
+            m = _EMPTY_LINES.match(data, pos)
+            assert m is not None
+            pos = m.end()
+            if pos == n:
+                self.end = n
+                return NEED
+        piece = data if pos == 0 else data[pos:]
+        if n - pos > self.max_head:
+            raise FramingError(TOO_LARGE, "head too large")
+        self.acc = bytearray(piece)
+        self._feed_partial(piece)
+        self.end = n
+        return NEED
+
+    def _head_continues(self, data: bytes, pos: int) -> int:
+        """More of an incomplete head: appended, searched from where the last search stopped."""
+        acc = self.acc
+        assert acc is not None
+        before = len(acc)
+        acc += memoryview(data)[pos:]
+        i = acc.find(b"\r\n\r\n", before - 3 if before > 3 else 0)
+        n = len(data)
+        if i < 0:
+            if len(acc) > self.max_head:
+                raise FramingError(TOO_LARGE, "head too large")
+            self._feed_partial(data[pos:])
+            self.end = n
+            return NEED
+        size = i + 4
+        if size > self.max_head:
+            raise FramingError(TOO_LARGE, "head too large")
+        end = pos + size - before
+        head = bytes(acc[:size])
+        self.acc = None
+        self.end = end
+        self.head = head
+        if head.count(b"\n") - 2 > self.max_fields:
+            raise FramingError(TOO_LARGE, "too many header fields")
+        piece = data[pos:end]
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserUpgrade as e:
+            return self._upgraded(e, len(piece))
+        except httptools.HttpParserCallbackError:
+            raise self._callback_error() from None
+        except httptools.HttpParserError as e:
+            raise FramingError(_llhttp_kind(e), str(e)) from None
+        return self._head_parsed(head)
+
+    def _upgraded(self, e: httptools.HttpParserUpgrade, size: int) -> int:
+        """llhttp switched protocols after the head (a 101, or a request asking for an Upgrade)."""
+        if not self.complete or e.args[0] != size:
+            raise FramingError(FRAMING, "llhttp switched protocols elsewhere than at the head's end")
+        self.last = None
+        self.began = False
+        if self.response:
+            self.state = _DONE
+        else:
+            self.parser = self._new_parser()  # HTTP goes on unless the sandbox accepts (101)
+        return UPGRADE
+
+    def _head_parsed(self, head: bytes) -> int:
+        if not self.began:
+            raise FramingError(FRAMING, "llhttp saw no message in the head")
+        if self.response:
+            self.status = self.parser.get_status_code()  # type: ignore[union-attr]
+        if self.complete:
+            self.began = False
+            self.last = head if self.keep else None
+            return HEAD
+        self.last = None
+        return HEAD_BODY
+
+    def _feed_partial(self, piece: bytes) -> None:
+        """Feed part of an incomplete head, so bad syntax is refused before the head ends."""
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserCallbackError:
+            raise self._callback_error() from None
+        except httptools.HttpParserError as e:
+            raise FramingError(_llhttp_kind(e), str(e)) from None
+        except httptools.HttpParserUpgrade:
+            raise FramingError(FRAMING, "llhttp ended a head where the gateway sees none") from None
+        if self.complete:
+            raise FramingError(FRAMING, "llhttp ended a message where the gateway sees an incomplete head")
+
+    def _callback_error(self) -> FramingError:
+        e = self.error or FramingError(FRAMING, "parser callback failed")
+        self.error = None
+        return e
+
+    # ---- bodies
+
+    def _feed_body(self, piece: bytes) -> None:
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserCallbackError:
+            raise self._callback_error() from None
+        except httptools.HttpParserError as e:
+            raise FramingError(_llhttp_kind(e), str(e)) from None
+        except httptools.HttpParserUpgrade:
+            raise FramingError(FRAMING, "llhttp switched protocols inside a body") from None
+
+    def _chunked(self, data: bytes, pos: int) -> tuple[int, bool]:
+        """Consume ``data[pos:]`` of a chunked body: (offset reached, whether the body ended there).
+
+        Each pass of the loop consumes at least one byte."""
+        n = len(data)
+        cs = self.cstate
+        rem = self.rem
+        segments = self.segments
+        try:
+            while pos < n:
+                if cs == _DATA:
+                    take = rem if rem < n - pos else n - pos
+                    if segments is not None:
+                        segments.append((pos, pos + take))
+                    pos += take
+                    rem -= take
+                    if not rem:
+                        cs = _DATA_CRLF
+                        rem = 2
+                elif cs == _DATA_CRLF:
+                    if data[pos] != (13 if rem == 2 else 10):
+                        raise FramingError(FRAMING, "chunk data not followed by CRLF")
+                    pos += 1
+                    rem -= 1
+                    if not rem:
+                        cs = _SIZE
+                else:  # a chunk-size line or a trailer line
+                    j = data.find(b"\n", pos)
+                    if j < 0:
+                        part = self.line
+                        if part is None:
+                            part = self.line = bytearray()
+                        part += memoryview(data)[pos:]
+                        if len(part) > MAX_LINE:
+                            raise FramingError(FRAMING, "chunk-size or trailer line too long")
+                        pos = n
+                        break
+                    part = self.line
+                    if part is not None:
+                        part += memoryview(data)[pos:j]
+                        line = bytes(part)
+                        self.line = None
                     else:
-                        self.state = _TRAILER
-                elif line in (b"", b"\r"):  # the empty line that ends the trailer section
-                    self.state = _DONE
-                    return pos
-        return -1
+                        line = data[pos:j]
+                    pos = j + 1
+                    if len(line) > MAX_LINE:
+                        raise FramingError(FRAMING, "chunk-size or trailer line too long")
+                    if not line.endswith(b"\r") or b"\r" in line[:-1]:
+                        raise FramingError(FRAMING, "a line in a chunked body does not end in CRLF")
+                    if cs == _SIZE:
+                        m = _SIZE_LINE.fullmatch(line, 0, len(line) - 1)
+                        if m is None:
+                            raise FramingError(FRAMING, "bad chunk size")
+                        rem = int(m.group(1), 16)
+                        cs = _DATA if rem else _TRAILER
+                    elif len(line) == 1:  # the empty line that ends the trailer section
+                        return pos, True
+                    else:
+                        self.trailer += len(line) + 1
+                        if self.trailer > self.max_head:
+                            raise FramingError(TOO_LARGE, "trailer section too large")
+        finally:
+            self.cstate = cs
+            self.rem = rem
+        return pos, False

@@ -73,6 +73,9 @@ class Exchange:
     retried = False
     early: bytes | None = None  # after an Upgrade request: what the client sent next
     admitted: RequestHead | None = None  # the head sent to a private sandbox, when admission cut from it
+    interim = 0  # 1xx responses received
+    req_end = 0.0  # monotonic() when a request body ended (a request without one ends at t0)
+    ended = False  # counted and logged (the tunnel it may become is counted again when it closes)
     # For the access log and metrics:
     status = 0  # the sandbox's final status, once its head arrived
     rid = b""  # the request ID
@@ -192,7 +195,9 @@ class Exchange:
         return d
 
     def _forward(self, e: Entry) -> None:
-        d = self._decide(e)
+        d = e.memo.get(self.route.port)  # type: ignore[union-attr]  # _decide, inline when memoised
+        if d is None:
+            d = self._decide(e)
         if d.__class__ is not Forward:
             assert isinstance(d, Reason)
             if d is errors.SANDBOX_PAUSED and self.ctx.resumer is not None:
@@ -217,7 +222,8 @@ class Exchange:
         if name:
             rid = req.request_id
             if rid is None or not self.client.peer.trusted:
-                rid = ctx.next_request_id()
+                ctx.rid_n = n = ctx.rid_n + 1  # ctx.next_request_id(), inline
+                rid = ctx.rid_prefix + b"%x" % n
             self.rid = rid
             # The head up to the ID's value, kept while the head (and the Host sent) repeats.
             pre = req.rid_pre
@@ -252,38 +258,48 @@ class Exchange:
         self.rid = rid
         return rid
 
-    def _end(self, status: int, reason: str, out_bytes: int | None = None) -> None:
-        """The exchange is over: count it, log it, free its place among the sandbox's connections."""
-        t0 = self.t0
-        if not t0:
-            return  # already counted
-        self.t0 = 0.0
+    def _end(
+        self, status: int, reason: str, out_bytes: int | None = None, tunnel: tuple[int, int] | None = None
+    ) -> None:
+        """The one place where an exchange, or the tunnel it became, is counted and logged.
+
+        Without ``tunnel``: the exchange is over (once; later calls do nothing). With ``tunnel``
+        (bytes in, bytes out): the tunnel this exchange became after its 101 has closed; its
+        duration runs from the request, like the exchange's."""
+        if tunnel is None and self.ended:
+            return
         ctx = self.ctx
-        seconds = monotonic() - t0
-        req = self.req
-        bytes_in = len(req.raw) + self.body_bytes
-        bytes_out = self.resp_bytes if out_bytes is None else out_bytes
         m = ctx.metrics
-        m.request(status, reason, seconds)
+        req = self.req
+        seconds = monotonic() - self.t0
+        if tunnel is None:
+            self.ended = True
+            bytes_in = len(req.raw) + self.body_bytes
+            bytes_out = self.resp_bytes if out_bytes is None else out_bytes
+            if reason == "sandbox":
+                m.sandbox_status[status] += 1
+            else:
+                m.requests[status, reason] += 1
+            h = m.duration
+            h.counts[bisect_left(h.bounds, seconds)] += 1
+            h.sum += seconds
+        else:
+            bytes_in, bytes_out = tunnel
+            m.tunnels_total += 1
         m.bytes_in += bytes_in
         m.bytes_out += bytes_out
-        if ctx.access_log is not None:
-            self._log(status, reason, bytes_in, bytes_out, seconds)
-
-    def _log(self, status: int, reason: str, bytes_in: int, bytes_out: int, seconds: float) -> None:
-        log = self.ctx.access_log
-        assert log is not None
-        req = self.req
-        route = self.route
-        fwd = self.fwd
-        part = req.log_part
-        if part is None:
-            part = req.log_part = log.head_part(req.method, req.host, req.target)
-        log.log(
-            "request", self.rid, self.client.peer.ip, part, route.sandbox_id if route else None,
-            route.port if route else None, status, reason, bytes_in, bytes_out, seconds, self.connect_time,
-            fwd.upstream if fwd else None,
-        )  # fmt: skip
+        log = ctx.access_log
+        if log is not None:
+            route = self.route
+            fwd = self.fwd
+            part = req.log_part
+            if part is None:
+                part = req.log_part = log.head_part(req.method, req.host, req.target)
+            log.log(
+                "request" if tunnel is None else "tunnel", self.rid, self.client.peer.ip, part,
+                route.sandbox_id if route else None, route.port if route else None, status, reason,
+                bytes_in, bytes_out, seconds, self.connect_time, fwd.upstream if fwd else None,
+            )  # fmt: skip
 
     async def _resume(self) -> None:
         """The sandbox is paused: have it resumed (once for all waiting requests), then go on."""
@@ -402,6 +418,7 @@ class Exchange:
 
     def on_request_complete(self) -> None:
         self.req_done = True
+        self.req_end = monotonic()  # response_head_timeout runs from here
 
     def flush_up(self) -> None:
         """Write what the request has for the upstream; called after each client read."""
@@ -471,20 +488,7 @@ class Exchange:
         self.down_buf = []
         self.up = None
         up.exchange = None
-        t0 = self.t0
-        if t0:  # _end(self.status, "sandbox"), inline: this is every proxied request
-            self.t0 = 0.0
-            seconds = monotonic() - t0
-            m = ctx.metrics
-            m.sandbox_status[self.status] += 1
-            h = m.duration
-            h.counts[bisect_left(h.bounds, seconds)] += 1
-            h.sum += seconds
-            bytes_in = len(self.req.raw) + self.body_bytes
-            m.bytes_in += bytes_in
-            m.bytes_out += self.resp_bytes
-            if ctx.access_log is not None:
-                self._log(self.status, "sandbox", bytes_in, self.resp_bytes, seconds)
+        self._end(self.status, "sandbox")
         if (
             self.reusable and self.req_done and not self.up_buf and up.reusable and not up.write_paused
             and not up.gate.reasons
@@ -526,23 +530,8 @@ class Exchange:
         self.client.become_tunnel(self, up, early, rest if websocket else b"", websocket)
 
     def tunnel_ended(self, bytes_in: int, bytes_out: int) -> None:
-        """The tunnel this exchange became has closed: log and count it."""
-        ctx = self.ctx
-        seconds = monotonic() - self.t0
-        m = ctx.metrics
-        m.bytes_in += bytes_in
-        m.bytes_out += bytes_out
-        m.tunnels_total += 1
-        log = ctx.access_log
-        if log is not None:
-            req = self.req
-            route = self.route
-            fwd = self.fwd
-            log.log(
-                "tunnel", self.rid, self.client.peer.ip, log.head_part(req.method, req.host, req.target),
-                route.sandbox_id if route else None, route.port if route else None, 101, "sandbox",
-                bytes_in, bytes_out, seconds, self.connect_time, fwd.upstream if fwd else None,
-            )  # fmt: skip
+        """The tunnel this exchange became has closed: count and log it."""
+        self._end(101, "sandbox", tunnel=(bytes_in, bytes_out))
 
     def on_upstream_error(self, reason: Reason, detail: str) -> None:
         """The sandbox sent something that is not a valid response."""

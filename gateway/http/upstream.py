@@ -1,9 +1,12 @@
 """The sandbox side: one protocol per upstream connection, and the keep-alive pool.
 
-An :class:`UpstreamConnection` frames responses the same way the client side frames requests
-(head end, Content-Length count, chunked framer, or until close) and feeds llhttp exactly each
-message's bytes, so a response that llhttp would frame differently is refused (502) instead of
-desynchronising a pooled connection.
+An :class:`UpstreamConnection` frames responses with the same :class:`~gateway.http.framing.Framer`
+the client side uses for requests (sandboxes run tenant code: every rule a client's bytes must
+follow, a sandbox's must too), and feeds llhttp exactly each message's bytes, so a response that
+llhttp would frame differently is refused (502, or a reset once the response has begun) instead of
+desynchronising a pooled connection. Response heads are capped in size and field count like
+request heads, and a response may bring at most :data:`MAX_INTERIM` 1xx heads before its final
+one (each costs an analysis; an endless stream of them would hold the client forever).
 
 Idle connections wait in the :class:`Pool`, keyed by (address, port, execution_id), for at most
 ``upstream_idle_timeout`` seconds: shorter than the keep-alive timeout of common app servers
@@ -17,22 +20,22 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Protocol, cast
 
-import httptools
-
 from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing
+from gateway.http.framing import BODY, END, HEAD, HEAD_BODY, NEED
 from gateway.http.headers import ResponseHead
 from gateway.policy import PoolKey
 
 if TYPE_CHECKING:
     from gateway.http.proxy import Exchange
 
-__all__ = ["Pool", "SandboxLink", "UpstreamConnection", "connect_failure"]
+__all__ = ["MAX_INTERIM", "Pool", "SandboxLink", "UpstreamConnection", "connect_failure"]
 
 log = logging.getLogger("gateway.upstream")
 
-_HEAD, _LENGTH, _CHUNKED, _CLOSE = range(4)
+#: 1xx responses (100 Continue, 103 Early Hints...) accepted before the final response head.
+MAX_INTERIM = 16
 
 
 class SandboxLink(Protocol):
@@ -54,25 +57,18 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "address",
         "closed",
-        "dechunk",
         "exchange",
         "execution_id",
-        "fed",
         "framer",
         "gate",
         "got_bytes",
         "idle_since",
         "key",
         "last_head",
-        "llhttp_done",
-        "parser",
-        "pending",
         "pool",
-        "remaining",
         "reusable",
         "reused",
         "sandbox_id",
-        "state",
         "transport",
         "write_paused",
     )
@@ -87,15 +83,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.execution_id = execution_id
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.gate: flow.ReadGate = None  # type: ignore[assignment]
-        self.parser = httptools.HttpResponseParser(self)
+        self.framer = framing.Framer(True, pool.max_head, pool.max_fields)
         self.exchange: Exchange | None = None
-        self.state = _HEAD
-        self.pending = b""
-        self.fed = 0
-        self.remaining = 0
-        self.framer: framing.ChunkedFramer | None = None
-        self.dechunk = False
-        self.llhttp_done = False
         self.got_bytes = False
         self.reused = False
         self.reusable = True
@@ -123,109 +112,77 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
-        x.resp_bytes += len(data)
+        n = len(data)
+        x.resp_bytes += n
+        fr = self.framer
         try:
-            if self.pending:
-                data = self.pending + data
-                self.pending = b""
             pos = 0
-            n = len(data)
-            parser = self.parser
-            while pos < n:
-                st = self.state
-                if st == _HEAD:
-                    end = data.find(b"\r\n\r\n", pos)
-                    fed = self.fed
-                    if end < 0:
-                        rest = data[pos:] if pos else data
-                        if len(rest) > self.pool.max_head:
-                            raise _Invalid("response head too large")
-                        parser.feed_data(rest[fed:] if fed else rest)
-                        self.pending = rest
-                        self.fed = len(rest)
-                        break
-                    end += 4
-                    if end - pos > self.pool.max_head:
-                        raise _Invalid("response head too large")
-                    head = data if (pos == 0 and end == n) else data[pos:end]
-                    self.fed = 0
-                    pos = end
-                    try:
-                        parser.feed_data(head[fed:] if fed else head)
-                    except httptools.HttpParserUpgrade:
-                        self.exchange = None
-                        x.on_upstream_upgrade(self, head, data[pos:])
-                        return
-                    status = parser.get_status_code()
+            ev = fr.next(data, 0)
+            while ev:
+                if ev <= HEAD_BODY:  # HEAD or HEAD_BODY: a response head
+                    pos = fr.end
+                    head = fr.head
+                    status = fr.status
                     if status < 200:
+                        if ev == HEAD_BODY or status == 101:  # a 101 llhttp did not take for an upgrade
+                            raise _Invalid("1xx response with a body, or 101 without Connection: upgrade")
+                        x.interim += 1
+                        if x.interim > MAX_INTERIM:
+                            raise _Invalid(f"more than {MAX_INTERIM} 1xx responses")
                         x.on_interim(head, status)
+                        ev = fr.next(data, pos) if pos < n else NEED
                         continue
                     body, length = x.on_response_head(self, head, status)
-                    if body == framing.NONE or (body == framing.LENGTH and not length):
-                        if not self.llhttp_done and x.req.method == b"HEAD":
-                            # llhttp cannot be told a response answers HEAD (RFC 9110 §9.3.2):
-                            # it waits for the body the fields describe. A new parser starts clean.
-                            self.parser = parser = httptools.HttpResponseParser(self)
-                            self.llhttp_done = True
-                        self._complete(x, pos < n)
-                        return
-                    if body == framing.LENGTH:
-                        if n - pos >= length:  # the whole body came with the head (small responses)
-                            piece = data[pos:] if n - pos == length else data[pos : pos + length]
-                            parser.feed_data(piece)
-                            x.down_buf.append(piece)
-                            self._complete(x, n - pos > length)
-                            return
-                        self.state = _LENGTH
-                        self.remaining = length
-                    elif body == framing.CHUNKED:
-                        self.state = _CHUNKED
-                        self.framer = framing.ChunkedFramer()
-                        self.dechunk = x.body_out == framing.CLOSE
+                    if ev == HEAD:  # llhttp ended the response with its head
+                        if body != framing.NONE and not (body == framing.LENGTH and not length):
+                            raise _Invalid("llhttp sees no body where the gateway sees one")
+                    elif body == framing.NONE and x.req.method == b"HEAD":
+                        fr.skip_body()
                     else:
-                        self.state = _CLOSE
-                elif st == _LENGTH:
-                    take = self.remaining if self.remaining < n - pos else n - pos
-                    piece = data if (pos == 0 and take == n) else data[pos : pos + take]
-                    parser.feed_data(piece)
-                    pos += take
-                    self.remaining -= take
-                    x.down_buf.append(piece)
-                    if not self.remaining:
-                        self._complete(x, pos < n)
-                        return
-                elif st == _CHUNKED:
-                    framer = self.framer
-                    assert framer is not None
-                    segments: list[tuple[int, int]] | None = [] if self.dechunk else None
-                    end = framer.scan(data, pos, segments)
-                    stop = n if end < 0 else end
-                    piece = data if (pos == 0 and stop == n) else data[pos:stop]
-                    parser.feed_data(piece)
-                    pos = stop
-                    if segments is None:
-                        x.down_buf.append(piece)
+                        if body == framing.CHUNKED and x.body_out == framing.CLOSE:
+                            fr.segments = []  # de-chunked for an HTTP/1.0 client
+                        ev = fr.body(body, length, data, pos)
+                        continue
+                    if pos < n:  # bytes after a complete response, unasked for: not trustworthy
+                        self.reusable = False
+                    x.on_response_complete(self)
+                    return
+                end = fr.end
+                if ev == END:
+                    if fr.segments is None:
+                        x.down_buf.append(data[pos:end])
                     else:
-                        x.down_buf += [data[a:b] for a, b in segments if b > a]
-                    if end >= 0:
-                        self._complete(x, pos < n)
-                        return
-                else:  # _CLOSE: everything until the sandbox closes is body
-                    x.on_close_delimited(data[pos:] if pos else data)
-                    break
-        except (httptools.HttpParserError, framing.FramingError, _Invalid, ValueError) as e:
+                        self._dechunked(x, data)
+                        fr.segments = None
+                    if end < n:
+                        self.reusable = False
+                    x.on_response_complete(self)
+                    return
+                if ev == BODY:
+                    if fr.segments is not None:
+                        self._dechunked(x, data)
+                    elif x.body_in == framing.CLOSE:  # everything until the sandbox closes is body
+                        x.on_close_delimited(data[pos:end])
+                    else:
+                        x.down_buf.append(data[pos:end])
+                    pos = end
+                    ev = fr.next(data, pos) if pos < n else NEED
+                    continue
+                # UPGRADE: the sandbox accepted an Upgrade (101)
+                self.exchange = None
+                x.on_upstream_upgrade(self, fr.head, data[end:])
+                return
+        except (framing.FramingError, _Invalid) as e:
             x.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, str(e) or type(e).__name__)
         if x.down_buf:
             x.flush_down()
 
-    def _complete(self, x: Exchange, extra: bool) -> None:
-        if not self.llhttp_done:
-            raise _Invalid("llhttp and the gateway disagree on where the response ends")
-        self.state = _HEAD
-        self.framer = None
-        if extra:  # bytes after a complete response, unasked for: the connection is not trustworthy
-            self.reusable = False
-        x.on_response_complete(self)
+    def _dechunked(self, x: Exchange, data: bytes) -> None:
+        """The chunk data the framer found in ``data``, without the chunked coding (HTTP/1.0 client)."""
+        segments = self.framer.segments
+        assert segments is not None
+        x.down_buf += [data[a:b] for a, b in segments if b > a]
+        segments.clear()
 
     def eof_received(self) -> bool:
         x = self.exchange
@@ -256,16 +213,6 @@ class UpstreamConnection(asyncio.Protocol):
         if x is not None:
             x.client.gate.open(flow.PEER_BUSY)
 
-    # ---- llhttp callbacks (it validates; the gateway frames)
-
-    def on_message_begin(self) -> None:
-        if self.state != _HEAD:
-            raise _Invalid("llhttp sees a new response where the gateway sees a body")
-        self.llhttp_done = False
-
-    def on_message_complete(self) -> None:
-        self.llhttp_done = True
-
     # ---- pool side
 
     def close(self) -> None:
@@ -290,19 +237,23 @@ class Pool:
         "idle_count",
         "idle_timeout",
         "links",
+        "max_fields",
         "max_head",
         "max_idle",
         "max_per_key",
         "opened",
     )
 
-    def __init__(self, idle_timeout: float, max_per_key: int, max_idle: int, max_head: int) -> None:
+    def __init__(
+        self, idle_timeout: float, max_per_key: int, max_idle: int, max_head: int, max_fields: int = 256
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self.idle_timeout = idle_timeout
         self.max_per_key = max_per_key
         self.max_idle = max_idle
-        self.max_head = max_head
+        self.max_head = max_head  # response heads: bytes and fields (then 502)
+        self.max_fields = max_fields
         self.idle_count = 0
         self.opened = 0
         self.links: dict[str, set[SandboxLink]] = {}  # sandbox ID -> its open upstream connections
