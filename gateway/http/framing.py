@@ -123,11 +123,17 @@ def _llhttp_kind(e: Exception) -> str:
 class Framer:
     """Frames the messages of one direction of one HTTP/1.1 connection.
 
-    Drive it with :meth:`next` (``data`` and the offset to start at) until it returns
-    :data:`NEED`; after :data:`HEAD`, say which body the head selects with :meth:`body` (or
-    :meth:`skip_body`). ``end`` is the offset just past the bytes an event covers. Every byte is
-    fed to llhttp (``parser``) before the event that covers it is returned, so nothing is
-    forwarded that llhttp refused. Errors raise :class:`FramingError`; the connection cannot go on.
+    Drive it with :meth:`next` (``data`` and the offset to start at, before its end) until it
+    returns :data:`NEED`. After :data:`HEAD` the head is a whole message (the caller's analysis
+    must find no body in it); after :data:`HEAD_BODY` call :meth:`body` with the framing the
+    analysis found (or :meth:`skip_body`). ``end`` is the offset just past the bytes an event
+    covers, and every event but NEED covers at least one byte. Every byte is fed to llhttp
+    (``parser``) before the event that covers it is returned, so nothing is forwarded that llhttp
+    refused. Errors raise :class:`FramingError`; the connection cannot go on.
+
+    The verdict does not depend on how the bytes are split into reads: problems are reported in
+    the order of the bytes (a syntax error within the first ``max_head`` bytes of an oversized
+    head is a syntax error; inside a body every error is a framing error).
     """
 
     __slots__ = (
@@ -157,7 +163,8 @@ class Framer:
         self.response = response
         self.max_head = max_head
         self.max_fields = max_fields
-        self.short_head = 3 * (max_fields + 2)  # no head this long or shorter has too many fields
+        # A field line takes 3 bytes at least: a head this long or shorter has not too many.
+        self.short_head = 3 * (max_fields + 2)
         self.parser = self._new_parser()
         self.state = _HEAD
         self.acc: bytearray | None = None  # an incomplete head (llhttp has seen it)
@@ -211,7 +218,9 @@ class Framer:
             end += 4
             size = end - pos
             if size > self.max_head:
-                raise FramingError(TOO_LARGE, "head too large")
+                if data[pos] in b"\r\n":
+                    return self._skip(data, pos)
+                raise self._too_large(data[pos : pos + self.max_head])
             head = data[pos:end]  # data itself when it is all head (no copy)
             self.end = end
             last = self.last
@@ -220,21 +229,20 @@ class Framer:
                 # at the start of a message: it would parse them to the same verdict. (``head``
                 # stays the previous object: callers comparing with it compare identities.)
                 return HEAD
-            self.head = head
             if head[0] in b"\r\n":  # empty lines before a head (never in ``last``)
                 return self._skip(data, pos)
-            # A field line takes 3 bytes at least: a short head needs no count.
-            if size > self.short_head and head.count(b"\n") - 2 > self.max_fields:
-                raise FramingError(TOO_LARGE, "too many header fields")
+            self.head = head
             try:
                 self.parser.feed_data(head)
             except httptools.HttpParserUpgrade as e:
-                return self._upgraded(e, len(head))
+                return self._upgraded(e, len(head), size)
             except httptools.HttpParserCallbackError:
                 raise self._callback_error() from None
             except httptools.HttpParserError as e:
                 raise FramingError(_llhttp_kind(e), str(e)) from None
-            # as _head_parsed, inline (every response head comes here)
+            # _head_parsed, inline: every response head comes here
+            if size > self.short_head and head.count(b"\n") - 2 > self.max_fields:
+                raise FramingError(TOO_LARGE, "too many header fields")
             if not self.began:
                 raise FramingError(FRAMING, "llhttp saw no message in the head")
             if self.response:
@@ -292,7 +300,7 @@ class Framer:
                 except httptools.HttpParserCallbackError:
                     raise self._callback_error() from None
                 except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
-                    raise FramingError(_llhttp_kind(e), str(e)) from None
+                    raise FramingError(FRAMING, str(e)) from None
                 self.state = _HEAD
                 if not self.complete:
                     raise FramingError(FRAMING, "llhttp expects more of the message than the gateway")
@@ -324,13 +332,14 @@ class Framer:
     # ---- heads
 
     def _skip(self, data: bytes, pos: int) -> int:
+        """Empty lines before a head (RFC 9112 §2.2): skipped, as llhttp skips them."""
         m = _EMPTY_LINES.match(data, pos)
         assert m is not None  # matches the empty string at least
         end = m.end()
         if end == len(data):
             self.end = end
             return NEED
-        return self.next(data, end)  # at most once: data[end] is not CR or LF
+        return self.next(data, end)  # at most once more: data[end] is not CR or LF
 
     def _head_begins(self, data: bytes, pos: int) -> int:
         """No head end in ``data[pos:]``: keep what there is (after empty lines) for the next read."""
@@ -342,9 +351,9 @@ class Framer:
             if pos == n:
                 self.end = n
                 return NEED
-        piece = data if pos == 0 else data[pos:]
         if n - pos > self.max_head:
-            raise FramingError(TOO_LARGE, "head too large")
+            raise self._too_large(data[pos : pos + self.max_head])
+        piece = data[pos:]
         self.acc = bytearray(piece)
         self._feed_partial(piece)
         self.end = n
@@ -358,46 +367,29 @@ class Framer:
         acc += memoryview(data)[pos:]
         i = acc.find(b"\r\n\r\n", before - 3 if before > 3 else 0)
         n = len(data)
+        size = len(acc) if i < 0 else i + 4
+        if size > self.max_head:
+            raise self._too_large(data[pos : pos + self.max_head - before])
         if i < 0:
-            if len(acc) > self.max_head:
-                raise FramingError(TOO_LARGE, "head too large")
             self._feed_partial(data[pos:])
             self.end = n
             return NEED
-        size = i + 4
-        if size > self.max_head:
-            raise FramingError(TOO_LARGE, "head too large")
         end = pos + size - before
         head = bytes(acc[:size])
         self.acc = None
         self.end = end
         self.head = head
-        if head.count(b"\n") - 2 > self.max_fields:
-            raise FramingError(TOO_LARGE, "too many header fields")
         piece = data[pos:end]
         try:
             self.parser.feed_data(piece)
         except httptools.HttpParserUpgrade as e:
-            return self._upgraded(e, len(piece))
+            return self._upgraded(e, len(piece), size)
         except httptools.HttpParserCallbackError:
             raise self._callback_error() from None
         except httptools.HttpParserError as e:
             raise FramingError(_llhttp_kind(e), str(e)) from None
-        return self._head_parsed(head)
-
-    def _upgraded(self, e: httptools.HttpParserUpgrade, size: int) -> int:
-        """llhttp switched protocols after the head (a 101, or a request asking for an Upgrade)."""
-        if not self.complete or e.args[0] != size:
-            raise FramingError(FRAMING, "llhttp switched protocols elsewhere than at the head's end")
-        self.last = None
-        self.began = False
-        if self.response:
-            self.state = _DONE
-        else:
-            self.parser = self._new_parser()  # HTTP goes on unless the sandbox accepts (101)
-        return UPGRADE
-
-    def _head_parsed(self, head: bytes) -> int:
+        if size > self.short_head and head.count(b"\n") - 2 > self.max_fields:
+            raise FramingError(TOO_LARGE, "too many header fields")
         if not self.began:
             raise FramingError(FRAMING, "llhttp saw no message in the head")
         if self.response:
@@ -408,6 +400,27 @@ class Framer:
             return HEAD
         self.last = None
         return HEAD_BODY
+
+    def _too_large(self, allowed: bytes) -> FramingError:
+        """The head passes ``max_head``; llhttp sees the bytes within the limit first, so a syntax
+        error there is reported as such, however the bytes were split."""
+        if allowed:
+            self._feed_partial(allowed)
+        return FramingError(TOO_LARGE, "head too large")
+
+    def _upgraded(self, e: httptools.HttpParserUpgrade, fed: int, size: int) -> int:
+        """llhttp switched protocols after the head (a 101, or a request asking for an Upgrade)."""
+        if not self.complete or e.args[0] != fed:
+            raise FramingError(FRAMING, "llhttp switched protocols elsewhere than at the head's end")
+        if size > self.short_head and self.head.count(b"\n") - 2 > self.max_fields:
+            raise FramingError(TOO_LARGE, "too many header fields")
+        self.last = None
+        self.began = False
+        if self.response:
+            self.state = _DONE
+        else:
+            self.parser = self._new_parser()  # HTTP goes on unless the sandbox accepts (101)
+        return UPGRADE
 
     def _feed_partial(self, piece: bytes) -> None:
         """Feed part of an incomplete head, so bad syntax is refused before the head ends."""
@@ -430,14 +443,13 @@ class Framer:
     # ---- bodies
 
     def _feed_body(self, piece: bytes) -> None:
+        """Inside a body every error is a framing error (whatever llhttp calls it)."""
         try:
             self.parser.feed_data(piece)
         except httptools.HttpParserCallbackError:
             raise self._callback_error() from None
-        except httptools.HttpParserError as e:
-            raise FramingError(_llhttp_kind(e), str(e)) from None
-        except httptools.HttpParserUpgrade:
-            raise FramingError(FRAMING, "llhttp switched protocols inside a body") from None
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:
+            raise FramingError(FRAMING, str(e)) from None
 
     def _chunked(self, data: bytes, pos: int) -> tuple[int, bool]:
         """Consume ``data[pos:]`` of a chunked body: (offset reached, whether the body ended there).

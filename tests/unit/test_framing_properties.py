@@ -1,0 +1,117 @@
+"""Differential property tests of the data plane's framing (issue 9, point 4).
+
+Request and response streams are built from the grammar (tests/framing_grammar.py), mutated the
+ways attackers and broken peers mutate them, split at every offset and fed to the Framer and the
+header analysis the way the data plane feeds them (tests/framing_driver.py). For every input:
+
+- every call advances and the number of calls is bounded by bytes and reads (the driver checks);
+- the verdict (the exact messages, then idle / partial / upgrade / close or one reason code) is
+  the same however the bytes are split;
+- every message the gateway accepts is the one a plain, strict RFC 9112 framer finds at the same
+  place (so the gateway is never more lenient about where a message ends);
+- a valid stream is framed exactly as it was built.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests import framing_driver as drive
+from tests import framing_grammar as grammar
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def splits(data: bytes, seed: int) -> list[list[bytes]]:
+    """``data`` cut in two at every offset, byte by byte, and at a few random sets of offsets."""
+    out = [[data[:i], data[i:]] for i in range(1, len(data))]
+    out.append([data[i : i + 1] for i in range(len(data))])
+    rnd = random.Random(seed)
+    for _ in range(4):
+        cuts = sorted(rnd.sample(range(1, len(data)), min(len(data) - 1, rnd.randint(1, 8)))) if len(data) > 1 else []
+        bounds = [0, *cuts, len(data)]
+        out.append([data[a:b] for a, b in itertools.pairwise(bounds)])
+    return out
+
+
+def check_requests(data: bytes, seed: int) -> drive.Verdict:
+    with drive.bounded():
+        whole = drive.requests([data])
+        for chunks in splits(data, seed):
+            assert drive.requests(chunks) == whole, [len(c) for c in chunks]
+    ref, _ = drive.reference_requests(data)
+    assert list(whole.messages) == ref[: len(whole.messages)], "the gateway framed a message the reference did not"
+    return whole
+
+
+def check_responses(data: bytes, seed: int, **kw: object) -> drive.Verdict:
+    with drive.bounded():
+        whole = drive.responses([data], **kw)  # type: ignore[arg-type]
+        for chunks in splits(data, seed):
+            assert drive.responses(chunks, **kw) == whole, [len(c) for c in chunks]  # type: ignore[arg-type]
+    if not kw:
+        ref, _ = drive.reference_responses(data)
+        n = len(whole.messages)
+        if whole.end == "close":  # the body so far of a response that runs until the close
+            assert list(whole.messages[:-1]) == ref[: n - 1] and whole.messages[-1] == ref[n - 1]
+        else:
+            assert list(whole.messages) == ref[:n], "the gateway framed a response the reference did not"
+    return whole
+
+
+@SETTINGS
+@given(grammar.requests(), st.integers(0, 2**32))
+def test_valid_requests_are_framed_exactly_however_split(stream: grammar.Stream, seed: int) -> None:
+    assert check_requests(stream.data, seed) == drive.Verdict(tuple(stream.messages), "idle")
+
+
+@SETTINGS
+@given(grammar.responses(), st.integers(0, 2**32))
+def test_valid_responses_are_framed_exactly_however_split(stream: grammar.Stream, seed: int) -> None:
+    v = check_responses(stream.data, seed)
+    last_head, _ = stream.messages[-1]
+    close = b"Content-Length" not in last_head and b"chunked" not in last_head and b" 204 " not in last_head
+    close = close and b" 304 " not in last_head
+    assert v == drive.Verdict(tuple(stream.messages), "close" if close else "idle")
+
+
+@SETTINGS
+@given(grammar.mutated(grammar.requests()), st.integers(0, 2**32))
+def test_mutated_requests_one_verdict_however_split(data: bytes, seed: int) -> None:
+    check_requests(data, seed)
+
+
+@SETTINGS
+@given(grammar.mutated(grammar.responses()), st.integers(0, 2**32))
+def test_mutated_responses_one_verdict_however_split(data: bytes, seed: int) -> None:
+    check_responses(data, seed)
+
+
+@settings(max_examples=20, deadline=None)
+@given(grammar.mutated(grammar.responses()), st.integers(0, 2**32))
+def test_mutated_responses_for_http10_clients_and_head_requests(data: bytes, seed: int) -> None:
+    check_responses(data, seed, http10_client=True)
+    check_responses(data, seed, method=b"HEAD")
+
+
+@settings(max_examples=10, deadline=None)
+@given(grammar.requests(many_fields=True), st.integers(0, 2**32))
+def test_many_fields_are_refused_however_split(stream: grammar.Stream, seed: int) -> None:
+    assert check_requests(stream.data, seed).end == "request_head_too_large"
+
+
+@settings(max_examples=10, deadline=None)
+@given(grammar.responses(many_fields=True), st.integers(0, 2**32))
+def test_many_response_fields_are_refused_however_split(stream: grammar.Stream, seed: int) -> None:
+    assert check_responses(stream.data, seed).end == "upstream_invalid_response"
+
+
+@settings(max_examples=10, deadline=None)
+@given(grammar.responses(many_interim=True), st.integers(0, 2**32))
+def test_many_1xx_are_refused_however_split(stream: grammar.Stream, seed: int) -> None:
+    v = check_responses(stream.data, seed)
+    assert v.end == "upstream_invalid_response" and len(v.messages) == 16
