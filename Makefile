@@ -7,8 +7,13 @@ PYTHON ?= $(shell for p in /usr/bin/python3 python3; do \
 VENV   := .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+# Seconds of coverage-guided fuzzing per target: `make fuzz` (FUZZ_S=600 make fuzz for a long run),
+# and the short run `make test` includes.
+FUZZ_S ?= 60
+TEST_FUZZ_S ?= 10
+FUZZ_TARGETS := requests responses
 
-.PHONY: install peers run test lint typecheck pytest conformance bench config clean
+.PHONY: install peers run test lint typecheck pytest fuzz fuzz-short conformance bench config clean
 
 # `make install`: .venv with an editable install and the dev extras (tests, types, lint).
 install: $(VENV)/.installed
@@ -41,8 +46,8 @@ tests/e2e/vite-app/node_modules/.installed: tests/e2e/vite-app/package.json
 	  cd tests/e2e/vite-app && npm install --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
 	else echo "peers: no npm (apt-get install nodejs npm): the Vite tests will skip (fail under CI)"; fi
 
-# The whole suite: lint, types, tests (real Redis, real sockets, real peers).
-test: install peers lint typecheck pytest
+# The whole suite: lint, types, tests (real Redis, real sockets, real peers), a short fuzz run.
+test: install peers lint typecheck pytest fuzz-short
 
 lint: install
 	$(BIN)/ruff check .
@@ -52,6 +57,24 @@ typecheck: install
 
 pytest: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Coverage-guided fuzzing (atheris) of the framer and head analysis, both directions (tests/fuzz/).
+# A crash, a broken property or an input over 100 ms of CPU fails and prints the input.
+fuzz: install
+	@for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz: $$t for $(FUZZ_S) s"; \
+	  $(BIN)/python -m tests.fuzz $$t $(FUZZ_S) || exit 1; \
+	done
+
+# The same, quietly, for make test: the log is shown only when a target fails.
+fuzz-short: install
+	@for t in $(FUZZ_TARGETS); do \
+	  log=$$(mktemp); \
+	  if $(BIN)/python -m tests.fuzz $$t $(TEST_FUZZ_S) >$$log 2>&1; then \
+	    echo "fuzz: $$t, $(TEST_FUZZ_S) s: $$(grep -o 'number_of_executed_units: *[0-9]*' $$log | grep -o '[0-9]*$$') inputs, no failure"; \
+	    rm -f $$log; \
+	  else tail -n 40 $$log; rm -f $$log; exit 1; fi; \
+	done
 
 # Autobahn|Testsuite with every case group, 9, 12 and 13 included (~15 min).
 conformance: install peers
@@ -68,4 +91,4 @@ config: install
 	$(BIN)/python -c 'from gateway.config import settings_markdown; print(settings_markdown(), end="")' > docs/settings.md
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/fuzz/found

@@ -432,8 +432,8 @@ class Framer:
             raise FramingError(_llhttp_kind(e), str(e)) from None
         except httptools.HttpParserUpgrade:
             raise FramingError(FRAMING, "llhttp ended a head where the gateway sees none") from None
-        if self.complete:
-            raise FramingError(FRAMING, "llhttp ended a message where the gateway sees an incomplete head")
+        if self.complete:  # e.g. an HTTP/0.9 request line: llhttp took it for a whole request
+            raise FramingError(SYNTAX, "llhttp ended a message where the gateway sees an incomplete head")
 
     def _callback_error(self) -> FramingError:
         e = self.error or FramingError(FRAMING, "parser callback failed")

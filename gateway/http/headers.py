@@ -31,7 +31,14 @@ line's version becomes HTTP/1.1, code and reason phrase stay.
 
 Framing checks against request smuggling (RFC 9112 §6.1, §6.3): llhttp refuses Content-Length
 with Transfer-Encoding and repeated Content-Length; this module refuses any Transfer-Encoding but
-exactly ``chunked``, Transfer-Encoding in HTTP/1.0, and more than one Host (RFC 9112 §3.2).
+exactly ``chunked`` (one field: two are one list, RFC 9110 §5.3), Transfer-Encoding in HTTP/1.0, a
+Content-Length that is not ``1*DIGIT``, and more than one Host (RFC 9112 §3.2). A response's
+Transfer-Encoding fields are likewise one list, whose last coding decides (RFC 9112 §6.3).
+
+Cost: a head is scanned once for the fields the policy acts on, and the lines to remove are cut in
+one pass over it (with positions found by that scan), so a head's analysis is linear in its size
+whatever it holds (a sandbox answering with thousands of hop-by-hop fields once cost seconds when
+each removal copied the head).
 
 How fields are found: heads reach this module only after llhttp validated them, so every field
 line starts right after a LF, has no whitespace before its colon and holds no CR or LF. One regular
@@ -159,18 +166,9 @@ def find_header(headers: list[Field], lname: bytes) -> bytes | None:
     return None
 
 
-def _cut(raw: bytes, fields: list[Field]) -> bytes:
-    """``raw`` without the lines of ``fields`` (as parsed: name and value, each occurrence once)."""
-    for name, value in fields:
-        line = b"\r\n" + name + b":"
-        i = raw.find(line)
-        while i >= 0:
-            j = raw.find(b"\r\n", i + len(line))
-            if raw[i + len(line) : j].strip(b" \t") == value:
-                raw = raw[:i] + raw[j:]
-                break
-            i = raw.find(line, j)
-    return raw
+Span = tuple[int, int]
+#: Every field line, for the rare heads whose Connection field names others: (line start, end, name).
+_FIELD_LINE = re.compile(rb"\n([^:\r\n]*):[^\r\n]*")
 
 
 @functools.cache
@@ -227,20 +225,24 @@ def _mask_origin(raw: bytes, original: bytes, masked: bytes) -> bytes:
     return raw[: m.start(2)] + scheme + b"://" + masked + raw[m.start(2) + len(value) :]
 
 
-def _remove_line(raw: bytes, field: Field) -> bytes:
-    """``raw`` without one field line; the usual ``Name: value`` spelling costs one replace."""
-    out = raw.replace(b"\r\n" + field[0] + b": " + field[1] + b"\r\n", b"\r\n", 1)
-    return out if len(out) != len(raw) else _cut(raw, [field])
+def _edit(raw: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """``raw`` with each ``raw[start:end]`` replaced, in one pass (edits do not overlap)."""
+    edits.sort()
+    out = []
+    prev = 0
+    for start, end, replacement in edits:
+        if start < prev:  # the same line twice (a field both hop-by-hop and named by Connection)
+            continue
+        out.append(raw[prev:start])
+        out.append(replacement)
+        prev = end
+    out.append(raw[prev:])
+    return b"".join(out)
 
 
-def _replace_value(raw: bytes, field: Field, value: bytes) -> bytes:
-    """``raw`` with one field's value replaced (its name keeps the client's spelling)."""
-    line = b"\r\n" + field[0] + b":"
-    i = raw.find(line + b" " + field[1] + b"\r\n")
-    if i < 0:
-        i = raw.find(line)
-    j = raw.find(b"\r\n", i + len(line))
-    return raw[: i + len(line)] + b" " + value + raw[j:]
+def _line(m: re.Match[bytes]) -> Span:
+    """The span of a matched field line, CRLF before it included: cutting it leaves the head whole."""
+    return m.start() - 1, m.end()
 
 
 class Peer:
@@ -295,7 +297,7 @@ class RequestHead:
         "expect_continue",
         "forwarding",
         "host",
-        "host_field",
+        "host_span",
         "http10",
         "keep_alive",
         "log_part",
@@ -318,13 +320,13 @@ class RequestHead:
         self.target = target
         self.http10 = False
         self.host: bytes | None = None
-        self.host_field: Field | None = None
+        self.host_span: Span | None = None  # where the Host value is (after its colon, to the CRLF)
         self.body = framing.NONE
         self.content_length = 0
         self.keep_alive = True
         self.expect_continue = False
         self.upgrade: bytes | None = None
-        self.cuts: list[Field] | None = None  # fields to remove
+        self.cuts: list[Span] | None = None  # field lines to remove
         self.forwarding: list[Field] | None = None  # X-Forwarded-*/Forwarded received
         self.token: bytes | None = None  # the traffic token presented (never forwarded)
         self.request_id: bytes | None = None  # the request ID received (forwarded by the proxy if trusted)
@@ -356,14 +358,14 @@ class RequestHead:
         if self.cuts is None and host is None and not self.http10 and self.upgrade is None:
             # The common case: the head as received, plus the forwarding fields, in one join.
             return b"".join((raw[:-2], peer.fwd_pre, original, b'"\r\nX-Forwarded-Host: ', original, b"\r\n\r\n"))
-        if self.cuts:
-            for f in self.cuts:
-                raw = _remove_line(raw, f)
+        edits = [(a, b, b"") for a, b in self.cuts or ()]
         if self.http10:
             eol = raw.find(b"\r\n")
-            raw = raw[: eol - 3] + b"1.1" + raw[eol:]
-        if host is not None and self.host_field is not None:
-            raw = _replace_value(raw, self.host_field, host)
+            edits.append((eol - 3, eol, b"1.1"))
+        if host is not None and self.host_span is not None:
+            edits.append((self.host_span[0], self.host_span[1], b" " + host))
+        raw = _edit(raw, edits)
+        if host is not None and self.host_span is not None:
             raw = _mask_origin(raw, original, host)
         if self.upgrade is not None:
             raw = raw[:-2] + b"Connection: upgrade\r\nUpgrade: " + self.upgrade + b"\r\n\r\n"
@@ -400,53 +402,64 @@ def analyze_request(raw: bytes, fields: FieldRoles) -> RequestHead | Reason:
         r.http10 = True
         r.keep_alive = False
     te: bytes | None = None
+    cl: bytes | None = None
     conn: list[bytes] | None = None
     upgrade: bytes | None = None
-    cuts: list[Field] | None = None
+    cuts: list[Span] = []
     fwd: list[Field] | None = None
     spellings = fields.spellings
-    for name, found in fields.pattern.findall(raw):
+    for m in fields.pattern.finditer(raw):
+        name, found = m.groups()
         role = spellings.get(name) or fields.roles[name.lower()]
-        h = (name, found.rstrip(b" \t"))
+        value = found.rstrip(b" \t")
         if role == _HOST:
             if r.host is not None:
                 return errors.INVALID_HOST
-            r.host = h[1]
-            r.host_field = h
+            r.host = value
+            r.host_span = (m.start(1) + len(name) + 1, m.end())
         elif role == _CL:
-            r.content_length = int(h[1])  # llhttp checked: digits, one field
-            if r.content_length:
-                r.body = framing.LENGTH
+            if cl is not None or not value.isdigit():  # 1*DIGIT, once (RFC 9112 §6.2)
+                return errors.INVALID_FRAMING
+            cl = value
         elif role == _TE:
-            te = h[1]
+            if te is not None:  # two fields are one list: not exactly "chunked"
+                return errors.INVALID_FRAMING
+            te = value
         elif role == _CONN:
-            t = [h[1].lower()] if b"," not in h[1] else _tokens(h[1])
-            conn = t if conn is None else conn + t
-            cuts = [h] if cuts is None else [*cuts, h]
+            if conn is None:
+                conn = []
+            conn += [value.lower()] if b"," not in value else _tokens(value)
+            cuts.append(_line(m))
         elif role == _UPG:
-            upgrade = h[1]
-            cuts = [h] if cuts is None else [*cuts, h]
+            upgrade = value
+            cuts.append(_line(m))
         elif role == _EXPECT:
-            if h[1].lower() == b"100-continue":
+            if value.lower() == b"100-continue":
                 r.expect_continue = True
-                cuts = [h] if cuts is None else [*cuts, h]
+                cuts.append(_line(m))
         elif role == _FWD:
-            fwd = [h] if fwd is None else [*fwd, h]
-            cuts = [h] if cuts is None else [*cuts, h]
+            if fwd is None:
+                fwd = []
+            fwd.append((name, value))
+            cuts.append(_line(m))
         elif role == _TOKEN:
             if r.token is None:
-                r.token = h[1]
-            cuts = [h] if cuts is None else [*cuts, h]
+                r.token = value
+            cuts.append(_line(m))
         elif role == _RID:
             if r.request_id is None:
-                r.request_id = h[1]
-            cuts = [h] if cuts is None else [*cuts, h]
+                r.request_id = value
+            cuts.append(_line(m))
         elif role == _SB_ID:
-            r.route_id = h[1]
+            r.route_id = value
         elif role == _SB_PORT:
-            r.route_port = h[1]
+            r.route_port = value
         else:  # Keep-Alive, Proxy-Connection, TE
-            cuts = [h] if cuts is None else [*cuts, h]
+            cuts.append(_line(m))
+    if cl is not None:
+        r.content_length = int(cl)
+        if r.content_length:
+            r.body = framing.LENGTH
     if te is not None:
         if r.http10 or te.lower() != b"chunked":
             return errors.INVALID_FRAMING
@@ -461,18 +474,18 @@ def analyze_request(raw: bytes, fields: FieldRoles) -> RequestHead | Reason:
             if proto in fields.upgrade_protocols:
                 r.upgrade = upgrade
         if not _CONNECTION_OPTIONS.issuperset(conn):
-            cuts = _named_by_connection(raw, conn, cuts)
-    r.cuts = cuts
+            _named_by_connection(raw, conn, cuts)
+    r.cuts = cuts or None
     r.forwarding = fwd
     r.repeatable = r.body == framing.NONE and r.keep_alive and not r.http10 and upgrade is None
     return r
 
 
-def _named_by_connection(raw: bytes, conn: list[bytes], cuts: list[Field] | None) -> list[Field]:
-    """Add the fields a Connection header names (RFC 9110 §7.6.1) to ``cuts``."""
+def _named_by_connection(raw: bytes, conn: list[bytes], cuts: list[Span]) -> None:
+    """Add the lines of the fields a Connection header names (RFC 9110 §7.6.1) to ``cuts``."""
     named = {t for t in conn if t and t not in _CONNECTION_OPTIONS and t not in _NEVER_DROPPED}
-    more = [h for h in raw_fields(raw) if h[0].lower() in named]
-    return more if cuts is None else cuts + [h for h in more if h not in cuts]
+    if named:
+        cuts += [_line(m) for m in _FIELD_LINE.finditer(raw) if m.group(1).lower() in named]
 
 
 #: What analyze_response decides: (head for the client, body framing from the sandbox, body
@@ -491,39 +504,49 @@ def analyze_response(
 
     ``client_keep_alive`` is what the request allows; the result says whether the client
     connection stays open after this response and whether the upstream one can be reused.
+    Raises :class:`~gateway.http.framing.FramingError` for a Content-Length that is not one
+    ``1*DIGIT`` (llhttp refuses those first).
     """
     content_length = -1
-    te: Field | None = None
+    te: list[bytes] | None = None  # the codings of every Transfer-Encoding field, in order
+    te_lines: list[Span] = []
     conn: list[bytes] | None = None
-    cuts: list[Field] | None = None
+    cuts: list[Span] = []
     fields = RESPONSE_FIELDS
-    for name, found in fields.pattern.findall(raw):
+    for m in fields.pattern.finditer(raw):
+        name, found = m.groups()
         role = fields.spellings.get(name) or fields.roles[name.lower()]
-        if role == _CL:
-            content_length = int(found)
-            continue
         value = found.rstrip(b" \t")
-        if role == _CONN:
-            conn = (conn or []) + ([value.lower()] if b"," not in value else _tokens(value))
-            cuts = [*(cuts or ()), (name, value)]
+        if role == _CL:
+            if content_length >= 0 or not value.isdigit():
+                raise framing.FramingError(framing.FRAMING, "Content-Length is not one 1*DIGIT")
+            content_length = int(value)
+        elif role == _CONN:
+            if conn is None:
+                conn = []
+            conn += [value.lower()] if b"," not in value else _tokens(value)
+            cuts.append(_line(m))
         elif role == _TE:
-            te = (name, value)
+            if te is None:
+                te = []
+            te += _tokens(value)
+            te_lines.append(_line(m))
         elif role == _HOP or (role == _UPG and status != 101):
-            cuts = [*(cuts or ()), (name, value)]
+            cuts.append(_line(m))
     # Framing (RFC 9112 §6.3): no body for HEAD, 1xx, 204, 304; chunked if it is the last coding;
     # Content-Length; else until close. Chunked goes to HTTP/1.0 clients de-chunked and
     # close-delimited; close-delimited goes to HTTP/1.1 clients chunked, so they keep the connection.
     if status < 200 or status in (204, 304) or head_request:
         body_in = body_out = framing.NONE
     elif te is not None:
-        if _tokens(te[1])[-1] != b"chunked":
+        if te[-1] != b"chunked":
             body_in = framing.CLOSE
             body_out = framing.CLOSE if client_http10 else framing.CHUNKED
         else:
             body_in = framing.CHUNKED
             body_out = framing.CLOSE if client_http10 else framing.CHUNKED
             if client_http10:
-                cuts = [*(cuts or ()), te]
+                cuts += te_lines
     elif content_length >= 0:
         body_in = body_out = framing.LENGTH
     else:
@@ -537,11 +560,10 @@ def analyze_response(
         reusable = upstream11
     else:
         reusable = b"close" not in conn if upstream11 else b"keep-alive" in conn
-        if not _CONNECTION_OPTIONS.issuperset(conn):
-            cuts = _named_by_connection(raw, conn, cuts)
-    if cuts is not None:
-        for h in cuts:
-            raw = _remove_line(raw, h)
+    if conn is not None and not _CONNECTION_OPTIONS.issuperset(conn):
+        _named_by_connection(raw, conn, cuts)
+    if cuts:
+        raw = _edit(raw, [(a, b, b"") for a, b in cuts])
     if not upstream11:
         raw = b"HTTP/1.1" + raw[8:]
     if status == 101:

@@ -1,0 +1,80 @@
+"""What the coverage-guided fuzzer checks for one input (also replayed by the test suite).
+
+An input is a byte stream with a small prefix the fuzzer controls too: byte 0 holds the number of
+reads the stream is split into (bits 0-2), whether responses answer a HEAD request (bit 3) and an
+HTTP/1.0 client (bit 4); then one byte per cut (its position, scaled to the stream); then the
+stream. For each input, in both directions (``requests``: the client side, ``responses``: the
+sandbox side):
+
+- the framer and the head analysis return, every call advancing (tests/framing_driver.py);
+- the verdict for the split stream equals the verdict for the whole stream;
+- every message the gateway accepts is the one the plain reference framer finds there;
+- the head the gateway would forward (request: ``upstream_head``; response: the analysed head)
+  is built without error and still ends its head where it should;
+- under the fuzzer, it takes at most ``LIMIT`` seconds of CPU (a slow input is as bad as a crash:
+  it stalls a loop; libFuzzer's own timeout catches one that never returns). The test suite
+  replays inputs without the CPU limit (no timed assertions in tests) but with a bound that turns
+  a spin into a failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+from gateway.http.headers import FieldRoles, Peer, RequestHead, analyze_request, analyze_response
+from tests import framing_driver as drive
+
+LIMIT = 0.1  #: seconds of CPU per input
+TARGETS = ("requests", "responses")
+_PEER = Peer.make("198.51.100.7", 443, True, ())
+_FIELDS = FieldRoles()
+
+
+class Slow(AssertionError):
+    """An input took more than LIMIT seconds of CPU."""
+
+
+def decode(data: bytes) -> tuple[list[bytes], bytes, bool, bool]:
+    """(the stream split into reads, the stream, HEAD request, HTTP/1.0 client)."""
+    if not data:
+        return [], b"", False, False
+    flags = data[0]
+    cuts = flags & 7
+    stream = data[1 + cuts :]
+    marks = sorted({1 + b * max(len(stream) - 1, 0) // 255 for b in data[1 : 1 + cuts]})
+    bounds = [0, *(m for m in marks if 0 < m < len(stream)), len(stream)]
+    reads = [stream[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    return reads, stream, bool(flags & 8), bool(flags & 16)
+
+
+def check(target: str, data: bytes, cpu_limit: float | None = None) -> None:
+    """Raise if ``data`` breaks a property (see the module docstring)."""
+    t0 = time.thread_time()
+    reads, stream, head_request, http10 = decode(data)
+    if target == "requests":
+        whole = drive.requests([stream])
+        assert drive.requests(reads) == whole, "the verdict depends on how the bytes are split"
+        ref, _ = drive.reference_requests(stream)
+        assert list(whole.messages) == ref[: len(whole.messages)], "a request the reference does not frame"
+        for head, _body in whole.messages:
+            r = analyze_request(head, _FIELDS)
+            assert isinstance(r, RequestHead)
+            for host in (None, b"masked.internal"):
+                out = r.upstream_head(_PEER, host)
+                assert out.endswith(b"\r\n\r\n") and out.count(b"\r\n\r\n") == 1
+    else:
+        method = b"HEAD" if head_request else b"GET"
+        whole = drive.responses([stream], method=method, http10_client=http10)
+        assert drive.responses(reads, method=method, http10_client=http10) == whole, "split-dependent verdict"
+        if not http10:
+            ref, _ = drive.reference_responses(stream, method)
+            n = len(whole.messages) - (whole.end == "close")
+            assert list(whole.messages[:n]) == ref[:n], "a response the reference does not frame"
+        for head, _body in whole.messages:
+            status = int(head[9:12])
+            out = analyze_response(head, status, head_request, http10, True)[0]
+            assert out.endswith(b"\r\n\r\n") and out.count(b"\r\n\r\n") == 1
+    took = time.thread_time() - t0
+    if cpu_limit is not None and took > cpu_limit:
+        raise Slow(f"{took * 1000:.0f} ms of CPU (limit {cpu_limit * 1000:.0f} ms)")
