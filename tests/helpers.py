@@ -127,14 +127,18 @@ class Client:
         return await read_response(self.reader, method, interim)
 
     async def closed(self) -> bool:
-        """True once the gateway has closed the connection (EOF or reset), waiting at most WAIT."""
+        """True once the gateway has closed the connection (EOF or reset) without sending anything
+        more. Bytes that arrive before the close fail the test: a response nobody asked for (a
+        second one smuggled through) must not pass unnoticed. A connection still open after WAIT
+        fails it too (TimeoutError)."""
+        extra = bytearray()
         try:
             async with asyncio.timeout(WAIT):
-                data = await self.reader.read(65536)
-                while data:
-                    data = await self.reader.read(65536)
+                while data := await self.reader.read(65536):
+                    extra += data
         except (ConnectionResetError, BrokenPipeError):
-            return True
+            pass
+        assert not extra, f"{len(extra)} bytes after the expected response: {bytes(extra[:300])!r}"
         return True
 
     async def close(self) -> None:
