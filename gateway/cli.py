@@ -20,6 +20,7 @@ from gateway.embedded import Embedded
 from gateway.hostname import check_domain
 from gateway.server import Gateway
 from gateway.supervisor import WORKER_DIR_ENV, Supervisor
+from gateway.watchdog import LoopWatchdog
 
 __all__ = ["main"]
 
@@ -137,6 +138,8 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
     try:
         if not await _started(gw, "gateway: cannot listen"):
             return 1
+        if cfg.loop_stall_timeout and gw.heartbeat is not None:  # no supervisor: a thread judges the loop
+            LoopWatchdog(gw.heartbeat, cfg.loop_stall_timeout).start()
         if embedded is not None:
             host = cfg.listen_addrs[0][0]
             shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::1", "::") else host

@@ -295,6 +295,12 @@ class Config:
     # Lifecycle
     drain_delay: float = _s(5.0, "seconds /ready reports 503 before listeners close on SIGTERM", _non_negative)
     shutdown_timeout: float = _s(30.0, "seconds in-flight requests get to finish after listeners close", _non_negative)
+    loop_stall_timeout: float = _s(
+        10.0,
+        "seconds a worker's event loop may not turn before the worker is killed (stack logged) and replaced; "
+        "a single process exits instead; 0: off",
+        _non_negative,
+    )
     # Observability
     log_level: str = _s("info", "debug, info, warning or error", _log_level)
     access_log: str = _s(

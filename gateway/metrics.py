@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 __all__ = [
     "CONNECT_BUCKETS",
     "DURATION_BUCKETS",
+    "LAG_BUCKETS",
     "Metrics",
     "Snapshot",
     "merge",
@@ -43,13 +44,17 @@ __all__ = [
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 #: Upstream connect buckets (seconds): loopback to a slow cross-node dial.
 CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Event loop lag buckets (seconds), sampled by the watchdog's heartbeat: a busy loop's
+#: milliseconds to a stall.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_HISTOGRAMS = ("duration", "connect", "loop_lag")
 
 Snapshot = dict[str, Any]
 
 #: Snapshot keys that are gauges (a dead worker's are dropped when merging).
 _GAUGES = ("downstream_connections", "upstream_connections", "tunnels", "pool_idle", "cached_records")
 _COUNTERS = ("cache_hits", "cache_misses", "cache_stale", "redis_errors", "bytes_in", "bytes_out", "tunnels_total",
-             "worker_restarts")  # fmt: skip
+             "worker_restarts", "worker_stalls")  # fmt: skip
 
 
 class Histogram:
@@ -70,7 +75,9 @@ class Histogram:
 class Metrics:
     """One worker's numbers. The data plane updates the attributes directly."""
 
-    __slots__ = ("bytes_in", "bytes_out", "connect", "duration", "requests", "sandbox_status", "tunnels_total")
+    __slots__ = (
+        "bytes_in", "bytes_out", "connect", "duration", "loop_lag", "requests", "sandbox_status", "tunnels_total",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         #: (status, reason code) -> requests the gateway answered itself, and status -> requests the
@@ -79,17 +86,10 @@ class Metrics:
         self.sandbox_status: collections.defaultdict[int, int] = collections.defaultdict(int)
         self.duration = Histogram(DURATION_BUCKETS)
         self.connect = Histogram(CONNECT_BUCKETS)
+        self.loop_lag = Histogram(LAG_BUCKETS)  # observed by the watchdog's heartbeat
         self.bytes_in = 0  # from clients (request heads and bodies, tunnel bytes)
         self.bytes_out = 0  # from sandboxes (responses, tunnel bytes), relayed to clients
         self.tunnels_total = 0
-
-    def request(self, status: int, reason: str, seconds: float) -> None:
-        """Count one answered request (proxy.Exchange.on_response_complete inlines the sandbox case)."""
-        if reason == "sandbox":
-            self.sandbox_status[status] += 1
-        else:
-            self.requests[status, reason] += 1
-        self.duration.observe(seconds)
 
     def snapshot(self, gauges: dict[str, float], counters: dict[str, float]) -> Snapshot:
         """Everything as JSON-able data; ``gauges``/``counters`` come from the rest of the worker."""
@@ -98,6 +98,7 @@ class Metrics:
             + [[_class(s), "sandbox", n] for s, n in self.sandbox_status.items()],
             "duration": {"counts": list(self.duration.counts), "sum": self.duration.sum},
             "connect": {"counts": list(self.connect.counts), "sum": self.connect.sum},
+            "loop_lag": {"counts": list(self.loop_lag.counts), "sum": self.loop_lag.sum},
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "tunnels_total": self.tunnels_total,
@@ -123,11 +124,11 @@ def _add_hist(into: dict[str, Any], h: dict[str, Any]) -> None:
 
 def merge(snapshots: Iterable[tuple[Snapshot, bool]]) -> Snapshot:
     """Sum worker snapshots; ``(snapshot, alive)``: a dead worker's gauges are left out."""
-    out: Snapshot = {"requests": {}, "duration": {}, "connect": {}, "workers": 0}
+    out: Snapshot = {"requests": {}, "duration": {}, "connect": {}, "loop_lag": {}, "workers": 0}
     for snap, alive in snapshots:
         for c, r, n in snap.get("requests", ()):
             out["requests"][(c, r)] = out["requests"].get((c, r), 0) + n
-        for k in ("duration", "connect"):
+        for k in _HISTOGRAMS:
             if k in snap:
                 _add_hist(out[k], snap[k])
         for k in _COUNTERS:
@@ -165,6 +166,8 @@ class _Collector(Collector):
                     DURATION_BUCKETS, s["duration"])  # fmt: skip
         yield _hist("gateway_upstream_connect_duration_seconds", "Time to open a new connection to a sandbox",
                     CONNECT_BUCKETS, s["connect"])  # fmt: skip
+        yield _hist("gateway_event_loop_lag_seconds", "How late a worker's event loop ran a timer (sampled 4/s)",
+                    LAG_BUCKETS, s.get("loop_lag") or {})  # fmt: skip
         g = GaugeMetricFamily
         yield g("gateway_downstream_connections", "Open client connections", s.get("downstream_connections", 0))
         yield g("gateway_upstream_connections", "Open connections to sandboxes (busy and idle, not tunnels)",
@@ -190,6 +193,8 @@ class _Collector(Collector):
         yield c("gateway_tunnels_finished", "Tunnels that have ended", s.get("tunnels_total", 0))
         yield c("gateway_worker_restarts", "Workers the supervisor restarted after they died",
                 s.get("worker_restarts", 0))  # fmt: skip
+        yield c("gateway_worker_stalls", "Workers killed and replaced because their event loop stopped turning "
+                "for loop_stall_timeout", s.get("worker_stalls", 0))  # fmt: skip
 
 
 def registry_for(source: Any) -> CollectorRegistry:

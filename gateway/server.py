@@ -32,6 +32,7 @@ from gateway.http.resume import Resumer
 from gateway.http.upstream import Pool
 from gateway.metrics import Snapshot, merge, write_snapshot
 from gateway.tls import TlsCertificates
+from gateway.watchdog import Heartbeat
 
 __all__ = ["Gateway"]
 
@@ -82,6 +83,7 @@ class Gateway:
         self.invalidation: InvalidationListener | None = None
         self._stopping: asyncio.Event | None = None
         self._fast = False
+        self.heartbeat: Heartbeat | None = None  # the loop proves it turns (watchdog.py)
 
     async def start(self) -> None:
         cfg = self.config
@@ -134,6 +136,8 @@ class Gateway:
             self.admin = AdminServer(self.status, lambda: merge([(self.snapshot(), True)]))
             await self.admin.start(*cfg.admin_addr, backlog=cfg.listen_backlog)
         self._tick_handle = loop.call_later(1.0, self._tick)
+        self.heartbeat = Heartbeat(ctx.metrics.loop_lag, self.worker_dir)
+        self.heartbeat.start()
         self._watch_task = loop.create_task(self.catalog.watch())
         self._listen_task = loop.create_task(self.invalidation.run())
         log.info(
@@ -285,6 +289,8 @@ class Gateway:
     async def stop(self) -> None:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         for task in (self._watch_task, self._listen_task):
             if task is not None:
                 task.cancel()

@@ -9,7 +9,9 @@ The supervisor is small and does no proxying:
 - it starts the workers (``python -m gateway serve`` with the same arguments, and the private
   variable ``_GATEWAY_WORKER_DIR`` naming a directory for their reports);
 - it restarts a worker that dies (with a growing delay if one keeps dying), counted in
-  ``gateway_worker_restarts_total``;
+  ``gateway_worker_restarts_total``, and kills (then restarts) one whose event loop has not
+  turned for ``loop_stall_timeout``, after logging its stack (watchdog.py), counted in
+  ``gateway_worker_stalls_total``;
 - it passes SIGTERM (drain), SIGINT (stop now) and SIGHUP (reload TLS certificates) on to every
   worker, and exits when they have;
 - it serves the admin app: ``/metrics`` sums the snapshots the workers write every second, and
@@ -33,6 +35,7 @@ from typing import Any
 from gateway.admin import AdminServer
 from gateway.config import Config
 from gateway.metrics import Snapshot, merge, read_snapshots
+from gateway.watchdog import WorkerWatch
 
 __all__ = ["WORKER_DIR_ENV", "Supervisor"]
 
@@ -57,6 +60,7 @@ class Supervisor:
         self.draining = False
         self.admin: AdminServer | None = None
         self._stop: asyncio.Event | None = None
+        self.watch: WorkerWatch | None = None  # replaces workers whose loop stalled
 
     async def _spawn(self, slot: int) -> None:
         env = {**os.environ, **self.env, WORKER_DIR_ENV: self.dir}
@@ -106,6 +110,7 @@ class Supervisor:
     def snapshot(self) -> Snapshot:
         merged = merge((snap, alive) for _, snap, alive, _ in self._reports())
         merged["worker_restarts"] = self.restarts
+        merged["worker_stalls"] = self.watch.stalls if self.watch is not None else 0
         return merged
 
     def status(self) -> tuple[int, dict[str, Any]]:
@@ -143,6 +148,9 @@ class Supervisor:
                 await self._spawn(slot)
             log.info("supervisor: %d workers, admin on %s", self.n, self.admin.address)
             watchers = [loop.create_task(self._watch(slot)) for slot in range(self.n)]
+            if self.cfg.loop_stall_timeout:
+                self.watch = WorkerWatch(self.dir, self.cfg.loop_stall_timeout)
+                watchers.append(loop.create_task(self.watch.run(lambda: [] if self.stopping else self.procs.values())))
             await self._stop.wait()
             # The workers drain themselves (drain_delay, then in-flight work up to shutdown_timeout).
             limit = self.cfg.drain_delay + self.cfg.shutdown_timeout + 10
