@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,30 @@ async def test_access_log_lines(start_gateway: Any, catalog: Catalog, tmp_path: 
         tun = [x for x in lines if x["type"] == "tunnel"]
         assert len(upgrade) == 1 and len(tun) == 1
         assert tun[0]["request_id"] == upgrade[0]["request_id"] and tun[0]["bytes_in"] == 3
+
+
+async def test_a_tunnel_is_logged_with_its_own_duration(start_gateway: Any, catalog: Catalog, tmp_path: Path) -> None:
+    """The tunnel line's duration runs from the Upgrade request to the tunnel's end (it once was
+    the machine's uptime: the exchange's start had been zeroed when the 101 was counted)."""
+    log = tmp_path / "access.log"
+    async with RawUpstream(raw_101) as ws:
+        catalog.put("tl", host="127.0.0.1")
+        gw = await start_gateway(access_log=str(log))
+        t0 = time.monotonic()
+        tunnel = await upgraded_client(gw, gw.host(ws.port, "tl"))
+        await asyncio.sleep(0.5)  # the tunnel's life (the load shape), not a synchronisation
+        tunnel.send(b"abcd")
+        await tunnel.close()
+        async with asyncio.timeout(WAIT):
+            while not log.exists() or not [x for x in log_lines(log) if x["type"] == "tunnel"]:
+                await asyncio.sleep(0.05)
+        took_ms = (time.monotonic() - t0) * 1000
+        (tun,) = [x for x in log_lines(log) if x["type"] == "tunnel"]
+        (req,) = [x for x in log_lines(log) if x["type"] == "request"]
+        assert req["status"] == 101 and req["duration_ms"] < tun["duration_ms"]
+        assert 500 <= tun["duration_ms"] <= took_ms
+        assert tun["bytes_in"] == 4 and tun["request_id"] == req["request_id"]
+        assert value(await scrape(gw.admin_port), "gateway_tunnels_finished_total") == 1
 
 
 async def test_access_log_may_keep_the_query(start_gateway: Any, catalog: Catalog, tmp_path: Path) -> None:
