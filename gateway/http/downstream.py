@@ -33,7 +33,7 @@ from gateway.errors import Reason
 from gateway.http import flow, framing, proxy_protocol, tunnel
 from gateway.http.context import Context
 from gateway.http.framing import BODY, END, HEAD, HEAD_BODY, NEED, UPGRADE
-from gateway.http.headers import Peer, RequestHead, analyze_request
+from gateway.http.headers import Peer, RequestHead, analyze_request, analyze_response
 from gateway.http.proxy import Exchange
 from gateway.http.upstream import UpstreamConnection
 
@@ -54,6 +54,8 @@ class _Reject(Exception):
         self.reason = reason
 
 
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
 #: How a request the framer refuses is answered.
 _REASONS = {
     framing.TOO_LARGE: errors.HEAD_TOO_LARGE,
@@ -63,7 +65,11 @@ _REASONS = {
 
 
 class ClientConnection(asyncio.Protocol):
-    """A connection from a client (a browser, an SDK, or a load balancer multiplexing many)."""
+    """A connection from a client (a browser, an SDK, or a load balancer multiplexing many).
+
+    It is the :class:`~gateway.http.client.ClientSide` of its exchanges, one at a time."""
+
+    protocol = "http/1.1"
 
     __slots__ = (
         "active",
@@ -365,9 +371,19 @@ class ClientConnection(asyncio.Protocol):
         self.gate.close(flow.UPGRADING)
 
     def become_tunnel(
-        self, x: Exchange, up: UpstreamConnection, early: bytes, sandbox_early: bytes = b"", websocket: bool = False
+        self, x: Exchange, up: UpstreamConnection, head: bytes, rest: bytes, early: bytes, websocket: bool
     ) -> None:
-        """The sandbox accepted the Upgrade: hand both transports to a byte tunnel."""
+        """The sandbox accepted the Upgrade (its 101 ``head``, then ``rest``, tunnel bytes already
+        sent): pass them on and hand both transports to a byte tunnel; ``early`` is what the
+        client sent after its Upgrade request."""
+        out = analyze_response(head, 101, False, False, False)[0]
+        if x.rid and self.ctx.rid_in_response.search(head) is None:
+            out = b"".join((out[:-2], self.ctx.rid_header, b": ", x.rid, b"\r\n\r\n"))
+        x.down_buf.append(out)
+        if rest:
+            x.down_buf.append(rest)
+        x.flush_down()
+        sandbox_early = rest if websocket else b""
         self.active = None
         self.closing = True
         self.ctx.connections.discard(self)  # the tunnel now counts in ctx.tunnels
@@ -376,6 +392,62 @@ class ClientConnection(asyncio.Protocol):
             self.ctx, self.transport, up, early, client_write_paused=self.write_paused, exchange=x,
             websocket=websocket, sandbox_early=sandbox_early,
         )  # fmt: skip
+
+    # ---- the ClientSide of an exchange (client.py)
+
+    def pause_reading(self, reason: int) -> None:
+        self.gate.close(reason)
+
+    def resume_reading(self, reason: int) -> None:
+        self.gate.open(reason)
+
+    def send_continue(self, x: Exchange) -> None:
+        self.ctx.outbox.send(self.transport, CONTINUE)
+
+    def send_interim(self, x: Exchange, head: bytes, status: int) -> None:
+        """Not to HTTP/1.0 clients, which do not understand 1xx (RFC 9110 §15.2)."""
+        if not x.req.http10:
+            x.down_buf.append(analyze_response(head, status, False, False, True)[0])
+
+    def send_head(self, x: Exchange, up: UpstreamConnection, head: bytes, status: int) -> tuple[int, int]:
+        """The final response head: queue it for the client; returns (body framing, length)."""
+        req = x.req
+        head_request = req.method == b"HEAD"
+        keep_alive = req.keep_alive and x.req_done and not self.ctx.draining
+        flags = head_request | req.http10 << 1 | keep_alive << 2
+        last = up.last_head
+        if last is not None and last[1] == flags and last[0] == head:
+            r = last[2]
+            rid_pre = last[3]
+        else:
+            r = analyze_response(head, status, head_request, req.http10, keep_alive)
+            # The client learns the request ID to quote, unless the sandbox set one itself.
+            name = self.ctx.rid_header
+            rid_pre = None
+            if name and self.ctx.rid_in_response.search(head) is None:
+                rid_pre = r[0][:-2] + name + b": "
+            up.last_head = (head, flags, r, rid_pre)
+        out, body_in, x.body_out, length, x.keep_alive, x.reusable = r
+        x.body_in = body_in
+        x.resp_started = True
+        x.status = status
+        if rid_pre is not None and x.rid:
+            out = b"".join((rid_pre, x.rid, b"\r\n\r\n"))
+        x.down_buf.append(out)
+        return body_in, length
+
+    def send_body(self, x: Exchange, pieces: list[bytes]) -> None:
+        self.ctx.outbox.send(self.transport, pieces[0] if len(pieces) == 1 else pieces)
+
+    def send_last(self, x: Exchange, pieces: list[bytes]) -> None:
+        """Held for the end of the loop iteration (flow.Outbox): most responses end in one read."""
+        self.ctx.outbox.write(self.transport, pieces[0] if len(pieces) == 1 else pieces)
+
+    def answer(self, x: Exchange, out: bytes, keep_alive: bool) -> None:
+        """The gateway's own response, after any 1xx already queued."""
+        x.down_buf.append(out)
+        x.flush_down()
+        self.exchange_done(x, keep_alive)
 
     # ---- closing
 

@@ -30,12 +30,12 @@ from gateway.errors import Reason
 from gateway.hostname import Route, authority_matches, parse_routing_fields
 from gateway.http import flow, framing, hdrs
 from gateway.http.admission import Answer
-from gateway.http.headers import RequestHead, analyze_response, find_header, raw_fields
+from gateway.http.headers import RequestHead, find_header, raw_fields
 from gateway.http.upstream import UpstreamConnection, connect_failure
 from gateway.policy import Forward, decide
 
 if TYPE_CHECKING:
-    from gateway.http.downstream import ClientConnection
+    from gateway.http.client import ClientSide
 
 __all__ = ["Exchange"]
 
@@ -46,7 +46,6 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"
 BUFFER_LIMIT = 256 * 1024
 #: Request bytes kept for a replay on a new connection when a reused one fails.
 REPLAY_LIMIT = 64 * 1024
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class Exchange:
@@ -83,12 +82,12 @@ class Exchange:
     resp_bytes = 0  # bytes the sandbox sent for this exchange (counted by the upstream connection)
     connect_time: float | None = None  # seconds to open a new upstream connection
 
-    def __init__(self, client: ClientConnection, req: RequestHead) -> None:
+    def __init__(self, client: ClientSide, req: RequestHead) -> None:
         self.client = client
         self.ctx = client.ctx
         self.req = req
         self.up_buf: list[bytes] = []  # request bytes waiting for the upstream connection
-        self.down_buf: list[bytes] = []  # response bytes for the client, written after each read
+        self.down_buf: list[bytes] = []  # response pieces for the client, sent after each read
         self.t0 = monotonic()  # not loop.time(): uvloop caches it per iteration, in ms
 
     # ---- request side (called by ClientConnection)
@@ -148,10 +147,8 @@ class Exchange:
             str(len(body)).encode(), b"\r\n", b"" if keep else b"Connection: close\r\n", b"\r\n",
             b"" if self.req.method == b"HEAD" else body,
         ))  # fmt: skip
-        self.down_buf.append(out)
         self._end(503 if draining else 200, "health", len(out))
-        self.flush_down()
-        self.client.exchange_done(self, keep)
+        self.client.answer(self, out, keep)
 
     def _check_unusual(self) -> bool:
         """CONNECT, a missing Host, an absolute-form target: False if the request was answered."""
@@ -395,7 +392,7 @@ class Exchange:
             up.gate.close(flow.PEER_BUSY)
         req = self.req
         if req.expect_continue and not req.http10 and not self.up_buf_size and not self.req_done:
-            self.ctx.outbox.send(client.transport, CONTINUE)
+            client.send_continue(self)
         if not self.up_buf and self.req_done:  # a request without body: the head is all of it
             if up.reused:
                 self.sent = [self.head]
@@ -404,8 +401,7 @@ class Exchange:
         self.up_buf.insert(0, self.head)
         if not client.in_feed:
             self.flush_up()
-        if client.gate.reasons & flow.BUFFERING:
-            client.gate.open(flow.BUFFERING)
+        client.resume_reading(flow.BUFFERING)
 
     def on_request_body(self, data: bytes) -> None:
         self.body_bytes += len(data)
@@ -414,7 +410,7 @@ class Exchange:
         self.up_buf.append(data)
         self.up_buf_size += len(data)
         if self.up is None and self.up_buf_size > BUFFER_LIMIT:
-            self.client.gate.close(flow.BUFFERING)
+            self.client.pause_reading(flow.BUFFERING)
 
     def on_request_complete(self) -> None:
         self.req_done = True
@@ -436,39 +432,15 @@ class Exchange:
         self.ctx.outbox.send(up.transport, buf[0] if len(buf) == 1 else buf)
 
     # ---- response side (called by UpstreamConnection)
+    #
+    # What the client side does with a response (an HTTP/1.1 head and bytes, or HEADERS and DATA
+    # frames on a stream) is its own business (client.py); here is what every protocol shares.
 
     def on_interim(self, head: bytes, status: int) -> None:
-        """A 1xx response other than 101: pass it on (not 100, which was the gateway's to send,
-        and not to HTTP/1.0 clients, which do not understand 1xx; RFC 9110 §15.2)."""
-        if status != 100 and not self.req.http10:
-            self.down_buf.append(analyze_response(head, status, False, False, True)[0])
-
-    def on_response_head(self, up: UpstreamConnection, head: bytes, status: int) -> tuple[int, int]:
-        """The final response head: queue it for the client; returns (body framing, length)."""
-        req = self.req
-        head_request = req.method == b"HEAD"
-        keep_alive = req.keep_alive and self.req_done and not self.ctx.draining
-        flags = head_request | req.http10 << 1 | keep_alive << 2
-        last = up.last_head
-        if last is not None and last[1] == flags and last[0] == head:
-            r = last[2]
-            rid_pre = last[3]
-        else:
-            r = analyze_response(head, status, head_request, req.http10, keep_alive)
-            # The client learns the request ID to quote, unless the sandbox set one itself.
-            name = self.ctx.rid_header
-            rid_pre = None
-            if name and self.ctx.rid_in_response.search(head) is None:
-                rid_pre = r[0][:-2] + name + b": "
-            up.last_head = (head, flags, r, rid_pre)
-        out, body_in, self.body_out, length, self.keep_alive, self.reusable = r
-        self.body_in = body_in
-        self.resp_started = True
-        self.status = status
-        if rid_pre is not None and self.rid:
-            out = b"".join((rid_pre, self.rid, b"\r\n\r\n"))
-        self.down_buf.append(out)
-        return body_in, length
+        """A 1xx response other than 101: the client side passes it on (not 100, which was the
+        gateway's to send)."""
+        if status != 100:
+            self.client.send_interim(self, head, status)
 
     def on_close_delimited(self, data: bytes) -> None:
         """Body bytes of a response that ends when the sandbox closes."""
@@ -483,8 +455,7 @@ class Exchange:
         if self.body_out == framing.CHUNKED and self.body_in != framing.CHUNKED:
             buf.append(framing.LAST_CHUNK)
         self.done = True
-        ctx = self.ctx
-        ctx.outbox.write(self.client.transport, buf[0] if len(buf) == 1 else buf)
+        self.client.send_last(self, buf)
         self.down_buf = []
         self.up = None
         up.exchange = None
@@ -502,7 +473,7 @@ class Exchange:
         buf = self.down_buf
         if buf:
             self.down_buf = []
-            self.ctx.outbox.send(self.client.transport, buf[0] if len(buf) == 1 else buf)
+            self.client.send_body(self, buf)
 
     def on_upstream_upgrade(self, up: UpstreamConnection, head: bytes, rest: bytes) -> None:
         """The sandbox answered 101: from now on both connections are one byte tunnel."""
@@ -513,13 +484,6 @@ class Exchange:
         if self.req.upgrade is None or protocol is None:
             self.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, "101 without an Upgrade it was asked for")
             return
-        out = analyze_response(head, 101, False, False, False)[0]
-        if self.rid and self.ctx.rid_in_response.search(head) is None:
-            out = b"".join((out[:-2], self.ctx.rid_header, b": ", self.rid, b"\r\n\r\n"))
-        self.down_buf.append(out)
-        if rest:
-            self.down_buf.append(rest)
-        self.flush_down()
         self.done = True
         self.up = None
         early = self.early or b""
@@ -527,7 +491,7 @@ class Exchange:
         self.status = 101
         self._end(101, "sandbox")
         websocket = protocol.strip(b" \t").lower() == b"websocket"  # RFC 6455 §4.2.2: frames follow
-        self.client.become_tunnel(self, up, early, rest if websocket else b"", websocket)
+        self.client.become_tunnel(self, up, head, rest, early, websocket)
 
     def tunnel_ended(self, bytes_in: int, bytes_out: int) -> None:
         """The tunnel this exchange became has closed: count and log it."""
@@ -641,10 +605,8 @@ class Exchange:
         if name:
             end = out.find(b"\r\n\r\n")
             out = b"".join((out[:end], b"\r\n", name, b": ", self.rid or self._new_rid(), out[end:]))
-        self.down_buf.append(out)
         self._end(reason.status, reason.code, len(out))
-        self.flush_down()
-        client.exchange_done(self, keep)
+        client.answer(self, out, keep)
 
     def _page_hints(self, extra_headers: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
         """What a person's error page says about addresses: the form a sandbox URL takes here (this

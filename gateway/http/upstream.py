@@ -132,7 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
                         x.on_interim(head, status)
                         ev = fr.next(data, pos) if pos < n else NEED
                         continue
-                    body, length = x.on_response_head(self, head, status)
+                    body, length = x.client.send_head(x, self, head, status)
                     if ev == HEAD:  # llhttp ended the response with its head
                         if body != framing.NONE and not (body == framing.LENGTH and not length):
                             raise _Invalid("llhttp sees no body where the gateway sees one")
@@ -205,13 +205,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.write_paused = True
         x = self.exchange
         if x is not None:
-            x.client.gate.close(flow.PEER_BUSY)
+            x.client.pause_reading(flow.PEER_BUSY)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         x = self.exchange
         if x is not None:
-            x.client.gate.open(flow.PEER_BUSY)
+            x.client.resume_reading(flow.PEER_BUSY)
 
     # ---- pool side
 
