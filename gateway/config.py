@@ -289,6 +289,10 @@ class Config:
     )
     body_rate_window: float = _s(60.0, "seconds over which min_body_rate is judged", _positive)
     max_request_head_size: int = _s(65536, "bytes of request line plus headers (then 431)", _positive)
+    http2: bool = _s(True, "serve HTTP/2: with prior knowledge (h2c) on plain listeners, by ALPN (h2) on tls ones")
+    http2_max_concurrent_streams: int = _s(
+        100, "HTTP/2 streams a client may have open on one connection (more are refused)", _positive
+    )
     max_header_count: int = _s(128, "header fields per request (then 431)", _positive)
     request_head_timeout: float = _s(30.0, "seconds a client has to send a complete request head (then 408)", _positive)
     client_idle_timeout: float = _s(620.0, "seconds an idle keep-alive client connection is kept", _positive)

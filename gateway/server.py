@@ -105,7 +105,7 @@ class Gateway:
         self.invalidation = InvalidationListener(cfg, client, self.catalog, ctx.sandbox_changed)
         ctx.access_log = AccessLog.open(cfg.access_log, cfg.access_log_query)
         if cfg.tls_certificates:
-            self.tls = TlsCertificates(cfg.tls_certificates, cfg.tls_min_version)
+            self.tls = TlsCertificates(cfg.tls_certificates, cfg.tls_min_version, cfg.http2)
         for lst in cfg.listeners:
             sock = _listen_socket(lst.host, lst.port, cfg.listen_backlog, reuse_port=self.worker_dir is not None)
             real_port = sock.getsockname()[1]

@@ -9,7 +9,8 @@ The listener's SSLContext never changes; its ``sni_callback`` hands each new han
 per-certificate context. :meth:`TlsCertificates.reload` builds new contexts from the files and
 swaps them in at once, so a renewed certificate is served to new connections while established
 ones keep theirs; if the new files are broken the old ones stay (and the error is logged).
-ALPN offers only ``http/1.1``: the gateway speaks HTTP/1.1 (clients must not try h2 on it).
+ALPN offers ``h2`` then ``http/1.1`` when ``http2`` is on (RFC 9113 §3.2: browsers use HTTP/2 only
+when TLS negotiates it), else only ``http/1.1``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def _matches(pattern: str, name: str) -> bool:
 
 
 class TlsCertificates:
-    def __init__(self, pairs: tuple[str, ...], min_version: str = "1.2") -> None:
+    def __init__(self, pairs: tuple[str, ...], min_version: str = "1.2", http2: bool = False) -> None:
         self.pairs = pairs
+        self.alpn = ["h2", "http/1.1"] if http2 else ["http/1.1"]
         self.min_version = _VERSIONS[min_version]
         self._contexts: list[tuple[list[str], ssl.SSLContext]] = self._load()
         self._listener: ssl.SSLContext | None = None
@@ -51,7 +53,7 @@ class TlsCertificates:
     def _context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = self.min_version
-        ctx.set_alpn_protocols(["http/1.1"])
+        ctx.set_alpn_protocols(self.alpn)
         ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
         return ctx
 

@@ -39,14 +39,23 @@ __all__ = ["ClientSide"]
 class ClientSide(Protocol):
     """The client of an exchange: an HTTP/1.1 connection, or one stream of an HTTP/2 connection."""
 
-    ctx: Context
-    peer: Peer
-    #: "http/1.1" or "h2": the access log's and the metrics' ``protocol``
-    protocol: str
-    #: the client cannot take more bytes now (its socket buffer or its flow-control window is full)
-    write_paused: bool
-    #: request bytes are being delivered; the exchange's upstream writes wait for the end of the batch
-    in_feed: bool
+    @property
+    def ctx(self) -> Context: ...
+
+    @property
+    def peer(self) -> Peer: ...
+
+    @property
+    def protocol(self) -> str:
+        """ "http/1.1" or "h2": the access log's and the metrics' ``protocol``."""
+
+    @property
+    def write_paused(self) -> bool:
+        """The client cannot take more bytes now (its socket buffer is full)."""
+
+    @property
+    def in_feed(self) -> bool:
+        """Request bytes are being delivered: the exchange's upstream writes wait for the batch's end."""
 
     def pause_reading(self, reason: int) -> None: ...
 

@@ -25,6 +25,8 @@ from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
     from gateway.http.downstream import ClientConnection
+    from gateway.http.h2tunnel import H2Tunnel
+    from gateway.http.http2 import H2Connection
     from gateway.http.resume import Resumer
     from gateway.http.tunnel import TunnelEnd
     from gateway.http.upstream import Pool
@@ -57,6 +59,7 @@ class Context:
         "pool",
         "resumer",
         "rid_header",
+        "rid_header_h2",
         "rid_in_response",
         "rid_n",
         "rid_prefix",
@@ -86,13 +89,14 @@ class Context:
         self.access_log: AccessLog | None = None  # set by the server (a worker's own writer)
         # Request IDs: a random prefix per process and a counter, unique across workers and restarts.
         self.rid_header = config.request_id_header.encode()
+        self.rid_header_h2 = self.rid_header.lower()  # HTTP/2 field names are lower case
         self.rid_in_response = re.compile(b"\r\n" + re.escape(self.rid_header) + b":", re.IGNORECASE)
         self.rid_prefix = os.urandom(6).hex().encode() + b"-"
         self.rid_n = 0
         self.max_per_sandbox = config.max_sandbox_connections or 1 << 62
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
-        self.connections: set[ClientConnection] = set()
-        self.tunnels: set[TunnelEnd] = set()  # client ends of open tunnels
+        self.connections: set[ClientConnection | H2Connection] = set()
+        self.tunnels: set[TunnelEnd | H2Tunnel] = set()  # client ends of open tunnels
         self.resumer: Resumer | None = None
         self.clock = self.loop.time()
         self.draining = False  # SIGTERM came: /ready is 503, responses say Connection: close

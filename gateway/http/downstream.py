@@ -34,6 +34,7 @@ from gateway.http import flow, framing, proxy_protocol, tunnel
 from gateway.http.context import Context
 from gateway.http.framing import BODY, END, HEAD, HEAD_BODY, NEED, UPGRADE
 from gateway.http.headers import Peer, RequestHead, analyze_request, analyze_response
+from gateway.http.http2 import PREFACE, H2Connection
 from gateway.http.proxy import Exchange
 from gateway.http.upstream import UpstreamConnection
 
@@ -78,6 +79,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "eof",
         "framer",
+        "fresh",
         "gate",
         "head_began",
         "in_feed",
@@ -119,6 +121,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.closing = False
         self.eof = False
+        self.fresh = ctx.config.http2  # no request byte yet: it may be an HTTP/2 preface
         self.broken: Reason | None = None
         self.last_active = ctx.clock  # accepted, or the last response ended
         self.head_began = 0.0  # when the first byte of the head being received arrived
@@ -145,6 +148,10 @@ class ClientConnection(asyncio.Protocol):
             t.close()
             return
         ctx.connections.add(self)
+        if self.tls and self.fresh and self.proxy == "off":
+            ssl_object = t.get_extra_info("ssl_object")
+            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+                self._become_h2(b"")
 
     def _proxy_header(self, data: bytes) -> bytes | None:
         """Read the PROXY protocol header the balancer sends first; the bytes after it, or None
@@ -181,6 +188,10 @@ class ClientConnection(asyncio.Protocol):
             if not rest:
                 return
             data = rest
+        if self.fresh:
+            if data[:1] == b"P" and not self.tls and self._h2_preface(data):
+                return
+            self.fresh = False
         self.in_feed = True
         fr = self.framer
         try:
@@ -238,6 +249,35 @@ class ClientConnection(asyncio.Protocol):
         x = self.active
         if x is not None and x.up_buf and x.up is not None:
             x.flush_up()
+
+    def _h2_preface(self, data: bytes) -> bool:
+        """HTTP/2 with prior knowledge (RFC 9113 §3.3): a connection whose first bytes are the
+        preface becomes an HTTP/2 connection; True when ``data`` was taken (or is the start of the
+        preface: kept until the rest arrives). ``Upgrade: h2c`` stays refused (headers.py)."""
+        buf = self.pending + data
+        if buf[: len(PREFACE)] == PREFACE[: len(buf)]:
+            if len(buf) < len(PREFACE):
+                self.pending = buf
+                return True
+            self.pending = b""
+            self._become_h2(buf)
+            return True
+        if self.pending:  # a prefix of the preface, then something else: HTTP/1.1 after all
+            self.pending = b""
+            self.fresh = False
+            self.data_received(buf)
+            return True
+        return False
+
+    def _become_h2(self, data: bytes) -> None:
+        """Hand the transport to an HTTP/2 connection (with the bytes read so far)."""
+        self.closing = True
+        self.fresh = False
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        c = H2Connection(ctx, self.transport, self.peer, self.listen_port)
+        ctx.connections.add(c)
+        c.start(data)
 
     def eof_received(self) -> bool:
         # A client may half-close after its request (RFC 9112 §9.6 allows it): answer, then close.

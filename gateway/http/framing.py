@@ -157,6 +157,7 @@ class Framer:
         "state",
         "status",
         "trailer",
+        "trailers",
     )
 
     def __init__(self, response: bool, max_head: int, max_fields: int) -> None:
@@ -175,8 +176,10 @@ class Framer:
         self.cstate = _SIZE
         self.line: bytearray | None = None  # an incomplete chunk-size or trailer line
         self.trailer = 0  # trailer section bytes so far
-        #: Offsets of chunk data in ``data`` (set to a list to de-chunk a body for HTTP/1.0).
+        #: Offsets of chunk data in ``data`` (set to a list to de-chunk a body for HTTP/1.0 or HTTP/2).
         self.segments: list[tuple[int, int]] | None = None
+        #: While de-chunking: the trailer field lines (without CRLF), for an HTTP/2 client's trailers.
+        self.trailers: list[bytes] | None = None
         # What llhttp has said: a message began during the current head; the last one completed
         # (and whether it left the connection open, when it completed with its head).
         self.began = False
@@ -313,6 +316,7 @@ class Framer:
             self.state = _CHUNKED
             self.cstate = _SIZE
             self.trailer = 0
+            self.trailers = None
         elif mode == CLOSE and self.response:
             self.state = _CLOSE
         else:
@@ -512,6 +516,10 @@ class Framer:
                         self.trailer += len(line) + 1
                         if self.trailer > self.max_head:
                             raise FramingError(TOO_LARGE, "trailer section too large")
+                        if segments is not None:
+                            if self.trailers is None:
+                                self.trailers = []
+                            self.trailers.append(line[:-1])
         finally:
             self.cstate = cs
             self.rem = rem

@@ -72,6 +72,7 @@ class Exchange:
     retried = False
     early: bytes | None = None  # after an Upgrade request: what the client sent next
     admitted: RequestHead | None = None  # the head sent to a private sandbox, when admission cut from it
+    trailers: list[bytes] | None = None  # a de-chunked response's trailer lines (for an HTTP/2 client)
     interim = 0  # 1xx responses received
     req_end = 0.0  # monotonic() when a request body ended (a request without one ends at t0)
     ended = False  # counted and logged (the tunnel it may become is counted again when it closes)
@@ -411,6 +412,12 @@ class Exchange:
         self.up_buf_size += len(data)
         if self.up is None and self.up_buf_size > BUFFER_LIMIT:
             self.client.pause_reading(flow.BUFFERING)
+
+    def on_request_framing(self, data: bytes) -> None:
+        """Bytes of the body's framing towards the sandbox (an HTTP/2 request's chunk lines)."""
+        if not self.done:
+            self.up_buf.append(data)
+            self.up_buf_size += len(data)
 
     def on_request_complete(self) -> None:
         self.req_done = True

@@ -154,6 +154,9 @@ class UpstreamConnection(asyncio.Protocol):
                     else:
                         self._dechunked(x, data)
                         fr.segments = None
+                        if fr.trailers is not None:
+                            x.trailers = fr.trailers
+                            fr.trailers = None
                     if end < n:
                         self.reusable = False
                     x.on_response_complete(self)

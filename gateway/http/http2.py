@@ -1,0 +1,974 @@
+"""HTTP/2 from clients (RFC 9113): h2c with prior knowledge on plain listeners, h2 by ALPN on TLS ones.
+
+A load balancer talks h2c to the gateway, an SDK sends every sandbox's traffic over one connection
+(the routing fields name the sandbox per stream), a browser loads a page of hundreds of modules over
+one multiplexed connection. Sandboxes keep speaking HTTP/1.1: each stream becomes an
+:class:`~gateway.http.proxy.Exchange` whose request is the HTTP/1.1 head h2map.py writes, so routing,
+lookup, policy, admission and the header policy are the same code as for HTTP/1.1, and the pooled
+upstream connections are shared by both. The streams are the exchanges' client side
+(:class:`H2Stream`, client.py's interface): the sandbox's response head becomes HEADERS, its body DATA
+(de-chunked; its trailers become trailing HEADERS), the gateway's own answers are the same responses
+as over HTTP/1.1, and a failure after the response began resets only that stream.
+
+The protocol work (frames, HPACK, stream states) is python-hyper's ``h2``; this module never writes a
+frame of its own beyond serialising hyperframe's GOAWAY for a graceful drain (h2 closes its state
+machine when it sends one, RFC 9113 §6.8 lets streams finish). h2 is pure Python and costs most of
+an HTTP/2 request, so:
+
+- its header validation and normalisation are off: h2map.py checks the same rules once while it
+  writes the HTTP/1.1 head (and llhttp checks that head as it would an HTTP/1.1 client's);
+- HPACK blocks that repeat on a connection while the dynamic table is unchanged (the same request
+  polled, the same response within a second) are decoded and encoded once (:class:`_Decoder`,
+  :class:`_Encoder`), like the HTTP/1.1 side analyses a repeated head once;
+- a connection's frames leave in one write per loop iteration (through the worker's Outbox), except
+  streaming body bytes, which go at once so backpressure holds.
+
+Flow control is tied to backpressure (§5.2): request DATA is acknowledged (WINDOW_UPDATE) per stream
+as it is passed to the sandbox connection, and not while that connection is full or still being
+opened, so a 1 GiB upload costs at most a window per stream; the connection-level window is always
+acknowledged at once, so a stream that waits never holds back the others. Responses are sent as the
+client's windows allow; what waits is bounded per stream, and past that the sandbox connection of
+that stream alone stops being read.
+
+Defences: at most ``http2_max_concurrent_streams`` streams (more are refused with REFUSED_STREAM,
+which clients retry); header lists bounded (HPACK's decoded size: a connection error, an HPACK bomb
+costs no more; a head too large for ``max_request_head_size``: 431 on that stream); CONTINUATION
+floods end at h2's 64 frames; streams the client resets (CVE-2023-44487, rapid reset) that were
+cancelled in the read that opened them cost no exchange at all, and more than twice the stream limit
+of resets in a second end the connection with GOAWAY ENHANCE_YOUR_CALM, as do more than
+:data:`CONTROL_BUDGET` PING/SETTINGS frames a second; a stream whose response cannot move
+(``min_body_rate``) is reset; idle connections close after ``client_idle_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from time import monotonic
+from typing import TYPE_CHECKING, Any, Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from hpack import Decoder, Encoder
+from hyperframe.frame import GoAwayFrame
+
+from gateway import errors
+from gateway.errors import Reason
+from gateway.http import flow, framing, h2map
+from gateway.http.headers import Peer, RequestHead, analyze_request, analyze_response
+from gateway.http.proxy import Exchange
+
+if TYPE_CHECKING:
+    from gateway.http.context import Context
+    from gateway.http.h2tunnel import H2Tunnel
+    from gateway.http.upstream import UpstreamConnection
+
+__all__ = ["PREFACE", "H2Connection", "H2Stream"]
+
+log = logging.getLogger("gateway.http2")
+
+#: What a client speaking HTTP/2 with prior knowledge sends first (RFC 9113 §3.4).
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#: Each stream's receive window: request body bytes a client may send before the gateway has passed
+#: them to the sandbox connection.
+STREAM_WINDOW: Final = 256 * 1024
+#: The connection's receive window (acknowledged at once: per-stream windows do the holding back).
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+#: Response bytes held per stream while the client's window is shut, before the sandbox side of
+#: that stream stops being read.
+STREAM_BUFFER: Final = 256 * 1024
+#: PING and SETTINGS frames a client may send per second (each costs an acknowledgement).
+CONTROL_BUDGET: Final = 1000
+#: GOAWAY's last-stream-ID when it only announces a drain (RFC 9113 §6.8).
+_MAX_STREAM_ID: Final = 2**31 - 1
+
+_OPEN, _NOTICE, _FINAL = 0, 1, 2  # H2Connection.goaway
+
+
+class _Decoder:
+    """hpack's decoder, with the blocks that repeat while the dynamic table is unchanged decoded once.
+
+    A header block decodes to the same list as long as the table it refers to is the same: a
+    block that changed nothing (indexed fields, literals without indexing) may be remembered until
+    the next block that changes the table. h2 sets the two limits below and calls :meth:`decode`."""
+
+    __slots__ = ("d", "memo")
+
+    def __init__(self, max_header_list_size: int) -> None:
+        self.d = Decoder(max_header_list_size)
+        self.memo: dict[bytes, list[Any]] = {}
+
+    @property
+    def max_header_list_size(self) -> int:
+        return self.d.max_header_list_size
+
+    @max_header_list_size.setter
+    def max_header_list_size(self, v: int) -> None:
+        self.d.max_header_list_size = v
+        self.memo.clear()
+
+    @property
+    def max_allowed_table_size(self) -> int:
+        return self.d.max_allowed_table_size
+
+    @max_allowed_table_size.setter
+    def max_allowed_table_size(self, v: int) -> None:
+        self.d.max_allowed_table_size = v
+        self.memo.clear()
+
+    @property
+    def header_table_size(self) -> int:
+        return self.d.header_table_size
+
+    def decode(self, data: bytes, raw: bool = False) -> list[Any]:
+        memo = self.memo
+        got = memo.get(data)
+        if got is not None:
+            return got
+        t = self.d.header_table
+        entries = t.dynamic_entries
+        before = (len(entries), entries[0] if entries else None, t.maxsize)
+        out: list[Any] = self.d.decode(data, raw=raw)  # type: ignore[assignment]  # a list, typed Iterable
+        if (len(entries), entries[0] if entries else None, t.maxsize) != before:
+            memo.clear()  # the table changed: what was remembered may mean something else now
+        else:
+            if len(memo) >= 64:
+                memo.clear()
+            memo[bytes(data)] = out
+        return out
+
+
+class _Encoder:
+    """hpack's encoder, with the field lists that repeat while the dynamic table is unchanged
+    encoded once (the same response within a second: its Date is the same)."""
+
+    __slots__ = ("e", "memo")
+
+    def __init__(self) -> None:
+        self.e = Encoder()
+        self.memo: dict[tuple[Any, ...], bytes] = {}
+
+    @property
+    def header_table_size(self) -> int:
+        return self.e.header_table_size
+
+    @header_table_size.setter
+    def header_table_size(self, v: int) -> None:
+        self.e.header_table_size = v
+        self.memo.clear()
+
+    def encode(self, headers: list[Any], huffman: bool = True) -> bytes:
+        key = tuple(headers)
+        memo = self.memo
+        got = memo.get(key)
+        if got is not None:
+            return got
+        e = self.e
+        t = e.header_table
+        entries = t.dynamic_entries
+        pending = bool(e.table_size_changes)
+        before = (len(entries), entries[0] if entries else None, t.maxsize)
+        out: bytes = e.encode(headers, huffman)
+        if pending or (len(entries), entries[0] if entries else None, t.maxsize) != before:
+            memo.clear()
+        else:
+            if len(memo) >= 64:
+                memo.clear()
+            memo[key] = out
+        return out
+
+
+class _Connection(h2.connection.H2Connection):
+    """h2's connection, remembering fewer closed streams (h2 keeps 65,536 per connection: megabytes
+    for one long-lived balancer connection; frames for a stream closed thousands of streams ago do
+    not come)."""
+
+    MAX_CLOSED_STREAMS = 4096
+
+
+def _config() -> h2.config.H2Configuration:
+    return h2.config.H2Configuration(
+        client_side=False,
+        header_encoding=None,
+        validate_inbound_headers=False,  # h2map.py checks, once, while it builds the HTTP/1.1 head
+        normalize_inbound_headers=False,
+        validate_outbound_headers=False,  # heads the header policy and llhttp already checked
+        normalize_outbound_headers=False,
+    )
+
+
+class H2Stream:
+    """One stream of an HTTP/2 connection: the client side of one exchange (client.py)."""
+
+    protocol = "h2"
+
+    __slots__ = (
+        "bytes_mark",
+        "chunked",
+        "conn",
+        "connect",
+        "ctx",
+        "early",
+        "end_pending",
+        "ended",
+        "holding",
+        "out",
+        "paused",
+        "peer",
+        "remote_ended",
+        "sent",
+        "sid",
+        "started",
+        "touched",
+        "trailers",
+        "tunnel",
+        "unacked",
+        "ws_key",
+        "x",
+    )
+
+    def __init__(self, conn: H2Connection, sid: int) -> None:
+        self.conn = conn
+        self.ctx = conn.ctx
+        self.peer = conn.peer
+        self.sid = sid
+        self.x: Exchange | None = None
+        self.out = bytearray()  # response bytes waiting for the client's flow-control window
+        self.end_pending = False  # the response is complete once ``out`` (and trailers) are sent
+        self.ended = False  # END_STREAM or RST_STREAM sent
+        self.remote_ended = False  # the client ended its side (or reset the stream)
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        self.paused = 0  # flow.py reason bits: request DATA is not acknowledged while any holds
+        self.unacked = 0  # request DATA bytes received and not yet acknowledged
+        self.holding = False  # the sandbox side is paused because ``out`` is full
+        self.touched = False  # got request DATA in the current read
+        self.chunked = False  # the request body goes to the sandbox in chunked coding
+        self.tunnel: H2Tunnel | None = None  # an extended CONNECT that became a tunnel (h2tunnel.py)
+        self.connect = False  # an extended CONNECT (RFC 8441): DATA waits for the tunnel
+        self.early: list[bytes] = []  # DATA that came before the sandbox accepted
+        self.ws_key: bytes | None = None
+        self.sent = 0  # response DATA bytes sent
+        self.started = monotonic()
+        self.bytes_mark: tuple[float, int] | None = None  # min_body_rate: (window start, bytes then)
+
+    # ---- ClientSide (client.py)
+
+    @property
+    def write_paused(self) -> bool:
+        return self.conn.write_paused
+
+    @property
+    def in_feed(self) -> bool:
+        return self.conn.in_feed
+
+    def pause_reading(self, reason: int) -> None:
+        self.paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and self.unacked:
+                self.acknowledge()
+                self.conn.flush_later()
+
+    def send_continue(self, x: Exchange) -> None:
+        if not self.ended:
+            self.conn.h2.send_headers(self.sid, [(b":status", b"100")])
+            self.conn.flush_now()
+
+    def send_interim(self, x: Exchange, head: bytes, status: int) -> None:
+        if not self.ended:
+            out = analyze_response(head, status, False, False, True)[0]
+            self.conn.h2.send_headers(self.sid, h2map.response_fields(out))
+
+    def send_head(self, x: Exchange, up: UpstreamConnection, head: bytes, status: int) -> tuple[int, int]:
+        """The response head as HEADERS (without END_STREAM unless no body can follow); returns the
+        sandbox's body framing. The body reaches the client de-chunked (as for an HTTP/1.0 client:
+        HTTP/2 has its own framing), its trailers as trailing HEADERS."""
+        head_request = x.req.method == b"HEAD"
+        conn = self.conn
+        key = (head, head_request)
+        got = conn.heads.get(key)
+        if got is None:
+            r = analyze_response(head, status, head_request, True, True)
+            fields = h2map.response_fields(r[0])
+            ctx = self.ctx
+            rid_name = ctx.rid_header_h2 if ctx.rid_header and ctx.rid_in_response.search(head) is None else None
+            if len(conn.heads) >= 32:
+                conn.heads.clear()
+            conn.heads[key] = got = (r, fields, rid_name)
+        r, fields, rid_name = got
+        _, body_in, x.body_out, length, _, x.reusable = r
+        x.keep_alive = True
+        x.body_in = body_in
+        x.resp_started = True
+        x.status = status
+        if rid_name is not None and x.rid:
+            fields = [*fields, (rid_name, x.rid)]
+        if self.ended:
+            return body_in, length
+        end = body_in == framing.NONE or (body_in == framing.LENGTH and not length)
+        conn.h2.send_headers(self.sid, fields, end_stream=end)
+        if end:
+            self.end_pending = True
+            self.ended = True
+        return body_in, length
+
+    def send_body(self, x: Exchange, pieces: list[bytes]) -> None:
+        if self.ended:
+            return
+        self._queue(pieces)
+        self.pump()
+        self.conn.flush_now()
+
+    def send_last(self, x: Exchange, pieces: list[bytes]) -> None:
+        if self.ended:
+            self._finish()
+            return
+        if x.trailers:
+            self.trailers = h2map.fields_of(x.trailers)
+        if pieces:
+            self._queue(pieces)
+        self.end_pending = True
+        self.pump()
+        self.conn.flush_later()
+
+    def answer(self, x: Exchange, out: bytes, keep_alive: bool) -> None:
+        """The gateway's own response (errors.render's bytes): the same status, fields and body."""
+        if not self.ended:
+            i = out.find(b"\r\n\r\n") + 4
+            body = out[i:]
+            self.conn.h2.send_headers(self.sid, h2map.response_fields(out[:i]), end_stream=not body)
+            if body:
+                self.out += body
+                self.end_pending = True
+                self.pump()
+            else:
+                self.ended = True
+            self.conn.flush_later()
+        self.exchange_done(x, keep_alive)
+
+    def exchange_done(self, x: Exchange, keep_alive: bool) -> None:
+        if self.ended:
+            self._finish()
+
+    def reset(self) -> None:
+        """A response cut short: RST_STREAM, so it can never look complete (only this stream)."""
+        self._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+
+    def become_tunnel(
+        self, x: Exchange, up: UpstreamConnection, head: bytes, rest: bytes, early: bytes, websocket: bool
+    ) -> None:
+        from gateway.http import h2tunnel  # noqa: PLC0415 (a rare path, and h2tunnel imports this module)
+
+        h2tunnel.start(self, x, up, head, rest, websocket)
+
+    # ---- sending
+
+    def _queue(self, pieces: list[bytes]) -> None:
+        out = self.out
+        for p in pieces:
+            out += p
+
+    def pump(self) -> None:
+        """Send what the client's windows allow; end the stream when all is sent."""
+        if self.ended:
+            return
+        conn = self.conn
+        h = conn.h2
+        sid = self.sid
+        out = self.out
+        while out:
+            window = h.local_flow_control_window(sid)
+            if window <= 0:
+                break
+            size = min(window, h.max_outbound_frame_size, len(out))
+            if size == len(out):
+                data = bytes(out)
+                out.clear()
+            else:
+                data = bytes(out[:size])
+                del out[:size]
+            last = self.end_pending and not out and self.trailers is None
+            h.send_data(sid, data, end_stream=last)
+            self.sent += size
+            if last:
+                self.ended = True
+        if not out and self.end_pending and not self.ended:
+            if self.trailers is not None:
+                h.send_headers(sid, self.trailers, end_stream=True)
+            else:
+                h.end_stream(sid)
+            self.ended = True
+        # Past STREAM_BUFFER waiting, the sandbox side of this stream (only) stops being read.
+        x = self.x
+        gate = x.up.gate if x is not None and x.up is not None else None
+        if gate is None and self.tunnel is not None:
+            gate = self.tunnel.gate
+        if len(out) > STREAM_BUFFER:
+            if not self.holding and gate is not None:
+                self.holding = True
+                gate.close(flow.WINDOW)
+        elif self.holding:
+            self.holding = False
+            if gate is not None:
+                gate.open(flow.WINDOW)
+        if self.ended:
+            self._finish()
+
+    def acknowledge(self) -> None:
+        """Give the client back the window of the request bytes passed on (WINDOW_UPDATE)."""
+        n = self.unacked
+        self.unacked = 0
+        if n and not self.remote_ended and not self.ended:
+            self.conn.h2.increment_flow_control_window(n, self.sid)
+
+    def _reset(self, code: int) -> None:
+        if not self.ended:
+            self.ended = True
+            self.out.clear()
+            try:
+                self.conn.h2.reset_stream(self.sid, code)
+            except h2.exceptions.StreamClosedError:
+                pass
+            self.conn.flush_later()
+        self._finish()
+
+    def _finish(self) -> None:
+        """Our side has ended: the stream no longer counts; a client still sending a request body
+        the response did not need is asked to stop (RST_STREAM NO_ERROR, RFC 9113 §8.1)."""
+        x = self.x
+        if x is not None and not x.done:
+            return  # the exchange goes on (e.g. a response ended while the request body streams)
+        if self.tunnel is not None and not self.tunnel.closed:
+            return
+        conn = self.conn
+        if conn.streams.pop(self.sid, None) is None:
+            return
+        if not self.remote_ended:
+            self.remote_ended = True
+            try:
+                conn.h2.reset_stream(self.sid, h2.errors.ErrorCodes.NO_ERROR)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+            conn.flush_later()
+        conn.stream_gone()
+
+
+class H2Connection(asyncio.Protocol):
+    """A client connection speaking HTTP/2: its streams, flow control, defences and drain."""
+
+    __slots__ = (
+        "accepted",
+        "closing",
+        "conn_unacked",
+        "control",
+        "ctx",
+        "flush_queued",
+        "goaway",
+        "goaway_at",
+        "h2",
+        "heads",
+        "in_feed",
+        "last_active",
+        "last_stream",
+        "listen_port",
+        "max_streams",
+        "opened",
+        "peer",
+        "peer_gone",
+        "requests",
+        "resets",
+        "streams",
+        "touched",
+        "transport",
+        "window_start",
+        "write_paused",
+    )
+
+    def __init__(self, ctx: Context, transport: asyncio.Transport, peer: Peer, listen_port: int) -> None:
+        self.ctx = ctx
+        self.transport = transport
+        self.peer = peer
+        self.listen_port = listen_port
+        cfg = ctx.config
+        self.max_streams = cfg.http2_max_concurrent_streams
+        c = self.h2 = _Connection(_config())
+        # HPACK limits: a decoded header list past twice the head limit is a connection error (an
+        # HPACK bomb ends there); one within it but past max_request_head_size is a 431 on its stream.
+        c.decoder = _Decoder(2 * ctx.max_head)  # type: ignore[assignment]
+        c.encoder = _Encoder()  # type: ignore[assignment]
+        settings = {
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: ctx.max_head,
+            h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # RFC 8441: WebSockets over streams
+        }
+        c.local_settings = h2.settings.Settings(client=False, initial_values=settings)
+        c.initiate_connection()
+        c.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        # h2 treats one stream past the limit as a connection error; RFC 9113 §5.1.2 lets a server
+        # refuse just that stream (REFUSED_STREAM, which clients retry): h2 enforces a higher bound
+        # (its stream-ID checks stay), and _request refuses.
+        c.local_settings = h2.settings.Settings(
+            client=False, initial_values={**settings, h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 2**31 - 1}
+        )
+        self.streams: dict[int, H2Stream] = {}
+        self.touched: list[H2Stream] = []
+        self.heads: dict[tuple[bytes, bool], Any] = {}  # response heads mapped (per connection: HPACK is)
+        self.requests: dict[tuple[Any, ...], tuple[h2map.Mapped | str, RequestHead | Reason | None]] = {}
+        self.in_feed = False
+        self.write_paused = False
+        self.closing = False
+        self.flush_queued = False
+        self.peer_gone = False  # the client sent GOAWAY
+        self.goaway = _OPEN
+        self.goaway_at = 0.0
+        self.last_stream = _MAX_STREAM_ID
+        self.conn_unacked = 0
+        self.opened = 0
+        self.accepted = self.last_active = ctx.clock
+        self.window_start = ctx.clock
+        self.resets = 0  # streams the client reset before their response ended, this second
+        self.control = 0  # PING and SETTINGS frames this second
+
+    def start(self, data: bytes) -> None:
+        """Take over the transport (its protocol until now saw ``data`` and nothing else)."""
+        self.transport.set_protocol(self)
+        self.flush_later()
+        if data:
+            self.data_received(data)
+
+    # ---- the Outbox's view: a transport whose pending frames leave when it is flushed
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        """Write what h2 has queued (``data`` is the Outbox's empty marker)."""
+        self.flush_queued = False
+        out = self.h2.data_to_send()
+        if out and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.write(b"")
+
+    def flush_later(self) -> None:
+        """Frames leave after this loop iteration, with every other stream's."""
+        if not self.flush_queued:
+            self.flush_queued = True
+            self.ctx.outbox.write(self, b"")  # type: ignore[arg-type]
+
+    def flush_now(self) -> None:
+        self.ctx.outbox.send(self, b"")  # type: ignore[arg-type]
+
+    # ---- asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.in_feed = True
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            # h2 has queued a GOAWAY with the error code: send it and close (a connection error).
+            log.info("HTTP/2 connection error from %s: %s", self.peer.ip, e)
+            self.in_feed = False
+            self._close_after_flush()
+            return
+        try:
+            self._handle(events)
+        except Exception:
+            log.exception("HTTP/2 event handling failed")
+            self.in_feed = False
+            self._go_away(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            return
+        self.in_feed = False
+        touched = self.touched
+        if touched:
+            self.touched = []
+            for s in touched:
+                s.touched = False
+                x = s.x
+                if x is not None and x.up is not None and x.up_buf:
+                    x.flush_up()
+                if not s.paused and s.unacked >= STREAM_WINDOW // 4:
+                    s.acknowledge()
+        if self.conn_unacked >= CONNECTION_WINDOW // 4:
+            self.h2.increment_flow_control_window(self.conn_unacked)
+            self.conn_unacked = 0
+        self.flush_later()
+
+    def eof_received(self) -> bool:
+        # A client that half-closes cannot read answers it has not yet had: streams go on.
+        self.peer_gone = True
+        return bool(self.streams)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        ctx.closed_one()
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for s in streams:
+            s.ended = s.remote_ended = True
+            if s.tunnel is not None:
+                s.tunnel.client_gone()
+            x = s.x
+            if x is not None:
+                x.abort()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        for s in self.streams.values():
+            x = s.x
+            if x is not None and x.up is not None:
+                x.up.gate.close(flow.PEER_BUSY)
+            elif s.tunnel is not None:
+                s.tunnel.gate.close(flow.PEER_BUSY)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for s in list(self.streams.values()):
+            x = s.x
+            if x is not None and x.up is not None:
+                x.up.gate.open(flow.PEER_BUSY)
+            elif s.tunnel is not None:
+                s.tunnel.gate.open(flow.PEER_BUSY)
+
+    # ---- events
+
+    def _handle(self, events: list[h2.events.Event]) -> None:
+        reset_now: set[int] | None = None
+        for ev in events:  # streams cancelled in this very read are never started (rapid reset)
+            if ev.__class__ is h2.events.StreamReset:
+                if reset_now is None:
+                    reset_now = set()
+                reset_now.add(ev.stream_id)
+        for ev in events:
+            t = ev.__class__
+            if t is h2.events.RequestReceived:
+                self._request(ev, reset_now)  # type: ignore[arg-type]
+            elif t is h2.events.DataReceived:
+                self._data(ev)  # type: ignore[arg-type]
+            elif t is h2.events.StreamEnded:
+                self._ended(ev.stream_id)  # type: ignore[attr-defined]
+            elif t is h2.events.WindowUpdated:
+                self._window(ev.stream_id)  # type: ignore[attr-defined]
+            elif t is h2.events.StreamReset:
+                self._reset_by_client(ev.stream_id)  # type: ignore[attr-defined]
+            elif t is h2.events.TrailersReceived:
+                self._trailers(ev)  # type: ignore[arg-type]
+            elif t is h2.events.RemoteSettingsChanged:
+                self._control()
+                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:  # type: ignore[attr-defined]
+                    self._window(0)
+            elif t is h2.events.PingReceived:
+                self._control()
+            elif t is h2.events.PingAckReceived:
+                if self.goaway == _NOTICE and not self.ctx.listening:
+                    self._final_goaway()
+            elif t is h2.events.ConnectionTerminated:
+                self.peer_gone = True
+                if not self.streams:
+                    self._close_after_flush()
+            if self.closing:
+                return
+
+    def _request(self, ev: h2.events.RequestReceived, reset_now: set[int] | None) -> None:
+        sid = ev.stream_id
+        h = self.h2
+        self.opened += 1
+        self.last_active = self.ctx.clock
+        if sid > self.last_stream:  # after the final GOAWAY: never processed, the client may retry
+            h.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        if reset_now is not None and sid in reset_now:
+            self._count_reset()
+            return
+        if len(self.streams) >= self.max_streams:
+            h.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        end = ev.stream_ended is not None
+        headers = ev.headers
+        key = (end, *headers) if headers else (end,)
+        got = self.requests.get(key)
+        if got is None:
+            mapped = h2map.request_head(headers, end)
+            req: RequestHead | Reason | None = None
+            if not isinstance(mapped, str):
+                if len(mapped.raw) > self.ctx.max_head or mapped.fields > self.ctx.config.max_header_count:
+                    req = errors.HEAD_TOO_LARGE
+                else:
+                    req = analyze_request(mapped.raw, self.ctx.fields)
+            got = (mapped, req)
+            if isinstance(mapped, str) or mapped.ws_key is None:  # a WebSocket's key is its own
+                if len(self.requests) >= 64:
+                    self.requests.clear()
+                self.requests[key] = got
+        mapped, req = got
+        if isinstance(mapped, str):
+            log.info("malformed HTTP/2 request from %s: %s", self.peer.ip, mapped)
+            h.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        s = H2Stream(self, sid)
+        self.streams[sid] = s
+        s.chunked = mapped.chunked
+        s.ws_key = mapped.ws_key
+        s.connect = mapped.protocol is not None
+        if end:
+            s.remote_ended = True
+        if not isinstance(req, RequestHead):
+            assert req is not None
+            # Refused by the header policy: the same answer an HTTP/1.1 client gets, on this stream.
+            s.x = x = Exchange(s, RequestHead(mapped.raw, b"GET", b"/"))
+            x.fail(req)
+            return
+        s.x = x = Exchange(s, req)
+        if end or mapped.protocol is not None:
+            x.req_done = True
+        x.start()
+
+    def _data(self, ev: h2.events.DataReceived) -> None:
+        n = ev.flow_controlled_length
+        self.conn_unacked += n
+        s = self.streams.get(ev.stream_id)
+        if s is None:
+            return
+        self.last_active = self.ctx.clock
+        s.unacked += n
+        data = ev.data
+        if s.tunnel is not None:
+            s.tunnel.from_client(data)
+        elif s.connect:
+            x = s.x
+            if x is not None and not x.done and data:
+                s.early.append(data)  # after the sandbox's 101 (h2tunnel.start)
+            return
+        else:
+            x = s.x
+            if x is None or x.done or not data:
+                return
+            if s.chunked:
+                x.on_request_framing(b"%x\r\n" % len(data))
+                x.on_request_body(data)
+                x.on_request_framing(b"\r\n")
+            else:
+                x.on_request_body(data)
+        if not s.touched:
+            s.touched = True
+            self.touched.append(s)
+
+    def _trailers(self, ev: h2.events.TrailersReceived) -> None:
+        s = self.streams.get(ev.stream_id)
+        if s is None or s.x is None or s.x.done:
+            return
+        section = h2map.trailer_section(ev.headers)
+        if isinstance(section, str):
+            log.info("malformed HTTP/2 trailers from %s: %s", self.peer.ip, section)
+            s.x.abort()
+            s._reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        if s.chunked:  # else the body has a Content-Length: HTTP/1.1 cannot carry trailers after it
+            s.x.on_request_framing(b"0\r\n" + section)
+            s.chunked = False
+
+    def _ended(self, sid: int) -> None:
+        s = self.streams.get(sid)
+        if s is None:
+            return
+        s.remote_ended = True
+        if s.tunnel is not None:
+            s.tunnel.client_ended()
+            return
+        x = s.x
+        if x is None or x.done or x.req_done:
+            return
+        req = x.req
+        if req.body == framing.LENGTH and x.body_bytes != req.content_length:
+            log.info("HTTP/2 request from %s: content-length and DATA differ", self.peer.ip)
+            x.abort()
+            s._reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            return
+        if s.chunked:
+            x.on_request_framing(framing.LAST_CHUNK)
+        x.on_request_complete()
+        if not s.touched:
+            s.touched = True
+            self.touched.append(s)
+
+    def _window(self, sid: int) -> None:
+        if sid:
+            s = self.streams.get(sid)
+            if s is not None and (s.out or s.end_pending):
+                s.pump()
+        else:
+            for s in list(self.streams.values()):
+                if s.out:
+                    s.pump()
+        self.flush_later()
+
+    def _reset_by_client(self, sid: int) -> None:
+        s = self.streams.pop(sid, None)
+        if s is None:
+            return
+        s.ended = s.remote_ended = True
+        if s.tunnel is not None:
+            s.tunnel.client_gone()
+        x = s.x
+        if x is not None and not x.done:
+            x.abort()
+            self._count_reset()
+        self.stream_gone()
+
+    def _count_reset(self) -> None:
+        """CVE-2023-44487: a client that opens and resets streams makes work it never waits for."""
+        self._new_second()
+        self.resets += 1
+        if self.resets > 2 * self.max_streams:
+            log.info("HTTP/2 rapid reset from %s: %d streams reset within a second", self.peer.ip, self.resets)
+            self._go_away(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _control(self) -> None:
+        """PING and SETTINGS each make the gateway answer: a flood of them is refused."""
+        self._new_second()
+        self.control += 1
+        if self.control > CONTROL_BUDGET:
+            log.info("HTTP/2 control frame flood from %s", self.peer.ip)
+            self._go_away(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def _new_second(self) -> None:
+        now = self.ctx.clock
+        if now != self.window_start:
+            self.window_start = now
+            self.resets = self.control = 0
+
+    # ---- streams ending, drain, timeouts
+
+    def stream_gone(self) -> None:
+        """A stream ended; once none is left, a connection going away closes."""
+        if not self.streams:
+            self.last_active = self.ctx.clock
+            if self.peer_gone or self.goaway == _FINAL:
+                self._close_after_flush()
+
+    def _go_away(self, code: int) -> None:
+        """A connection error of ours: GOAWAY with ``code``, then close; streams in progress end."""
+        if self.closing:
+            return
+        try:
+            self.h2.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._close_after_flush()
+
+    def _close_after_flush(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.write(b"")
+        self.ctx.outbox.flush()
+        self.transport.close()
+
+    def _goaway_frame(self, last: int) -> None:
+        """GOAWAY NO_ERROR, written by hyperframe: h2's close_connection would close its state
+        machine, and RFC 9113 §6.8 lets the streams below ``last`` finish."""
+        out = self.h2.data_to_send() + GoAwayFrame(0, last_stream_id=last, error_code=0).serialize()
+        if not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _notice_goaway(self) -> None:
+        """Drain, first step: no new streams please, those already on their way are still taken
+        (last-stream-ID 2^31-1), and a PING to learn when the client has seen it."""
+        self.goaway = _NOTICE
+        self.goaway_at = self.ctx.clock
+        self.flush_now()
+        self._goaway_frame(_MAX_STREAM_ID)
+        self.h2.ping(b"gw-drain")
+        self.flush_now()
+
+    def _final_goaway(self) -> None:
+        """Drain, second step (a round trip later): streams past the last one started are refused."""
+        self.goaway = _FINAL
+        self.last_stream = self.h2.highest_inbound_stream_id
+        self.flush_now()
+        self._goaway_frame(self.last_stream)
+        if not self.streams:
+            self._close_after_flush()
+
+    def close(self) -> None:
+        """Close now, after a GOAWAY (shutdown)."""
+        if not self.closing:
+            if self.goaway != _FINAL:
+                self.flush_now()
+                self._goaway_frame(self.h2.highest_inbound_stream_id)
+            self._close_after_flush()
+
+    def reset(self) -> None:
+        self.closing = True
+        self.write(b"")
+        flow.reset(self.transport)
+
+    def check_timeouts(self, now: float) -> None:
+        """About once a second, and when a drain closes the listeners."""
+        if self.closing:
+            return
+        ctx = self.ctx
+        cfg = ctx.config
+        if ctx.draining:
+            if self.goaway == _OPEN:
+                self._notice_goaway()
+            if self.goaway == _NOTICE and not ctx.listening and now - self.goaway_at >= 1.0:
+                self._final_goaway()  # no PING answer in a second: go on
+        streams = self.streams
+        if not streams:
+            if self.opened == 0:
+                if now - self.accepted > cfg.request_head_timeout:
+                    self.close()
+            elif now - self.last_active >= (cfg.client_idle_timeout if ctx.listening else 0.0):
+                self.close()
+            return
+        limit = cfg.response_head_timeout
+        t = monotonic()
+        for s in list(streams.values()):
+            x = s.x
+            if x is None:
+                continue
+            if limit and x.req_done and not x.resp_started and x.up is not None and t - (x.req_end or x.t0) > limit:
+                log.info("no response head from %s in %.0f s", x.fwd.address if x.fwd else "?", limit)
+                x.fail(errors.UPSTREAM_RESPONSE_TIMEOUT)
+            elif cfg.min_body_rate:
+                self._check_body_rate(s, x, now, cfg.min_body_rate, cfg.body_rate_window)
+
+    def _check_body_rate(self, s: H2Stream, x: Exchange, now: float, rate: int, window: float) -> None:
+        """As for HTTP/1.1: a request body counts while the gateway takes it (the stream is not held
+        back), a response body while the client is the bottleneck (its window or socket is full)."""
+        if not s.remote_ended and not x.done and not s.paused and s.tunnel is None:
+            moved = x.body_bytes
+        elif s.out and (s.holding or self.write_paused or self.h2.local_flow_control_window(s.sid) <= 0):
+            moved = s.sent
+        else:
+            s.bytes_mark = None
+            return
+        mark = s.bytes_mark
+        if mark is None:
+            s.bytes_mark = (now, moved)
+            return
+        if now - mark[0] < window:
+            return
+        if moved - mark[1] >= rate * window:
+            s.bytes_mark = (now, moved)
+            return
+        s.bytes_mark = None
+        log.info("HTTP/2 body slower than %d bytes/s for %.0f s from %s: ending the stream", rate, window, self.peer.ip)
+        if not x.done:
+            x.fail(errors.BODY_TIMEOUT)  # answered if nothing was sent yet, else reset
+        if not s.ended:
+            s._reset(h2.errors.ErrorCodes.CANCEL)
+        self.flush_later()
