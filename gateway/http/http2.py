@@ -53,7 +53,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-from hpack import Decoder, Encoder
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 
 from gateway import errors
@@ -144,7 +144,11 @@ class _Decoder:
 
 class _Encoder:
     """hpack's encoder, with the field lists that repeat while the dynamic table is unchanged
-    encoded once (the same response within a second: its Date is the same)."""
+    encoded once (the same response within a second: its Date is the same).
+
+    A last field that is never indexed (the request ID: a new value per response, which would
+    otherwise churn the dynamic table, so that nothing repeats and every lookup scans a full table)
+    is encoded on its own after the rest: two blocks of field representations are one block."""
 
     __slots__ = ("e", "memo")
 
@@ -162,12 +166,19 @@ class _Encoder:
         self.memo.clear()
 
     def encode(self, headers: list[Any], huffman: bool = True) -> bytes:
+        if headers and headers[-1].__class__ is NeverIndexedHeaderTuple:
+            # (without Huffman coding: a random-looking value barely shrinks, and it costs)
+            return self._encode(headers[:-1], huffman) + self.e.encode(headers[-1:], huffman=False)
+        return self._encode(headers, huffman)
+
+    def _encode(self, headers: list[Any], huffman: bool) -> bytes:
         key = tuple(headers)
         memo = self.memo
-        got = memo.get(key)
-        if got is not None:
-            return got
         e = self.e
+        if not e.table_size_changes:  # (a size update must begin the block: encoded, not remembered)
+            got = memo.get(key)
+            if got is not None:
+                return got
         t = e.header_table
         entries = t.dynamic_entries
         pending = bool(e.table_size_changes)
@@ -308,7 +319,7 @@ class H2Stream:
         x.resp_started = True
         x.status = status
         if rid_name is not None and x.rid:
-            fields = [*fields, (rid_name, x.rid)]
+            fields = [*fields, NeverIndexedHeaderTuple(rid_name, x.rid)]
         if self.ended:
             return body_in, length
         end = body_in == framing.NONE or (body_in == framing.LENGTH and not length)
@@ -579,6 +590,7 @@ class H2Connection(asyncio.Protocol):
             # h2 has queued a GOAWAY with the error code: send it and close (a connection error).
             log.info("HTTP/2 connection error from %s: %s", self.peer.ip, e)
             self.in_feed = False
+            self._abort_streams()
             self._close_after_flush()
             return
         try:
@@ -614,6 +626,10 @@ class H2Connection(asyncio.Protocol):
         ctx = self.ctx
         ctx.connections.discard(self)
         ctx.closed_one()
+        self._abort_streams()
+
+    def _abort_streams(self) -> None:
+        """The connection is over (or h2 can send nothing more on it): every stream ends here."""
         streams = list(self.streams.values())
         self.streams.clear()
         for s in streams:
@@ -675,9 +691,11 @@ class H2Connection(asyncio.Protocol):
                 if self.goaway == _NOTICE and not self.ctx.listening:
                     self._final_goaway()
             elif t is h2.events.ConnectionTerminated:
+                # h2 sends nothing after a GOAWAY either way (python-hyper/h2#1181): what the
+                # client still waits for cannot be answered; it ends here.
                 self.peer_gone = True
-                if not self.streams:
-                    self._close_after_flush()
+                self._abort_streams()
+                self._close_after_flush()
             if self.closing:
                 return
 
@@ -862,6 +880,7 @@ class H2Connection(asyncio.Protocol):
         """A connection error of ours: GOAWAY with ``code``, then close; streams in progress end."""
         if self.closing:
             return
+        self._abort_streams()
         try:
             self.h2.close_connection(error_code=code)
         except h2.exceptions.ProtocolError:
