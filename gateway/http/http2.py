@@ -295,6 +295,7 @@ class H2Stream:
         if not self.ended:
             out = analyze_response(head, status, False, False, True)[0]
             self.conn.h2.send_headers(self.sid, h2map.response_fields(out))
+            self.conn.flush_later()
 
     def send_head(self, x: Exchange, up: UpstreamConnection, head: bytes, status: int) -> tuple[int, int]:
         """The response head as HEADERS (without END_STREAM unless no body can follow); returns the
@@ -324,6 +325,7 @@ class H2Stream:
             return body_in, length
         end = body_in == framing.NONE or (body_in == framing.LENGTH and not length)
         conn.h2.send_headers(self.sid, fields, end_stream=end)
+        conn.flush_later()
         if end:
             self.end_pending = True
             self.ended = True
@@ -747,6 +749,11 @@ class H2Connection(asyncio.Protocol):
             # Refused by the header policy: the same answer an HTTP/1.1 client gets, on this stream.
             s.x = x = Exchange(s, RequestHead(mapped.raw, b"GET", b"/"))
             x.fail(req)
+            return
+        if end and req.body != framing.NONE:  # content-length > 0 and no DATA to come (h2 does not check)
+            log.info("HTTP/2 request from %s: content-length without DATA", self.peer.ip)
+            s.x = None
+            s._reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
         s.x = x = Exchange(s, req)
         if end or mapped.protocol is not None:

@@ -4,15 +4,16 @@ many sandboxes on one connection, the RFC 9113 §8.3 mapping both ways, the gate
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import subprocess
 from typing import Any
 
 import h2.errors
+import h2.events
 
 from tests import needs
 from tests.conftest import WAIT, Catalog, RunningGateway
-from tests.h2client import H2Client
+from tests.h2client import H2Client, error_codes
 from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, response
 
 
@@ -80,3 +81,286 @@ async def test_http2_can_be_turned_off(start_gateway: Any, catalog: Catalog) -> 
         await c.closed()
         assert not c.responses and c.received > 0  # an HTTP/1.1 400, not HTTP/2 frames
         del up
+
+
+def named(name: str) -> Any:
+    """A sandbox app that answers every request with its own name and the path it was asked."""
+
+    async def handler(c: UpstreamConn) -> None:
+        while True:
+            head, _ = await c.read_request()
+            path = head.split(b" ", 2)[1]
+            c.send(response(200, name.encode() + b" " + path))
+
+    return handler
+
+
+async def test_100_streams_to_10_sandboxes_on_one_connection(start_gateway: Any, catalog: Catalog) -> None:
+    """One connection, 100 concurrent streams, 10 sandboxes (five by host name, five by the routing
+    fields of a shared host): every response comes from the sandbox its stream named; a stream to a
+    private sandbox without its token gets 403 while the others on the connection succeed."""
+    async with contextlib.AsyncExitStack() as stack:
+        ups = [await stack.enter_async_context(RawUpstream(named(f"sb{i}"))) for i in range(10)]
+        for i in range(10):
+            catalog.put(f"sb{i}", host="127.0.0.1", **({"traffic_access_token": "tok9"} if i == 9 else {}))
+        gw = await start_gateway(shared_hosts=["sandbox.e2b.test"])
+        c = await H2Client.connect(gw.port)
+        sent: dict[int, tuple[int, str]] = {}
+        for n in range(100):
+            i = n % 10
+            path = f"/n{n}"
+            headers = [("authorization", "x")] if n % 3 == 0 else []
+            if i == 9 and n % 20 == 9:
+                headers.append(("e2b-traffic-access-token", "tok9"))
+            if i < 5:
+                sid = c.start(gw.host(ups[i].port, f"sb{i}"), path, headers=headers)
+            else:
+                route = [("e2b-sandbox-id", f"sb{i}"), ("e2b-sandbox-port", str(ups[i].port))]
+                sid = c.start("sandbox.e2b.test", path, headers=route + headers)
+            sent[sid] = (i, path)
+        assert len(c.conn.streams) == 100  # all open at once
+        forbidden = 0
+        async with asyncio.timeout(WAIT * 2):
+            for sid, (i, path) in sent.items():
+                r = await c.response(sid)
+                assert r.reset is None
+                if i == 9 and int(path[2:]) % 20 != 9:  # the private sandbox's streams without its token
+                    assert (r.status, r.header(b"x-gateway-reason")) == (403, b"traffic_token_missing")
+                    forbidden += 1
+                    continue
+                assert r.status == 200, (sid, r.status, bytes(r.body))
+                assert bytes(r.body) == f"sb{i} {path}".encode()
+        assert forbidden == 5
+        assert not c.lost.is_set()
+        c.close()
+
+
+async def test_request_mapping_pseudo_headers_cookies_and_forwarding(start_gateway: Any, catalog: Catalog) -> None:
+    """RFC 9113 §8.3.1: :method, :path (byte for byte) and :authority make the request line and Host;
+    split cookie fields are joined with "; "; the forwarding fields and request ID are the same as
+    over HTTP/1.1; te: trailers is accepted and not forwarded."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("map", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "map")
+        c = await H2Client.connect(gw.port)
+        r = await c.request(
+            host, "/a%2Fb/%20c?x=%41&y=1;z", method="DELETE",
+            headers=[("cookie", "a=b"), ("x-dup", "1"), ("cookie", "c=d"), ("x-dup", "2"), ("te", "trailers")],
+        )  # fmt: skip
+        assert r.status == 200
+        head = bytes(r.body).split(b"\nbody=")[0]
+        assert head.startswith(f"DELETE /a%2Fb/%20c?x=%41&y=1;z HTTP/1.1\r\nhost: {host}\r\n".encode())
+        assert b"\r\ncookie: a=b; c=d\r\nx-dup: 1\r\nx-dup: 2\r\n" in head
+        assert b"\r\nte:" not in head.lower()
+        assert (
+            f"X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: {gw.port}\r\n".encode() in head
+        )
+        assert b"X-Request-ID: " + (r.header(b"x-request-id") or b"?") in head
+        c.close()
+
+
+async def test_connection_specific_fields_are_stream_errors(start_gateway: Any, catalog: Catalog) -> None:
+    """RFC 9113 §8.2.2 and §8.2.1: the stream is reset with PROTOCOL_ERROR, nothing reaches the
+    sandbox, and the other streams of the connection go on."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("cs", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "cs")
+        c = await H2Client.connect(gw.port)
+        bad = [
+            [("connection", "keep-alive")], [("keep-alive", "300")], [("proxy-connection", "x")],
+            [("transfer-encoding", "chunked")], [("upgrade", "websocket")], [("te", "gzip")],
+            [("X-Upper", "1")], [("x-nl", "a\r\nx-smuggled: 1")], [("x-nul", "a\x00b")], [("x-sp", " a")],
+            [("host", "other.example")],
+        ]  # fmt: skip
+        sids = [c.start(host, "/bad", headers=h) for h in bad]
+        ok = c.start(host, "/good")
+        for sid in sids:
+            r = await c.response(sid)
+            assert r.reset == h2.errors.ErrorCodes.PROTOCOL_ERROR, (bad[sids.index(sid)], r)
+        r = await c.response(ok)
+        assert r.status == 200
+        assert up.received.count(b"GET ") == 1 and b"/bad" not in up.received
+        c.close()
+
+
+async def test_bad_pseudo_headers_are_stream_errors(start_gateway: Any) -> None:
+    gw = await start_gateway()
+    c = await H2Client.connect(gw.port)
+    host = "1-x.e2b.test"
+    cases = [
+        {"extra_pseudo": [(":foo", "1")]},
+        {"path": "no-slash"},
+        {"extra_pseudo": [(":protocol", "websocket")]},  # :protocol without CONNECT
+        {"path": "/a b"},
+    ]
+    sids = [c.start(host, **kw) for kw in cases]  # type: ignore[arg-type]
+    for sid in sids:
+        r = await c.response(sid)
+        assert r.reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    r = await c.request(host, "/")  # the connection is fine: answered (no such sandbox)
+    assert r.status == 502 and r.header(b"x-gateway-reason") == b"sandbox_not_found"
+    c.close()
+
+
+async def test_trailers_both_ways(start_gateway: Any, catalog: Catalog) -> None:
+    """A request body of unknown length goes to the sandbox chunked, its HTTP/2 trailers as the
+    chunked trailer section; a chunked response's trailers come back as trailing HEADERS."""
+    got: list[bytes] = []
+
+    async def handler(c: UpstreamConn) -> None:
+        head, body = await c.read_request()
+        got.append(head + body)
+        c.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\n\r\n"
+               b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n")  # fmt: skip
+
+    async with RawUpstream(handler) as up:
+        catalog.put("tr", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await H2Client.connect(gw.port)
+        sid = c.start(gw.host(up.port, "tr"), "/t", method="POST", body=b"part1", end=False)
+        c.send_body(sid, b"part22")
+        c.conn.send_headers(sid, [(b"x-req-trailer", b"v")], end_stream=True)
+        c.flush()
+        r = await c.response(sid)
+        assert r.status == 200 and bytes(r.body) == b"hello world"
+        assert r.trailers == [(b"x-checksum", b"abc"), (b"x-other", b"1")]
+        assert r.header(b"transfer-encoding") is None
+        req = got[0]
+        assert b"\r\ntransfer-encoding: chunked\r\n" in req
+        assert req.endswith(b"\r\n\r\n5\r\npart1\r\n6\r\npart22\r\n0\r\nx-req-trailer: v\r\n\r\n")
+        c.close()
+
+
+async def test_interim_responses_and_bodiless_responses(start_gateway: Any, catalog: Catalog) -> None:
+    """103 Early Hints reach the client before the final response; HEAD, 204 and 304 have no DATA."""
+
+    async def handler(c: UpstreamConn) -> None:
+        while True:
+            head, _ = await c.read_request()
+            path = head.split(b" ")[1]
+            if path == b"/hints":
+                c.send(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n")
+                c.send(response(200, b"page"))
+            elif path == b"/204":
+                c.send(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n")
+            elif path == b"/304":
+                c.send(b'HTTP/1.1 304 Not Modified\r\nETag: "e"\r\n\r\n')
+            else:
+                c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")  # to HEAD: no body follows
+
+    async with RawUpstream(handler) as up:
+        catalog.put("im", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "im")
+        c = await H2Client.connect(gw.port)
+        r = await c.request(host, "/hints")
+        assert r.interim == [[(b":status", b"103"), (b"link", b"</s.css>; rel=preload")]]
+        assert r.status == 200 and bytes(r.body) == b"page"
+        for path, method, status in (("/204", "GET", 204), ("/304", "GET", 304), ("/h", "HEAD", 200)):
+            r = await c.request(host, path, method=method)
+            assert r.status == status and r.body == b"" and r.reset is None, path
+            assert not [
+                e for e in c.events if isinstance(e, h2.events.DataReceived) and e.stream_id == max(c.responses)
+            ]
+        r = await c.request(host, "/h", method="HEAD")
+        assert r.header(b"content-length") == b"1000"
+        c.close()
+
+
+async def test_bodies_stream_both_ways(start_gateway: Any, catalog: Catalog) -> None:
+    """Nothing waits for a whole message: the sandbox gets the first part of an upload before the
+    client sends the rest, and the client gets the first part of a response before the sandbox
+    sends the rest."""
+    first_part = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handler(c: UpstreamConn) -> None:
+        await c.read_head()
+        await c.read_exactly(len(b"5\r\nfirst\r\n"))
+        first_part.set()
+        c.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nhead\r\n")
+        await release.wait()
+        c.send(b"4\r\ntail\r\n0\r\n\r\n")
+
+    async with RawUpstream(handler) as up:
+        catalog.put("sm", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await H2Client.connect(gw.port)
+        sid = c.start(gw.host(up.port, "sm"), "/up", method="POST", body=b"first", end=False)
+        async with asyncio.timeout(WAIT):
+            await first_part.wait()
+        r = c.responses[sid]
+        async with asyncio.timeout(WAIT):
+            while bytes(r.body) != b"head":
+                r.data.clear()
+                await r.data.wait()
+        release.set()
+        c.send_body(sid, b"", end=True)
+        r = await c.response(sid)
+        assert bytes(r.body) == b"headtail"
+        c.close()
+
+
+async def test_content_length_is_checked_against_data(start_gateway: Any, catalog: Catalog) -> None:
+    """DATA longer or shorter than content-length is h2's connection error (GOAWAY PROTOCOL_ERROR);
+    a content-length with no DATA at all (END_STREAM on HEADERS), which h2 does not check, is a
+    stream error. None of them reaches the sandbox as a whole request."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("cl", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "cl")
+        c = await H2Client.connect(gw.port)
+        sid = c.start(host, "/h", method="POST", headers=[("content-length", "5")], end=True)  # HEADERS only
+        r = await c.response(sid)
+        assert r.reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        ok = await c.request(host, "/ok", method="POST", headers=[("content-length", "3")], body=b"abc")
+        assert ok.status == 200 and bytes(ok.body).endswith(b"body=3")
+        c.close()
+        for length, body in (("2", b"12345"), ("10", b"12345")):
+            c = await H2Client.connect(gw.port)
+            c.start(host, "/bad", method="POST", headers=[("content-length", length)], body=body, end=True)
+            assert await c.closed()
+            assert error_codes(c) == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+        assert b"/bad" not in up.received and b"/h " not in up.received.replace(b"/h HTTP", b"")
+
+
+async def test_gateway_answers_are_the_same_as_over_http11(start_gateway: Any, catalog: Catalog) -> None:
+    """The gateway's own answers: the same status, X-Gateway-Reason and body over both protocols."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("pv", host="127.0.0.1", traffic_access_token="t")
+        catalog.put("bad", host="127.0.0.1", state="paused")
+        gw = await start_gateway(shared_hosts=["sandbox.e2b.test"], request_id_header="")
+        cases: list[tuple[str, str, dict[str, str]]] = [
+            ("x.example.org", "/", {}),  # unknown_domain
+            ("99999-abc.e2b.test", "/", {}),  # invalid_port
+            ("80-A_B.e2b.test", "/", {}),  # invalid_sandbox_id
+            ("80-nosuch.e2b.test", "/", {}),  # sandbox_not_found
+            (gw.host(up.port, "pv"), "/", {}),  # traffic_token_missing
+            (gw.host(up.port, "pv"), "/", {"e2b-traffic-access-token": "no"}),  # traffic_token_invalid
+            (gw.host(up.port, "bad"), "/", {}),  # sandbox_paused
+            ("sandbox.e2b.test", "/", {"e2b-sandbox-id": "x"}),  # missing_routing_header
+            ("sandbox.e2b.test", "/health", {}),  # the balancer's health check
+            (gw.host(1, "pv"), "/", {"e2b-traffic-access-token": "t"}),  # port_not_open
+            (gw.host(up.port, "pv"), "/", {"origin": "https://a.example", "access-control-request-method": "PUT"}),
+            (gw.host(up.port, "pv"), "/", {"accept": "text/html", "sec-fetch-mode": "navigate"}),  # HTML page
+        ]
+        c = await H2Client.connect(gw.port)
+        for host, path, headers in cases:
+            method = "OPTIONS" if "access-control-request-method" in headers else "GET"
+            r2 = await c.request(host, path, method=method, headers=list(headers.items()))
+            h1 = await Client.connect(gw.port)
+            r1 = await h1.request(host, path, method, headers=headers)
+            await h1.close()
+            assert r2.status == r1.status, (host, headers)
+            assert r2.header(b"x-gateway-reason") == r1.header("X-Gateway-Reason"), (host, headers)
+            assert bytes(r2.body) == r1.body, (host, headers)
+            assert r2.header(b"content-type") == r1.header("Content-Type")
+            assert r2.header(b"connection") is None
+        c.start("1-x.e2b.test", "/", method="CONNECT")  # a plain CONNECT: 405 as over HTTP/1.1
+        r = await c.response(max(c.responses))
+        assert (r.status, r.header(b"x-gateway-reason")) == (405, b"method_not_allowed")
+        big = await c.request("1-x.e2b.test", "/", headers=[("x-big", "v" * 70_000)])
+        assert (big.status, big.header(b"x-gateway-reason")) == (431, b"request_head_too_large")
+        c.close()
