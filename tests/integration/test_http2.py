@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import h2.errors
@@ -15,6 +16,7 @@ from tests import needs
 from tests.conftest import WAIT, Catalog, RunningGateway
 from tests.h2client import H2Client, error_codes
 from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, response
+from tests.integration.test_operations import client_ctx, make_cert, tls_request
 
 
 async def test_h2c_prior_knowledge_and_http11_share_the_port(start_gateway: Any, catalog: Catalog) -> None:
@@ -364,3 +366,46 @@ async def test_gateway_answers_are_the_same_as_over_http11(start_gateway: Any, c
         big = await c.request("1-x.e2b.test", "/", headers=[("x-big", "v" * 70_000)])
         assert (big.status, big.header(b"x-gateway-reason")) == (431, b"request_head_too_large")
         c.close()
+
+
+# ---- TLS and ALPN
+
+
+async def test_tls_alpn_h2_and_http11_on_one_listener(start_gateway: Any, catalog: Catalog, tmp_path: Path) -> None:
+    """ALPN picks h2 or http/1.1 on the tls listener (curl --http2, a raw h2 client, an HTTP/1.1
+    client); X-Forwarded-Proto says https either way."""
+    curl = needs.tool("curl", "apt-get install curl")
+    cert, key = make_cert(tmp_path, "h2tls", "*.sandbox.test")
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("tls2", host="127.0.0.1")
+        gw = await start_gateway(
+            listen=["127.0.0.1:0 tls"], domains=["sandbox.test"], tls_certificates=[f"{cert}:{key}"]
+        )
+        host = f"{up.port}-tls2.sandbox.test"
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [curl, "-sS", "--http2", "--cacert", str(cert), "--resolve", f"{host}:{gw.port}:127.0.0.1",
+             "-o", "-", "-w", "\n%{http_version} %{http_code}", f"https://{host}:{gw.port}/tls"],
+            capture_output=True, timeout=WAIT, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.endswith(b"\n2 200") and b"GET /tls HTTP/1.1\r\n" in out.stdout
+        assert b"X-Forwarded-Proto: https\r\n" in out.stdout
+        ctx = client_ctx(cert)
+        ctx.set_alpn_protocols(["h2"])
+        c = await H2Client.connect(gw.port, ssl_ctx=ctx, server_hostname=host)
+        r = await c.request(host, "/raw", scheme="https")
+        assert r.status == 200 and b"X-Forwarded-Proto: https\r\n" in r.body
+        c.close()
+        r1, _ = await tls_request(gw.port, client_ctx(cert), host, "/h1")  # ALPN http/1.1 (or none)
+        assert r1.status == 200
+        off = await start_gateway(
+            listen=["127.0.0.1:0 tls"], domains=["sandbox.test"], tls_certificates=[f"{cert}:{key}"], http2=False
+        )
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [curl, "-sS", "--http2", "--cacert", str(cert), "--resolve", f"{host}:{off.port}:127.0.0.1",
+             "-o", "/dev/null", "-w", "%{http_version}", f"https://{host}:{off.port}/"],
+            capture_output=True, timeout=WAIT, check=False,
+        )  # fmt: skip
+        assert out.stdout == b"1.1"  # http2 off: ALPN offers http/1.1 only

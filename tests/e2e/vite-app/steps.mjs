@@ -17,6 +17,8 @@ const plan = JSON.parse(process.argv[2]);
 const args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync"];
 if (plan.resolverRules) args.push(`--host-resolver-rules=${plan.resolverRules}`);
+// A test CA's certificate, trusted by its key (base64 SHA-256 of its SubjectPublicKeyInfo).
+if (plan.spki) args.push(`--ignore-certificate-errors-spki-list=${plan.spki}`);
 const timeout = plan.timeout || 20000;
 const out = { steps: {}, requests: [], console: [], sockets: [] };
 const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
