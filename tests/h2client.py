@@ -43,9 +43,13 @@ class H2Client(asyncio.Protocol):
         cfg = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
                                         normalize_outbound_headers=False, validate_inbound_headers=False)  # fmt: skip
         self.conn = h2.connection.H2Connection(cfg)
+        self.window = 0  # connection window to open beyond 65,535 at the start
         if settings:
             self.conn.local_settings = h2.settings.Settings(client=True, initial_values=settings)
+            self.conn.max_inbound_frame_size = self.conn.local_settings.max_frame_size
+            self.window = max(0, settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE, 0) - 65535)
         self.auto_ack = auto_ack
+        self.hold: set[int] = set()  # streams whose window is never reopened
         self.responses: dict[int, H2Response] = {}
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
         self.goaway: h2.events.ConnectionTerminated | None = None
@@ -69,6 +73,8 @@ class H2Client(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.conn.initiate_connection()
+        if self.window:
+            self.conn.increment_flow_control_window(self.window)
         self.flush()
 
     def flush(self) -> None:
@@ -101,8 +107,11 @@ class H2Client(asyncio.Protocol):
                 if r is not None:
                     r.body += ev.data
                     r.data.set()
-                if self.auto_ack and ev.flow_controlled_length:
-                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                n = ev.flow_controlled_length
+                if n and ev.stream_id in self.hold:  # as a browser not reading one stream: the connection's window only
+                    self.conn.increment_flow_control_window(n)
+                elif self.auto_ack and n:
+                    self.conn.acknowledge_received_data(n, ev.stream_id)
             elif isinstance(ev, h2.events.TrailersReceived) and r is not None:
                 r.trailers = list(ev.headers)
             elif isinstance(ev, h2.events.StreamEnded) and r is not None:
