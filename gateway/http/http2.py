@@ -619,8 +619,18 @@ class H2Connection(asyncio.Protocol):
         self.flush_later()
 
     def eof_received(self) -> bool:
-        # A client that half-closes cannot read answers it has not yet had: streams go on.
+        """The client sends nothing more: streams whose request is complete may still be answered
+        (as over HTTP/1.1, RFC 9112 §9.6), a tunnel is half-closed towards its sandbox, a request
+        still being sent ends here."""
         self.peer_gone = True
+        for s in list(self.streams.values()):
+            if s.tunnel is not None:
+                s.tunnel.client_ended()
+            elif not s.remote_ended:
+                s.remote_ended = True
+                if s.x is not None:
+                    s.x.abort()
+                s._reset(h2.errors.ErrorCodes.CANCEL)
         return bool(self.streams)
 
     def connection_lost(self, exc: Exception | None) -> None:
