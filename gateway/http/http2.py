@@ -1003,8 +1003,10 @@ class H2Connection(asyncio.Protocol):
             return
         s.bytes_mark = None
         log.info("HTTP/2 body slower than %d bytes/s for %.0f s from %s: ending the stream", rate, window, self.peer.ip)
+        if x.resp_started and not s.ended:
+            s._reset(h2.errors.ErrorCodes.CANCEL)  # the client's doing, not the gateway's: CANCEL
         if not x.done:
-            x.fail(errors.BODY_TIMEOUT)  # answered if nothing was sent yet, else reset
+            x.fail(errors.BODY_TIMEOUT)  # answered if nothing was sent yet
         if not s.ended:
             s._reset(h2.errors.ErrorCodes.CANCEL)
         self.flush_later()

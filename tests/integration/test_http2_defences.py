@@ -1,0 +1,250 @@
+"""HTTP/2 defences, each against the gateway as a client would attack it: too many streams, big and
+compressed header lists, rapid reset (CVE-2023-44487), CONTINUATION floods, SETTINGS and PING floods,
+zero-window stalls, idle connections; and a sandbox's failure resets only its own stream."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import h2.errors
+from h2.settings import SettingCodes
+from hpack import Encoder
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
+
+from tests.conftest import WAIT, Catalog
+from tests.h2client import H2Client, error_codes
+from tests.helpers import RawUpstream, UpstreamConn, echo_handler, response
+
+CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def request_block(authority: str, path: str = "/", extra: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    e = Encoder()
+    return e.encode([(b":method", b"GET"), (b":scheme", b"http"), (b":authority", authority.encode()),
+                     (b":path", path.encode()), *(extra or [])])  # fmt: skip
+
+
+async def still_serves(port: int, authority: str) -> None:
+    """Another connection is not disturbed."""
+    c = await H2Client.connect(port)
+    r = await c.request(authority, "/still")
+    assert r.status == 200
+    c.close()
+
+
+async def test_streams_past_the_limit_are_refused(start_gateway: Any, catalog: Catalog) -> None:
+    """At most http2_max_concurrent_streams streams (default 100, as E2B): one more is refused
+    (REFUSED_STREAM, which a client may retry) and the connection goes on."""
+    release = asyncio.Event()
+
+    async def slow(c: UpstreamConn) -> None:
+        await c.read_request()
+        await release.wait()
+        c.send(response(200, b"late"))
+
+    async with RawUpstream(slow) as up:
+        catalog.put("lim", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "lim")
+        c = await H2Client.connect(gw.port)
+        async with asyncio.timeout(WAIT):
+            while c.conn.remote_settings.max_concurrent_streams != 100:
+                c.changed.clear()
+                await c.changed.wait()
+        c.conn.remote_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = 1000  # pretend not to know the limit
+        c.conn.remote_settings.acknowledge()
+        sids = [c.start(host, f"/s{i}") for i in range(101)]
+        extra = c.responses[sids[-1]]
+        async with asyncio.timeout(WAIT):
+            await extra.ended.wait()
+        assert extra.reset == h2.errors.ErrorCodes.REFUSED_STREAM
+        async with asyncio.timeout(WAIT):
+            while len(up.conns) < 100:
+                await asyncio.sleep(0.01)
+        release.set()
+        for sid in sids[:100]:
+            r = await c.response(sid)
+            assert r.status == 200 and bytes(r.body) == b"late"
+        assert len(up.conns) == 100
+        c.close()
+
+
+async def test_header_lists_are_bounded(start_gateway: Any, catalog: Catalog) -> None:
+    """Past max_request_head_size: 431 on that stream. Past twice that once decoded (an HPACK
+    bomb: one 4 kB table entry referenced 100 times in 100 bytes): GOAWAY ENHANCE_YOUR_CALM."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("hb", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "hb")
+        c = await H2Client.connect(gw.port)
+        r = await c.request(host, "/", headers=[("x-big", "v" * 70_000)])
+        assert (r.status, r.header(b"x-gateway-reason")) == (431, b"request_head_too_large")
+        r = await c.request(host, "/ok")
+        assert r.status == 200
+        c.close()
+        c = await H2Client.connect(gw.port)
+        e = Encoder()
+        block = e.encode([(b":method", b"GET"), (b":scheme", b"http"), (b":authority", host.encode()),
+                          (b":path", b"/"), (b"x-bomb", b"b" * 4000)])  # fmt: skip
+        block += bytes([0x80 | 62]) * 100  # the entry just added, 100 times more
+        assert len(block) < 5000
+        c.send_raw(HeadersFrame(1, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+        assert await c.closed()
+        assert error_codes(c) == [CALM]
+        assert b"x-bomb" not in up.received
+        await still_serves(gw.port, host)
+
+
+async def test_rapid_reset_costs_bounded_work_and_ends_in_enhance_your_calm(
+    start_gateway: Any, catalog: Catalog
+) -> None:
+    """CVE-2023-44487: thousands of HEADERS + RST_STREAM pairs. Those cancelled in the read that
+    opened them start nothing; more than twice the stream limit in a second end the connection with
+    GOAWAY ENHANCE_YOUR_CALM. The sandbox sees a bounded number of requests, other clients nothing."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("rr", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "rr")
+        c = await H2Client.connect(gw.port)
+        for _ in range(1000):  # all in one write
+            sid = c.start(host, "/flood")
+            c.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        c.flush()
+        assert await c.closed()
+        assert CALM in error_codes(c)
+        assert up.received.count(b"/flood") == 0
+        # The same, with each pair in its own write: the streams start before their reset arrives.
+        c = await H2Client.connect(gw.port)
+        sent = 0
+        async with asyncio.timeout(WAIT * 2):
+            while not c.lost.is_set() and sent < 5000:
+                sid = c.start(host, "/flood2")
+                await asyncio.sleep(0)  # its own write and read, not a synchronisation
+                if c.lost.is_set() or c.goaway is not None:
+                    break
+                c.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                c.flush()
+                sent += 1
+            await c.closed()
+        assert CALM in error_codes(c)
+        assert sent < 5000
+        assert up.received.count(b"/flood2") <= 2 * 100 + 100  # the budget, and what was in flight
+        await still_serves(gw.port, host)
+
+
+async def test_continuation_flood_ends_the_connection(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("cf", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "cf")
+        c = await H2Client.connect(gw.port)
+        block = request_block(host)
+        frames = [HeadersFrame(1, data=block[:5]).serialize()]
+        frames += [ContinuationFrame(1, data=b"").serialize() for _ in range(10_000)]  # never END_HEADERS
+        c.send_raw(b"".join(frames))
+        assert await c.closed()
+        assert error_codes(c) == [h2.errors.ErrorCodes.PROTOCOL_ERROR]
+        big = await H2Client.connect(gw.port)  # large CONTINUATION frames: bounded the same way
+        big.send_raw(HeadersFrame(1, data=block[:5]).serialize()
+                     + b"".join(ContinuationFrame(1, data=b"a" * 16_000).serialize() for _ in range(100)))  # fmt: skip
+        assert await big.closed()
+        await still_serves(gw.port, host)
+
+
+async def test_settings_and_ping_floods_end_the_connection(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("sf", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "sf")
+        for flood in (
+            b"".join(SettingsFrame(0, settings={SettingCodes.ENABLE_PUSH: 0}).serialize() for _ in range(5000)),
+            b"".join(PingFrame(0, opaque_data=b"12345678").serialize() for _ in range(5000)),
+        ):
+            c = await H2Client.connect(gw.port)
+            c.send_raw(flood)
+            assert await c.closed()
+            assert error_codes(c) == [CALM]
+        await still_serves(gw.port, host)
+
+
+async def test_zero_window_stall_ends_the_stream_not_the_connection(start_gateway: Any, catalog: Catalog) -> None:
+    """A client that lets a response fill its window and never reopens it: after min_body_rate's
+    window the stream is reset and its sandbox connection closed; the connection serves on."""
+    closed = asyncio.Event()
+
+    async def big(c: UpstreamConn) -> None:
+        await c.read_request()
+        c.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (8 << 20))
+        try:
+            for _ in range(8):
+                c.writer.write(b"z" * (1 << 20))
+                await c.writer.drain()
+            await c.reader.read(1)
+        finally:
+            closed.set()
+
+    async with RawUpstream(big) as up, RawUpstream(echo_handler) as small:
+        catalog.put("zw", host="127.0.0.1")
+        catalog.put("sm", host="127.0.0.1")
+        gw = await start_gateway(min_body_rate=1024, body_rate_window=1.0)
+        c = await H2Client.connect(gw.port, settings={SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        c.conn.increment_flow_control_window(1 << 20)  # the connection's window is open, the streams' are not
+        sid = c.start(gw.host(up.port, "zw"), "/big")
+        r = c.responses[sid]
+        async with asyncio.timeout(WAIT):
+            await r.head.wait()
+        assert r.status == 200
+        r = await c.response(sid, timeout=WAIT)
+        assert r.reset == h2.errors.ErrorCodes.CANCEL and len(r.body) == 0
+        async with asyncio.timeout(WAIT):
+            await closed.wait()
+        sid2 = c.start(gw.host(small.port, "sm"), "/after")
+        c.conn.increment_flow_control_window(1 << 16, sid2)
+        c.flush()
+        r2 = await c.response(sid2)
+        assert r2.status == 200
+        c.close()
+
+
+async def test_idle_connections_close(start_gateway: Any, catalog: Catalog) -> None:
+    """After client_idle_timeout without a stream (GOAWAY NO_ERROR, then close); a connection that
+    never opens one closes after request_head_timeout."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("idle", host="127.0.0.1")
+        gw = await start_gateway(client_idle_timeout=1.0, request_head_timeout=1.0)
+        c = await H2Client.connect(gw.port)
+        r = await c.request(gw.host(up.port, "idle"), "/")
+        assert r.status == 200
+        assert await c.closed(timeout=WAIT)
+        assert c.goaways == [1]
+        silent = await H2Client.connect(gw.port)
+        assert await silent.closed(timeout=WAIT)
+
+
+async def test_a_sandbox_failure_resets_only_its_stream(start_gateway: Any, catalog: Catalog) -> None:
+    async def breaks(c: UpstreamConn) -> None:
+        head, _ = await c.read_request()
+        if b"/cut" in head:
+            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+            await c.writer.drain()
+            c.reset()
+        else:
+            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx")  # invalid
+
+    async with RawUpstream(breaks) as up, RawUpstream(echo_handler) as ok:
+        catalog.put("br", host="127.0.0.1")
+        catalog.put("fine", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await H2Client.connect(gw.port)
+        cut = c.start(gw.host(up.port, "br"), "/cut")
+        bad = c.start(gw.host(up.port, "br"), "/bad")
+        good = c.start(gw.host(ok.port, "fine"), "/good")
+        r = await c.response(cut)
+        assert r.reset == h2.errors.ErrorCodes.INTERNAL_ERROR and bytes(r.body) == b"only part"
+        r = await c.response(bad)
+        assert (r.status, r.header(b"x-gateway-reason")) == (502, b"upstream_invalid_response")
+        r = await c.response(good)
+        assert r.status == 200
+        assert not c.lost.is_set()
+        c.close()
