@@ -39,7 +39,12 @@ class H2Response:
 
 
 class H2Client(asyncio.Protocol):
-    def __init__(self, auto_ack: bool = True, settings: dict[int, int] | None = None) -> None:
+    def __init__(
+        self, auto_ack: bool = True, settings: dict[int, int] | None = None, drain_aware: bool = False
+    ) -> None:
+        """``drain_aware``: GOAWAY frames are kept from h2 (which would refuse every frame after one,
+        python-hyper/h2#1181) and noted in ``goaways``: in-flight streams complete, as with browsers."""
+        self.drain_aware = drain_aware
         cfg = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
                                         normalize_outbound_headers=False, validate_inbound_headers=False)  # fmt: skip
         self.conn = h2.connection.H2Connection(cfg)
@@ -89,6 +94,8 @@ class H2Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         self.changed.set()
+        if self.drain_aware:
+            data = self._without_goaways(data)
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:  # type: ignore[attr-defined]
@@ -122,8 +129,24 @@ class H2Client(asyncio.Protocol):
                 r.head.set()
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.goaway = self.goaway or ev
-        self._scan_goaways(data)
+        if not self.drain_aware:
+            self._scan_goaways(data)
         self.flush()
+
+    def _without_goaways(self, data: bytes) -> bytes:
+        buf = getattr(self, "_pending", b"") + data
+        out = []
+        while len(buf) >= 9:
+            length = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + length:
+                break
+            if buf[3] == 7:
+                self.goaways.append(int.from_bytes(buf[9:13], "big") & 0x7FFFFFFF)
+            else:
+                out.append(buf[: 9 + length])
+            buf = buf[9 + length :]
+        self._pending = buf
+        return b"".join(out)
 
     def _scan_goaways(self, data: bytes) -> None:
         """h2 closes its state machine at the first GOAWAY; a drain sends two: read frames raw too."""

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import aiohttp
+import h2.errors
 import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
@@ -26,6 +27,7 @@ from websockets.frames import Close, Frame, Opcode
 
 from gateway.http.wsframes import close_frame
 from tests.conftest import WAIT, Catalog
+from tests.h2client import H2Client, H2Response
 from tests.helpers import Client, RawUpstream, UpstreamConn, read_response, request, response
 from tests.integration.test_operations import children
 from tests.needs import tool
@@ -481,3 +483,133 @@ async def test_a_connection_accepted_just_before_the_listeners_close_is_served(
         await asyncio.wait_for(drain, WAIT)
         await used.close()
         await fresh.close()
+
+
+# ---- HTTP/2
+
+
+class H2Browser:
+    """An HTTP/2 client as browsers are: one connection at a time; after a GOAWAY new requests go to a
+    new connection while the streams in flight finish; a stream refused (REFUSED_STREAM, RFC 9113
+    §8.7: not processed) is sent again there."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn: H2Client | None = None
+        self.moved = 0  # times a GOAWAY sent this client to a new connection
+        self.refused = 0
+
+    async def request(self, host: str, path: str) -> H2Response:
+        for _ in range(5):
+            c = self.conn
+            if c is None or c.goaways or c.lost.is_set():
+                if c is not None and c.goaways:
+                    self.moved += 1
+                c = self.conn = await H2Client.connect(self.port, drain_aware=True)
+            r = await c.request(host, path)
+            if r.reset == h2.errors.ErrorCodes.REFUSED_STREAM:
+                self.refused += 1
+                continue
+            return r
+        raise AssertionError("refused five times")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+async def test_zero_loss_across_sigterm_over_http2(gateway_process: Any, catalog: Catalog) -> None:
+    """The zero-loss drain over HTTP/2: 32 clients, two streams at a time each on one connection, 2
+    workers. Each keeps sending until LAG seconds after it saw /ready 503. The drain's GOAWAY (first
+    with the highest stream ID, then, a round trip later, with the last one processed) moves them to
+    new connections with no stream lost; the process exits 0."""
+    async with RawUpstream(slowish) as up:
+        catalog.put("zl2", host="127.0.0.1")
+        gw = gateway_process("--workers", "2", env={"GATEWAY_DRAIN_DELAY": "3.5", "GATEWAY_SHUTDOWN_TIMEOUT": "10"})
+        host = gw.host(up.port, "zl2")
+        loop = asyncio.get_running_loop()
+        stop_at = float("inf")
+        saw_503 = 0.0
+        sent = failed = after_503 = 0
+        clients = [H2Browser(gw.port) for _ in range(32)]
+
+        async def balancer() -> None:
+            nonlocal stop_at, saw_503
+            while stop_at == float("inf"):
+                if (await ready(gw.admin_port))[0] == 503:
+                    saw_503 = loop.time()
+                    stop_at = saw_503 + LAG
+                await asyncio.sleep(0.05)
+
+        async def stream_loop(b: H2Browser) -> None:
+            nonlocal sent, failed, after_503
+            while loop.time() < stop_at:
+                sent += 1
+                after_503 += saw_503 > 0
+                try:
+                    r = await b.request(host, "/h2")
+                    if r.status != 200 or bytes(r.body) != b"ok":
+                        failed += 1
+                        print("failed:", r.status, r.reset, bytes(r.body)[:100])
+                except (OSError, AssertionError, TimeoutError) as e:
+                    failed += 1
+                    print("failed:", repr(e))
+
+        async def terminate() -> None:
+            while sent < 500:
+                await asyncio.sleep(0.01)
+            gw.proc.send_signal(signal.SIGTERM)
+
+        async with asyncio.timeout(WAIT * 4):
+            await asyncio.gather(balancer(), terminate(), *(stream_loop(b) for b in clients for _ in range(2)))
+        for b in clients:
+            b.close()
+        moved = sum(b.moved for b in clients)
+        refused = sum(b.refused for b in clients)
+        print(f"sent {sent}, after /ready 503: {after_503}, moved by GOAWAY {moved}, refused and retried {refused}")
+        assert failed == 0
+        assert after_503 > 64  # the lag really was served by the draining gateway
+        assert moved >= len(clients)  # every client was told to move on while served normally
+        assert await asyncio.to_thread(gw.proc.wait, WAIT * 3) == 0
+
+
+async def test_http2_streams_in_flight_finish_after_the_final_goaway(start_gateway: Any, catalog: Catalog) -> None:
+    """SIGTERM's drain: GOAWAY 2^31-1 at once, then GOAWAY with the last stream ID; the streams in
+    flight finish within shutdown_timeout; a stream opened after the final GOAWAY is refused."""
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def held(c: UpstreamConn) -> None:
+        while True:
+            head, _ = await c.read_request()
+            if b"/slow" in head:
+                arrived.set()
+                async with asyncio.timeout(WAIT * 2):
+                    await release.wait()
+            c.send(response(200, b"done"))
+
+    async with RawUpstream(held) as up:
+        catalog.put("fg", host="127.0.0.1")
+        gw = await start_gateway(shutdown_timeout=20.0)
+        host = gw.host(up.port, "fg")
+        c = await H2Client.connect(gw.port, drain_aware=True)
+        slow = c.start(host, "/slow")
+        async with asyncio.timeout(WAIT):
+            await arrived.wait()
+        drain = asyncio.ensure_future(gw.gateway.drain(0.0))
+        async with asyncio.timeout(WAIT):
+            while len(c.goaways) < 2:
+                c.changed.clear()
+                await c.changed.wait()
+        assert c.goaways == [2**31 - 1, slow]
+        late = c.start(host, "/late")  # the client did not listen: refused, never processed
+        r = await c.response(late)
+        assert r.reset == h2.errors.ErrorCodes.REFUSED_STREAM
+        assert not drain.done()
+        release.set()
+        r = await c.response(slow)
+        assert r.status == 200 and bytes(r.body) == b"done"
+        async with asyncio.timeout(WAIT):
+            await drain
+        assert await c.closed()
+        assert b"/late" not in up.received
