@@ -3,7 +3,7 @@
 Fields (absent values are null)::
 
     {"time": "2026-11-26T12:00:00.123Z", "type": "request" | "tunnel", "request_id": "...",
-     "client_ip": "...", "method": "GET", "host": "3000-abc.e2b.dev", "path": "/x",
+     "client_ip": "...", "protocol": "http/1.1" | "h2", "method": "GET", "host": "3000-abc.e2b.dev", "path": "/x",
      "sandbox_id": "abc", "port": 3000, "status": 200, "reason": "sandbox" | "<reason code>",
      "bytes_in": 123, "bytes_out": 456, "duration_ms": 1.234, "upstream_connect_ms": 0.321 | null,
      "upstream_addr": "10.0.0.7:3000" | null}
@@ -76,6 +76,7 @@ class AccessLog:
         kind: str,
         request_id: bytes,
         client_ip: str,
+        protocol: str,
         head_part: str,
         sandbox_id: str | None,
         port: int | None,
@@ -94,7 +95,8 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         self._buf.append(
             f'{{"time":"{self._stamp}.{int((now - sec) * 1000):03d}Z","type":"{kind}",'
-            f'"request_id":{_js(request_id) if request_id else "null"},"client_ip":"{client_ip}",{head_part},'
+            f'"request_id":{_js(request_id) if request_id else "null"},"client_ip":"{client_ip}",'
+            f'"protocol":"{protocol}",{head_part},'
             f'"sandbox_id":{"null" if sandbox_id is None else chr(34) + sandbox_id + chr(34)},'
             f'"port":{"null" if port is None else port},"status":{status},"reason":"{reason}",'
             f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{duration * 1000:.3f},'

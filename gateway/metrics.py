@@ -52,7 +52,8 @@ _HISTOGRAMS = ("duration", "connect", "loop_lag")
 Snapshot = dict[str, Any]
 
 #: Snapshot keys that are gauges (a dead worker's are dropped when merging).
-_GAUGES = ("downstream_connections", "upstream_connections", "tunnels", "pool_idle", "cached_records")
+_GAUGES = ("downstream_connections", "upstream_connections", "tunnels", "pool_idle", "cached_records",
+           "http2_connections", "http2_streams")  # fmt: skip
 _COUNTERS = ("cache_hits", "cache_misses", "cache_stale", "redis_errors", "bytes_in", "bytes_out", "tunnels_total",
              "worker_restarts", "worker_stalls")  # fmt: skip
 
@@ -76,7 +77,8 @@ class Metrics:
     """One worker's numbers. The data plane updates the attributes directly."""
 
     __slots__ = (
-        "bytes_in", "bytes_out", "connect", "duration", "loop_lag", "requests", "sandbox_status", "tunnels_total",
+        "bytes_in", "bytes_out", "connect", "duration", "h2_requests", "h2_sandbox_status", "loop_lag", "requests",
+        "sandbox_status", "tunnels_total",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -84,6 +86,9 @@ class Metrics:
         #: sandbox answered (no tuple to build on the common path); classes are made at scrape time
         self.requests: collections.defaultdict[tuple[int, str], int] = collections.defaultdict(int)
         self.sandbox_status: collections.defaultdict[int, int] = collections.defaultdict(int)
+        #: the same for requests that came over HTTP/2 (the metric's ``protocol`` label)
+        self.h2_requests: collections.defaultdict[tuple[int, str], int] = collections.defaultdict(int)
+        self.h2_sandbox_status: collections.defaultdict[int, int] = collections.defaultdict(int)
         self.duration = Histogram(DURATION_BUCKETS)
         self.connect = Histogram(CONNECT_BUCKETS)
         self.loop_lag = Histogram(LAG_BUCKETS)  # observed by the watchdog's heartbeat
@@ -94,8 +99,10 @@ class Metrics:
     def snapshot(self, gauges: dict[str, float], counters: dict[str, float]) -> Snapshot:
         """Everything as JSON-able data; ``gauges``/``counters`` come from the rest of the worker."""
         return {
-            "requests": [[_class(s), r, n] for (s, r), n in self.requests.items()]
-            + [[_class(s), "sandbox", n] for s, n in self.sandbox_status.items()],
+            "requests": [[_class(s), r, "http/1.1", n] for (s, r), n in self.requests.items()]
+            + [[_class(s), "sandbox", "http/1.1", n] for s, n in self.sandbox_status.items()]
+            + [[_class(s), r, "h2", n] for (s, r), n in self.h2_requests.items()]
+            + [[_class(s), "sandbox", "h2", n] for s, n in self.h2_sandbox_status.items()],
             "duration": {"counts": list(self.duration.counts), "sum": self.duration.sum},
             "connect": {"counts": list(self.connect.counts), "sum": self.connect.sum},
             "loop_lag": {"counts": list(self.loop_lag.counts), "sum": self.loop_lag.sum},
@@ -126,8 +133,9 @@ def merge(snapshots: Iterable[tuple[Snapshot, bool]]) -> Snapshot:
     """Sum worker snapshots; ``(snapshot, alive)``: a dead worker's gauges are left out."""
     out: Snapshot = {"requests": {}, "duration": {}, "connect": {}, "loop_lag": {}, "workers": 0}
     for snap, alive in snapshots:
-        for c, r, n in snap.get("requests", ()):
-            out["requests"][(c, r)] = out["requests"].get((c, r), 0) + n
+        for entry in snap.get("requests", ()):
+            c, r, p, n = entry if len(entry) == 4 else (entry[0], entry[1], "http/1.1", entry[2])
+            out["requests"][(c, r, p)] = out["requests"].get((c, r, p), 0) + n
         for k in _HISTOGRAMS:
             if k in snap:
                 _add_hist(out[k], snap[k])
@@ -156,11 +164,12 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         s: Snapshot = self.source()
         req = CounterMetricFamily(
-            "gateway_requests", "Requests answered, by status class and reason (sandbox: the sandbox answered)",
-            labels=["code", "reason"],
+            "gateway_requests",
+            "Requests answered, by status class, reason (sandbox: the sandbox answered) and protocol (http/1.1, h2)",
+            labels=["code", "reason", "protocol"],
         )  # fmt: skip
-        for (c, r), n in sorted(s["requests"].items()):
-            req.add_metric([c, r], n)
+        for (c, r, p), n in sorted(s["requests"].items()):
+            req.add_metric([c, r, p], n)
         yield req
         yield _hist("gateway_request_duration_seconds", "Time from request head to the response's end",
                     DURATION_BUCKETS, s["duration"])  # fmt: skip
@@ -173,6 +182,9 @@ class _Collector(Collector):
         yield g("gateway_upstream_connections", "Open connections to sandboxes (busy and idle, not tunnels)",
                 s.get("upstream_connections", 0))  # fmt: skip
         yield g("gateway_tunnels", "Open WebSocket/upgrade tunnels", s.get("tunnels", 0))
+        yield g("gateway_http2_connections", "Open client connections speaking HTTP/2", s.get("http2_connections", 0))
+        yield g("gateway_http2_streams", "Open HTTP/2 streams (requests in progress and WebSockets over HTTP/2)",
+                s.get("http2_streams", 0))  # fmt: skip
         yield g("gateway_pool_idle_connections", "Idle pooled connections to sandboxes", s.get("pool_idle", 0))
         yield g("gateway_catalog_cached_records", "Catalog answers held in the in-process cache",
                 s.get("cached_records", 0))  # fmt: skip

@@ -28,6 +28,7 @@ from gateway.config import Config
 from gateway.http import proxy_tls
 from gateway.http.context import Context
 from gateway.http.downstream import ClientConnection
+from gateway.http.http2 import H2Connection
 from gateway.http.resume import Resumer
 from gateway.http.upstream import Pool
 from gateway.metrics import Snapshot, merge, write_snapshot
@@ -184,9 +185,12 @@ class Gateway:
         ctx = self.ctx
         cat = self.catalog
         pool = self.pool
+        h2 = [c for c in ctx.connections if isinstance(c, H2Connection)]
         snap = ctx.metrics.snapshot(
             gauges={
                 "downstream_connections": len(ctx.connections),
+                "http2_connections": len(h2),
+                "http2_streams": sum(len(c.streams) for c in h2),
                 "upstream_connections": pool.opened,
                 "tunnels": len(ctx.tunnels),
                 "pool_idle": pool.idle_count,

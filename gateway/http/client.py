@@ -33,7 +33,11 @@ if TYPE_CHECKING:
     from gateway.http.proxy import Exchange
     from gateway.http.upstream import UpstreamConnection
 
-__all__ = ["ClientSide"]
+__all__ = ["H1", "H2", "ClientSide"]
+
+#: ``ClientSide.protocol`` (the ALPN identifiers): compared by identity on the hot path.
+H1 = "http/1.1"
+H2 = "h2"
 
 
 class ClientSide(Protocol):

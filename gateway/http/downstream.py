@@ -31,6 +31,7 @@ from typing import cast
 from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing, proxy_protocol, tunnel
+from gateway.http.client import H1
 from gateway.http.context import Context
 from gateway.http.framing import BODY, END, HEAD, HEAD_BODY, NEED, UPGRADE
 from gateway.http.headers import Peer, RequestHead, analyze_request, analyze_response
@@ -70,7 +71,7 @@ class ClientConnection(asyncio.Protocol):
 
     It is the :class:`~gateway.http.client.ClientSide` of its exchanges, one at a time."""
 
-    protocol = "http/1.1"
+    protocol = H1
 
     __slots__ = (
         "active",

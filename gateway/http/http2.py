@@ -59,6 +59,7 @@ from hyperframe.frame import GoAwayFrame
 from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing, h2map
+from gateway.http.client import H2
 from gateway.http.headers import Peer, RequestHead, analyze_request, analyze_response
 from gateway.http.proxy import Exchange
 
@@ -215,7 +216,7 @@ def _config() -> h2.config.H2Configuration:
 class H2Stream:
     """One stream of an HTTP/2 connection: the client side of one exchange (client.py)."""
 
-    protocol = "h2"
+    protocol = H2
 
     __slots__ = (
         "bytes_mark",
@@ -555,6 +556,8 @@ class H2Connection(asyncio.Protocol):
         self.flush_later()
         if data:
             self.data_received(data)
+        if self.ctx.draining and not self.closing:  # accepted during drain_delay: move on, please
+            self._notice_goaway()
 
     # ---- the Outbox's view: a transport whose pending frames leave when it is flushed
 

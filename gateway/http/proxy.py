@@ -30,6 +30,7 @@ from gateway.errors import Reason
 from gateway.hostname import Route, authority_matches, parse_routing_fields
 from gateway.http import flow, framing, hdrs
 from gateway.http.admission import Answer
+from gateway.http.client import H2
 from gateway.http.headers import RequestHead, find_header, raw_fields
 from gateway.http.upstream import UpstreamConnection, connect_failure
 from gateway.policy import Forward, decide
@@ -274,7 +275,12 @@ class Exchange:
             self.ended = True
             bytes_in = len(req.raw) + self.body_bytes
             bytes_out = self.resp_bytes if out_bytes is None else out_bytes
-            if reason == "sandbox":
+            if self.client.protocol is H2:
+                if reason == "sandbox":
+                    m.h2_sandbox_status[status] += 1
+                else:
+                    m.h2_requests[status, reason] += 1
+            elif reason == "sandbox":
                 m.sandbox_status[status] += 1
             else:
                 m.requests[status, reason] += 1
@@ -294,7 +300,7 @@ class Exchange:
             if part is None:
                 part = req.log_part = log.head_part(req.method, req.host, req.target)
             log.log(
-                "request" if tunnel is None else "tunnel", self.rid, self.client.peer.ip, part,
+                "request" if tunnel is None else "tunnel", self.rid, self.client.peer.ip, self.client.protocol, part,
                 route.sandbox_id if route else None, route.port if route else None, status, reason,
                 bytes_in, bytes_out, seconds, self.connect_time, fwd.upstream if fwd else None,
             )  # fmt: skip

@@ -16,6 +16,7 @@ from tests import needs
 from tests.conftest import WAIT, Catalog, RunningGateway
 from tests.h2client import H2Client, error_codes
 from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, response
+from tests.integration.test_observability import log_lines, scrape, value
 from tests.integration.test_operations import client_ctx, make_cert, tls_request
 
 
@@ -409,3 +410,51 @@ async def test_tls_alpn_h2_and_http11_on_one_listener(start_gateway: Any, catalo
             capture_output=True, timeout=WAIT, check=False,
         )  # fmt: skip
         assert out.stdout == b"1.1"  # http2 off: ALPN offers http/1.1 only
+
+
+# ---- metrics and the access log
+
+
+async def test_metrics_and_access_log_say_the_protocol(start_gateway: Any, catalog: Catalog, tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    release = asyncio.Event()
+
+    async def handler(c: UpstreamConn) -> None:
+        while True:
+            head, _ = await c.read_request()
+            if b"/wait" in head:
+                await release.wait()
+            c.send(response(200, b"ok"))
+
+    async with RawUpstream(handler) as up:
+        catalog.put("mx", host="127.0.0.1")
+        gw = await start_gateway(access_log=str(log))
+        host = gw.host(up.port, "mx")
+        c = await H2Client.connect(gw.port)
+        for _ in range(3):
+            assert (await c.request(host, "/h2")).status == 200
+        assert (await c.request("80-nosuch.e2b.test", "/")).status == 502
+        waiting = [c.start(host, "/wait") for _ in range(4)]
+        h1 = await Client.connect(gw.port)
+        assert (await h1.request(host, "/h1")).status == 200
+        await h1.close()
+        async with asyncio.timeout(WAIT):
+            while sum(1 for x in up.received.split(b"\r\n") if x.startswith(b"GET /wait")) < 4:
+                await asyncio.sleep(0.01)
+        text = await scrape(gw.admin_port)
+        assert value(text, "gateway_requests_total", code="2xx", reason="sandbox", protocol="h2") == 3
+        assert value(text, "gateway_requests_total", code="5xx", reason="sandbox_not_found", protocol="h2") == 1
+        assert value(text, "gateway_requests_total", code="2xx", reason="sandbox", protocol="http/1.1") == 1
+        assert value(text, "gateway_http2_connections") == 1
+        assert value(text, "gateway_http2_streams") == 4
+        release.set()
+        for sid in waiting:
+            await c.response(sid)
+        c.close()
+        async with asyncio.timeout(WAIT):
+            while not log.exists() or len(log_lines(log)) < 9:
+                await asyncio.sleep(0.05)
+        lines = log_lines(log)
+        assert sorted(x["protocol"] for x in lines) == ["h2"] * 8 + ["http/1.1"]
+        first = lines[0]
+        assert (first["method"], first["host"], first["path"], first["status"]) == ("GET", host, "/h2", 200)

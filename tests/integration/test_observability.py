@@ -47,9 +47,9 @@ async def test_metrics(start_gateway: Any, catalog: Catalog) -> None:
         idle = await Client.connect(gw.port)  # an open client connection
         tunnel = await upgraded_client(gw, gw.host(ws.port, "mx"))
         text = await scrape(gw.admin_port)
-        assert value(text, "gateway_requests_total", code="2xx", reason="sandbox") == 5
-        assert value(text, "gateway_requests_total", code="5xx", reason="sandbox_not_found") == 1
-        assert value(text, "gateway_requests_total", code="1xx", reason="sandbox") == 1  # the 101
+        assert value(text, "gateway_requests_total", code="2xx", reason="sandbox", protocol="http/1.1") == 5
+        assert value(text, "gateway_requests_total", code="5xx", reason="sandbox_not_found", protocol="http/1.1") == 1
+        assert value(text, "gateway_requests_total", code="1xx", reason="sandbox", protocol="http/1.1") == 1  # the 101
         assert value(text, "gateway_request_duration_seconds_count") == 7
         assert value(text, "gateway_request_duration_seconds_bucket", le="+Inf") == 7
         assert value(text, "gateway_upstream_connect_duration_seconds_count") >= 2
@@ -94,12 +94,12 @@ async def test_access_log_lines(start_gateway: Any, catalog: Catalog, tmp_path: 
         lines = log_lines(log)
         first = lines[0]
         assert set(first) == {
-            "time", "type", "request_id", "client_ip", "method", "host", "path", "sandbox_id", "port", "status",
+            "time", "type", "request_id", "client_ip", "protocol", "method", "host", "path", "sandbox_id", "port", "status",
             "reason", "bytes_in", "bytes_out", "duration_ms", "upstream_connect_ms", "upstream_addr",
         }  # fmt: skip
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
         assert first["type"] == "request" and first["request_id"] == rid.decode()
-        assert first["client_ip"] == "127.0.0.1" and first["method"] == "POST"
+        assert first["client_ip"] == "127.0.0.1" and first["method"] == "POST" and first["protocol"] == "http/1.1"
         assert first["host"] == gw.host(up.port, "al") and first["path"] == "/path/x"  # query dropped
         assert (first["sandbox_id"], first["port"], first["status"], first["reason"]) == ("al", up.port, 200, "sandbox")
         assert rid is not None

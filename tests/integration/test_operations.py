@@ -46,7 +46,7 @@ async def test_workers_share_the_listener_and_are_restarted(gateway_process: Any
         results = await asyncio.gather(*(request(gw.port, host, f"/{i}") for i in range(40)))
         assert [r.status for r in results] == [200] * 40
         async with asyncio.timeout(WAIT):  # the workers report within a second; the supervisor sums
-            while value(text := await scrape(gw.admin_port), "gateway_requests_total", code="2xx",
+            while value(text := await scrape(gw.admin_port), "gateway_requests_total", code="2xx", protocol="http/1.1",
                         reason="sandbox") < 40:  # fmt: skip
                 await asyncio.sleep(0.1)
         assert value(text, "gateway_workers") == 2
@@ -63,7 +63,16 @@ async def test_workers_share_the_listener_and_are_restarted(gateway_process: Any
         assert [r.status for r in results] == [200] * 20
         # counters of the dead worker are kept: the total never goes backwards
         async with asyncio.timeout(WAIT):
-            while value(await scrape(gw.admin_port), "gateway_requests_total", code="2xx", reason="sandbox") < 60:
+            while (
+                value(
+                    await scrape(gw.admin_port),
+                    "gateway_requests_total",
+                    code="2xx",
+                    reason="sandbox",
+                    protocol="http/1.1",
+                )
+                < 60
+            ):
                 await asyncio.sleep(0.1)
         gw.proc.send_signal(signal.SIGTERM)
         assert gw.proc.wait(WAIT * 2) == 0
