@@ -8,6 +8,10 @@ use it to compare two versions of the hot path.
 
     .venv/bin/python bench/hotpath.py [--real] [-n 100000]
     .venv/bin/python bench/hotpath.py --callgrind [--real] [--private header|cookie]
+    .venv/bin/python bench/hotpath.py [--callgrind] --h2 [--real]
+
+``--h2`` sends the requests as HTTP/2 streams, 16 at a time on one connection (as the referee's h2load
+does), to 16 pooled upstream connections: the HTTP/2 front end's cost per request.
 
 ``--private`` makes the sandbox private and the request carry its token in the token field, or the
 access cookie a link gave (http/admission.py), to see what a private sandbox's request costs more.
@@ -116,6 +120,71 @@ def private_request(req: bytes, how: str) -> bytes:
     return req[:-2] + b"Cookie: e2b_access=" + value + b"\r\n\r\n"
 
 
+def h2_batches(n: int, real: bool) -> list[bytes]:
+    """The client's bytes: the preface and settings, then ``n`` requests as batches of 16 HEADERS."""
+    import h2.config  # noqa: PLC0415
+    import h2.connection  # noqa: PLC0415
+
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    c.initiate_connection()
+    c.increment_flow_control_window(2**31 - 1 - 65535)
+    head = REAL_REQ if real else SMALL_REQ
+    lines = head.split(b"\r\n")[1:-2]
+    fields = [(k.lower(), v) for k, _, v in (line.partition(b": ") for line in lines) if k.lower() != b"host"]
+    headers = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"18100-abc.e2b.dev"),
+               (b":path", head.split(b" ")[1]), *fields]  # fmt: skip
+    out = [c.data_to_send()]
+    for _ in range(n // BATCH):
+        for _ in range(BATCH):
+            c.send_headers(c.get_next_available_stream_id(), headers, end_stream=True)
+        out.append(c.data_to_send())
+        c.streams.clear()  # the server's answers are not read back: forget the streams
+    return out
+
+
+async def run_h2(n: int, real: bool, ready: str | None) -> float:
+    from gateway.http.headers import Peer  # noqa: PLC0415
+    from gateway.http.http2 import H2Connection  # noqa: PLC0415
+
+    cfg = load_config(None, env={}, overrides={"domains": ("e2b.dev",), "redis_url": "redis://unused"})
+    loop = asyncio.get_running_loop()
+    cache = CatalogCache(1e9, 1, 1, 100)
+    cache.put("abc", SandboxRecord("127.0.0.1", "e1"), loop.time())
+    catalog = Catalog(None, cache, "sandbox:catalog:", 1)  # type: ignore[arg-type]  # never asked
+    pool = Pool(1e9, 64, 64, 65536)
+    ctx = Context(cfg, catalog, pool)
+    ups = []
+    for _ in range(BATCH):
+        up = UpstreamConnection(pool, pool_key("127.0.0.1", 18100, "e1"))
+        up.connection_made(MemoryTransport())  # type: ignore[arg-type]
+        pool.release(up)
+        ups.append(up)
+    conn = H2Connection(ctx, MemoryTransport(), Peer.make("127.0.0.1", 8080, False, ()), 8080)  # type: ignore[arg-type]
+    ctx.outbox.loop = _NoCallSoon()  # type: ignore[assignment]
+    flush = ctx.outbox.flush
+    resp = REAL_RESP if real else SMALL_RESP
+    batches = h2_batches(n + 100 * BATCH, real)
+    conn.data_received(batches[0])
+
+    def one(batch: bytes) -> None:
+        conn.data_received(batch)
+        for up in ups:
+            if up.exchange is not None:
+                up.data_received(resp)
+        flush()
+
+    for b in batches[1:101]:  # warm up
+        one(b)
+    if ready:
+        open(ready + ".ready", "w").close()
+        while not os.path.exists(ready + ".go"):
+            time.sleep(0.01)
+    t0 = time.perf_counter()
+    for b in batches[101:]:
+        one(b)
+    return (time.perf_counter() - t0) / n
+
+
 async def run(n: int, real: bool, ready: str | None, private: str | None = None) -> float:
     env = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}  # to try settings (access log...)
     cfg = load_config(None, env=env, overrides={"domains": ("e2b.dev",), "redis_url": "redis://unused"})
@@ -162,6 +231,8 @@ def callgrind(args: argparse.Namespace) -> None:
         mark = os.path.join(d, "m")
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={d}/out",
                sys.executable, __file__, "-n", str(args.n), "--ready", mark] + (["--real"] if args.real else [])  # fmt: skip
+        if args.h2:
+            cmd.append("--h2")
         if args.private:
             cmd += ["--private", args.private]
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -175,6 +246,7 @@ def callgrind(args: argparse.Namespace) -> None:
         _, err = proc.communicate(timeout=600)
         total = next(int(line.split()[-1].replace(",", "")) for line in err.splitlines() if "Collected" in line)
         what = ("real" if args.real else "small") + (f", private by {args.private}" if args.private else "")
+        what += ", HTTP/2" if args.h2 else ""
         print(f"{total / args.n:,.0f} instructions per request ({what})")
 
 
@@ -184,6 +256,7 @@ def main() -> None:
     ap.add_argument("--real", action="store_true", help="the 14-header request and 15-header response")
     ap.add_argument("--callgrind", action="store_true", help="count instructions under valgrind")
     ap.add_argument("--private", choices=("header", "cookie"), help="a private sandbox, reached by token or cookie")
+    ap.add_argument("--h2", action="store_true", help="HTTP/2 streams, 16 at a time on one connection")
     ap.add_argument("--ready", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.callgrind:
@@ -191,10 +264,15 @@ def main() -> None:
             args.n = 2000
         callgrind(args)
         return
-    per = uvloop.run(run(args.n, args.real, args.ready, args.private))
+    if args.h2:
+        per = uvloop.run(run_h2(args.n, args.real, args.ready))
+    else:
+        per = uvloop.run(run(args.n, args.real, args.ready, args.private))
     if args.ready:
         os._exit(0)  # stop counting here, not in interpreter shutdown
-    print(f"{per * 1e6:.2f} µs of Python per request ({'real' if args.real else 'small'}, n={args.n})")
+    print(
+        f"{per * 1e6:.2f} µs of Python per request ({'real' if args.real else 'small'}{', HTTP/2' if args.h2 else ''}, n={args.n})"
+    )
 
 
 if __name__ == "__main__":
