@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # and the short run `make test` includes.
 FUZZ_S ?= 60
 TEST_FUZZ_S ?= 10
-FUZZ_TARGETS := requests responses
+FUZZ_TARGETS := requests responses h2requests
 
 .PHONY: install peers run test lint typecheck pytest fuzz fuzz-short conformance bench config clean
 

@@ -11,6 +11,10 @@ sandbox side):
 - every message the gateway accepts is the one the plain reference framer finds there;
 - the head the gateway would forward (request: ``upstream_head``; response: the analysed head)
   is built without error and still ends its head where it should;
+- ``h2requests``: an HTTP/2 request's field list (the input, decoded by :func:`fields`) is written as an
+  HTTP/1.1 head (gateway/http/h2map.py) or refused: a head written holds exactly one line per field,
+  none with CR, LF or NUL, one end, and the header analysis takes it (no field smuggles a line, a
+  second head or a body framing into what the sandbox gets);
 - under the fuzzer, it takes at most ``LIMIT`` seconds of CPU (a slow input is as bad as a crash:
   it stalls a loop; libFuzzer's own timeout catches one that never returns). The test suite
   replays inputs without the CPU limit (no timed assertions in tests) but with a bound that turns
@@ -22,11 +26,13 @@ from __future__ import annotations
 import itertools
 import time
 
+from gateway.errors import Reason
+from gateway.http import framing, h2map
 from gateway.http.headers import FieldRoles, Peer, RequestHead, analyze_request, analyze_response
 from tests import framing_driver as drive
 
 LIMIT = 0.1  #: seconds of CPU per input
-TARGETS = ("requests", "responses")
+TARGETS = ("requests", "responses", "h2requests")
 _PEER = Peer.make("198.51.100.7", 443, True, ())
 _FIELDS = FieldRoles()
 
@@ -48,11 +54,46 @@ def decode(data: bytes) -> tuple[list[bytes], bytes, bool, bool]:
     return reads, stream, bool(flags & 8), bool(flags & 16)
 
 
+def fields(data: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """(an HTTP/2 field list, END_STREAM): byte 0 bit 0 is END_STREAM; then fields, each a length
+    byte and the name, a length byte and the value (a truncated last one is dropped)."""
+    out = []
+    pos = 1
+    while pos < len(data):
+        n = data[pos]
+        name = data[pos + 1 : pos + 1 + n]
+        pos += 1 + n
+        if pos >= len(data):
+            break
+        m = data[pos]
+        value = data[pos + 1 : pos + 1 + m]
+        pos += 1 + m
+        out.append((name, value))
+    return out, bool(data[:1] and data[0] & 1)
+
+
 def check(target: str, data: bytes, cpu_limit: float | None = None) -> None:
     """Raise if ``data`` breaks a property (see the module docstring)."""
     t0 = time.thread_time()
     reads, stream, head_request, http10 = decode(data)
-    if target == "requests":
+    if target == "h2requests":
+        headers, end = fields(data)
+        m = h2map.request_head(headers, end)
+        if not isinstance(m, str):
+            raw = m.raw
+            assert raw.endswith(b"\r\n\r\n") and raw.count(b"\r\n\r\n") == 1, "not one head"
+            lines = raw[:-4].split(b"\r\n")
+            assert len(lines) == 1 + m.fields, "a field became more than one line"
+            assert not any(b"\n" in x or b"\r" in x or b"\x00" in x for x in lines), "CR, LF or NUL in a line"
+            r = analyze_request(raw, _FIELDS)
+            assert isinstance(r, (RequestHead, Reason))
+            if isinstance(r, RequestHead):
+                out = r.upstream_head(_PEER, None)
+                assert out.endswith(b"\r\n\r\n") and out.count(b"\r\n\r\n") == 1
+                # chunked towards the sandbox exactly when the mapping said so (a client's own
+                # transfer-encoding is refused: it is connection-specific)
+                assert (r.body == framing.CHUNKED) == m.chunked, "a body framing the mapping did not choose"
+    elif target == "requests":
         whole = drive.requests([stream])
         assert drive.requests(reads) == whole, "the verdict depends on how the bytes are split"
         ref, _ = drive.reference_requests(stream)
