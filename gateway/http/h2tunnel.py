@@ -11,7 +11,11 @@ sockets for HTTP/1.1: WebSocket frames pass unchanged both ways. What the tunnel
 - half-close: END_STREAM from the client becomes a write shutdown towards the sandbox, the
   sandbox's FIN becomes END_STREAM;
 - a reset on either side resets the other (RST_STREAM CANCEL towards the client, RST towards the
-  sandbox); other streams on the connection are untouched.
+  sandbox); other streams on the connection are untouched;
+- a clean end on drain, as tunnel.py's: both directions' frame boundaries are followed (wsframes.py),
+  and when the listeners close each side gets a Close 1001 between two frames (the sandbox's masked,
+  as from a client); then nothing more is relayed and each side's closing handshake ends with its own
+  Close (the client's: END_STREAM; the sandbox's: its connection closes).
 
 Go's standard proxy cannot take over an HTTP/2 stream like this: E2B's edge has no WebSockets over
 HTTP/2.
@@ -26,6 +30,7 @@ import h2.errors
 
 from gateway.http import flow, h2map
 from gateway.http.headers import analyze_response
+from gateway.http.wsframes import FrameTracker, close_frame
 
 if TYPE_CHECKING:
     from gateway.http.http2 import H2Stream
@@ -38,8 +43,8 @@ __all__ = ["H2Tunnel", "start"]
 class H2Tunnel(asyncio.Protocol):
     """The sandbox side of a WebSocket over an HTTP/2 stream (a protocol on the sandbox connection)."""
 
-    __slots__ = ("address", "closed", "count_in", "count_out", "ctx", "eof", "exchange", "execution_id",
-                 "gate", "last", "sandbox_id", "stream", "transport")  # fmt: skip
+    __slots__ = ("address", "away", "closed", "count_in", "count_out", "ctx", "eof", "exchange", "execution_id",
+                 "from_sandbox", "from_the_client", "gate", "last", "sandbox_id", "stream", "transport")  # fmt: skip
 
     def __init__(self, stream: H2Stream, up: UpstreamConnection, x: Exchange) -> None:
         self.stream = stream
@@ -53,6 +58,10 @@ class H2Tunnel(asyncio.Protocol):
         self.count_in = 0  # bytes from the client
         self.count_out = 0  # bytes from the sandbox
         self.last = self.ctx.clock
+        # A WebSocket: each direction's frames (headers only), for a Close 1001 between two frames.
+        self.from_the_client: FrameTracker | None = None
+        self.from_sandbox: FrameTracker | None = None
+        self.away = _RELAYING
 
     # ---- the sandbox side
 
@@ -60,6 +69,14 @@ class H2Tunnel(asyncio.Protocol):
         s = self.stream
         self.count_out += len(data)
         self.last = self.ctx.clock
+        fr = self.from_sandbox
+        if fr is not None:
+            if self.away:
+                data = self._going_away(fr, data, to_client=True)
+                if not data:
+                    return
+            else:
+                fr.feed(data)
         if s.ended:
             return
         s.out += data
@@ -85,7 +102,7 @@ class H2Tunnel(asyncio.Protocol):
         ctx.pool.unlink(self.sandbox_id, self)
         s = self.stream
         if not s.ended:
-            if exc is not None or not self.eof:
+            if exc is not None or not (self.eof or self.away == _SENT):
                 s._reset(h2.errors.ErrorCodes.CANCEL)
             else:
                 s.end_pending = True
@@ -109,6 +126,14 @@ class H2Tunnel(asyncio.Protocol):
         if not self.closed and data:
             self.count_in += len(data)
             self.last = self.ctx.clock
+            fr = self.from_the_client
+            if fr is not None:
+                if self.away:
+                    data = self._going_away(fr, data, to_client=False)
+                    if not data:
+                        return
+                else:
+                    fr.feed(data)
             self.transport.write(data)
 
     def client_ended(self) -> None:
@@ -131,9 +156,79 @@ class H2Tunnel(asyncio.Protocol):
         return self.last
 
     def go_away(self) -> bool:
-        """Drain: not followed by frame boundaries here; the tunnel ends when its ends close it or at
-        ``shutdown_timeout``."""
-        return False
+        """The gateway drains: Close 1001 to both sides, now or at the first moment both directions
+        are between frames. False when it cannot (not a WebSocket, framing not followed, a closing
+        handshake under way): the tunnel then ends when its ends close it or at ``shutdown_timeout``."""
+        if self.away:
+            return True
+        if not self._may_go_away():
+            return False
+        self.away = _WANTED
+        self._closes_if_between_frames()
+        return True
+
+    def _may_go_away(self) -> bool:
+        a, b = self.from_the_client, self.from_sandbox
+        if a is None or b is None or a.lost or b.lost or a.closed or b.closed:
+            return False
+        s = self.stream
+        return not (self.closed or self.eof or s.ended or s.remote_ended or self.transport.is_closing())
+
+    def _closes_if_between_frames(self) -> bool:
+        a, b = self.from_the_client, self.from_sandbox
+        assert a is not None and b is not None
+        if not (a.at_boundary and b.at_boundary):
+            return False
+        s = self.stream
+        s.out += close_frame()
+        s.pump()
+        s.conn.flush_now()
+        self.transport.write(close_frame(masked=True))
+        self.away = _SENT
+        self.gate.open(self.gate.reasons)  # from now on read only to find the sandbox's Close
+        s.resume_reading(s.paused)
+        return True
+
+    def _going_away(self, fr: FrameTracker, data: bytes, to_client: bool) -> bytes:
+        """While a drain wants Close frames: relay up to the next boundary, send the Closes when both
+        directions are at one; after them, read each side only for its Close. Returns what is still
+        to relay now."""
+        if self.away == _WANTED:
+            used = fr.feed(data, until_boundary=True)
+            head, rest = data[:used], data[used:]
+            if head:
+                self._relay(head, to_client)
+            if not self._may_go_away():
+                self.away = _RELAYING
+                if rest:
+                    fr.feed(rest)
+                return rest
+            if not self._closes_if_between_frames():
+                if rest:
+                    fr.feed(rest)
+                return rest  # the other direction is inside a frame: relay on, try again later
+            data = rest
+        fr.feed(data)  # _SENT: dropped; its Close ends that side's handshake
+        if fr.closed:
+            if to_client:
+                if not self.transport.is_closing():
+                    self.transport.close()
+            else:
+                s = self.stream
+                if not s.ended:
+                    s.end_pending = True
+                    s.pump()
+                    s.conn.flush_later()
+        return b""
+
+    def _relay(self, data: bytes, to_client: bool) -> None:
+        if to_client:
+            s = self.stream
+            if not s.ended:
+                s.out += data
+                s.pump()
+        else:
+            self.transport.write(data)
 
     def close(self) -> None:
         s = self.stream
@@ -147,6 +242,9 @@ class H2Tunnel(asyncio.Protocol):
         self.client_gone()
 
 
+_RELAYING, _WANTED, _SENT = 0, 1, 2  # H2Tunnel.away, as tunnel.py's
+
+
 def start(stream: H2Stream, x: Exchange, up: UpstreamConnection, head: bytes, rest: bytes, websocket: bool) -> None:
     """The sandbox answered 101 to the stream's extended CONNECT: answer 200, join the two."""
     ctx = stream.ctx
@@ -154,6 +252,9 @@ def start(stream: H2Stream, x: Exchange, up: UpstreamConnection, head: bytes, re
     if x.rid and ctx.rid_header and ctx.rid_in_response.search(head) is None:
         fields.append((ctx.rid_header_h2, x.rid))
     t = H2Tunnel(stream, up, x)
+    if websocket:
+        t.from_the_client = FrameTracker(masked=True)  # RFC 6455 §5.3: a client masks every frame
+        t.from_sandbox = FrameTracker(masked=False)
     stream.tunnel = t
     stream.conn.h2.send_headers(stream.sid, fields)
     stream.conn.flush_now()

@@ -463,7 +463,8 @@ class H2Stream:
         conn = self.conn
         if conn.streams.pop(self.sid, None) is None:
             return
-        if not self.remote_ended:
+        if not self.remote_ended and not (self.tunnel is not None and self.tunnel.away):
+            # (A WebSocket the drain closed: the client ends its side after its Close frame.)
             self.remote_ended = True
             try:
                 conn.h2.reset_stream(self.sid, h2.errors.ErrorCodes.NO_ERROR)

@@ -613,3 +613,56 @@ async def test_http2_streams_in_flight_finish_after_the_final_goaway(start_gatew
             await drain
         assert await c.closed()
         assert b"/late" not in up.received
+
+
+async def test_websockets_over_http2_get_1001_on_drain(start_gateway: Any, catalog: Catalog) -> None:
+    """A WebSocket over an HTTP/2 stream (RFC 8441), one of them inside a frame when the drain comes:
+    each gets Close 1001 between two frames, the sandbox a masked Close 1001; the client's Close ends
+    the stream cleanly (END_STREAM, no reset), and the drain ends long before shutdown_timeout."""
+    app = Sandbox()
+    async with serve(app.handler, "127.0.0.1", 0) as server:
+        app.port = server.sockets[0].getsockname()[1]
+        catalog.put("wsh2", host="127.0.0.1")
+        gw = await start_gateway(shutdown_timeout=60.0)
+        c = await H2Client.connect(gw.port, drain_aware=True)
+        host = gw.host(app.port, "wsh2")
+        ws_headers = [("sec-websocket-version", "13")]
+        sids = [c.start(host, "/ws", method="CONNECT", extra_pseudo=[(":protocol", "websocket")], headers=ws_headers,
+                        end=False) for _ in range(3)]  # fmt: skip
+        for sid in sids:
+            async with asyncio.timeout(WAIT):
+                await c.responses[sid].head.wait()
+            assert c.responses[sid].status == 200
+        half = Frame(Opcode.BINARY, b"m" * 1000).serialize(mask=True)
+        c.send_body(sids[0], half[:100])  # the first is inside a frame when the drain comes
+        async with asyncio.timeout(WAIT):
+            while app.open < 3:
+                await asyncio.sleep(0.02)
+        t0 = time.monotonic()
+        drain = asyncio.ensure_future(gw.gateway.drain(0.0))
+        close_1001 = b"\x88\x02" + struct.pack("!H", 1001)
+        for sid in sids[1:]:
+            r = c.responses[sid]
+            async with asyncio.timeout(WAIT):
+                while bytes(r.body) != close_1001:
+                    r.data.clear()
+                    await r.data.wait()
+        assert c.responses[sids[0]].body == b""  # nothing until its frame is whole
+        c.send_body(sids[0], half[100:])
+        r0 = c.responses[sids[0]]
+        async with asyncio.timeout(WAIT):
+            while bytes(r0.body) != close_1001:
+                r0.data.clear()
+                await r0.data.wait()
+        for sid in sids:  # the client's side of the closing handshake
+            c.send_body(sid, Frame(Opcode.CLOSE, Close(1001, "").serialize()).serialize(mask=True))
+        for sid in sids:
+            r = await c.response(sid)
+            assert r.reset is None  # ended cleanly
+        async with asyncio.timeout(WAIT):
+            await drain
+            while len(app.received) < 3:
+                await asyncio.sleep(0.02)
+        assert app.received == [1001] * 3
+        assert b"m" * 1000 in app.messages  # the frame in flight arrived whole
+        assert time.monotonic() - t0 < WAIT  # long before shutdown_timeout
