@@ -458,3 +458,28 @@ async def test_metrics_and_access_log_say_the_protocol(start_gateway: Any, catal
         assert sorted(x["protocol"] for x in lines) == ["h2"] * 8 + ["http/1.1"]
         first = lines[0]
         assert (first["method"], first["host"], first["path"], first["status"]) == ("GET", host, "/h2", 200)
+
+
+async def test_h2load_and_nghttp(start_gateway: Any, catalog: Catalog) -> None:
+    """nghttp2's own clients: h2load's 200 requests on 2 connections x 10 streams all succeed;
+    nghttp's verbose run shows the SETTINGS the gateway sends (RFC 8441's included)."""
+    h2load = needs.tool("h2load", "apt-get install nghttp2-client")
+    nghttp = needs.tool("nghttp", "apt-get install nghttp2-client")
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("ng", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "ng")
+        out = await asyncio.to_thread(
+            subprocess.run, [h2load, "-n200", "-c2", "-m10", "-H", f":authority: {host}", f"http://127.0.0.1:{gw.port}/"],
+            capture_output=True, text=True, timeout=WAIT * 3, check=False,
+        )  # fmt: skip
+        assert "200 succeeded, 0 failed, 0 errored" in out.stdout, out.stdout[-500:]
+        assert "status codes: 200 2xx" in out.stdout
+        out = await asyncio.to_thread(
+            subprocess.run, [nghttp, "-nv", "-H", f":authority: {host}", f"http://127.0.0.1:{gw.port}/ng"],
+            capture_output=True, text=True, timeout=WAIT, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-500:]
+        assert "SETTINGS_MAX_CONCURRENT_STREAMS(0x03):100" in out.stdout
+        assert "SETTINGS_ENABLE_CONNECT_PROTOCOL(0x08):1" in out.stdout
+        assert ":status: 200" in out.stdout
