@@ -34,6 +34,7 @@ async def test_1gib_download_over_one_stream(gateway_process: Any, catalog: Cata
     async with RawUpstream(source) as up:
         catalog.put("big2", host="127.0.0.1")
         gw = gateway_process()
+        before = rss_kib(gw.proc.pid)[0]
         c = await H2Client.connect(gw.port, settings=FAST)
         sid = c.start(gw.host(up.port, "big2"), "/down")
         r = c.responses[sid]
@@ -47,7 +48,8 @@ async def test_1gib_download_over_one_stream(gateway_process: Any, catalog: Cata
                 r.body.clear()  # the test client keeps nothing either
         got += len(r.body)
         assert r.status == 200 and r.reset is None and got == GIB
-        _, peak = rss_kib(gw.proc.pid)
+        rss, peak = rss_kib(gw.proc.pid)
+        print(f"1 GiB down over one stream: gateway RSS {before} KiB at start, {rss} KiB after, peak {peak} KiB")
         assert peak < 100 * 1024, f"gateway peak RSS {peak} KiB"
         c.close()
 
@@ -69,6 +71,7 @@ async def test_1gib_upload_over_one_stream(gateway_process: Any, catalog: Catalo
     async with RawUpstream(sink) as up:
         catalog.put("big3", host="127.0.0.1")
         gw = gateway_process()
+        before = rss_kib(gw.proc.pid)[0]
         c = await H2Client.connect(gw.port, settings=FAST)
         sid = c.start(gw.host(up.port, "big3"), "/up", method="POST", headers=[("content-length", str(GIB))], end=False)
         for _ in range(1024):
@@ -77,7 +80,8 @@ async def test_1gib_upload_over_one_stream(gateway_process: Any, catalog: Catalo
         c.flush()
         r = await c.response(sid, timeout=60)
         assert r.status == 200 and bytes(r.body) == b"got %d" % GIB
-        _, peak = rss_kib(gw.proc.pid)
+        rss, peak = rss_kib(gw.proc.pid)
+        print(f"1 GiB up over one stream: gateway RSS {before} KiB at start, {rss} KiB after, peak {peak} KiB")
         assert peak < 100 * 1024, f"gateway peak RSS {peak} KiB"
         c.close()
 
