@@ -483,3 +483,25 @@ async def test_h2load_and_nghttp(start_gateway: Any, catalog: Catalog) -> None:
         assert "SETTINGS_MAX_CONCURRENT_STREAMS(0x03):100" in out.stdout
         assert "SETTINGS_ENABLE_CONNECT_PROTOCOL(0x08):1" in out.stdout
         assert ":status: 200" in out.stdout
+
+
+async def test_expect_100_continue_over_h2(start_gateway: Any, catalog: Catalog) -> None:
+    """The gateway answers ``expect: 100-continue`` with a 100 HEADERS once the sandbox is connected
+    (as over HTTP/1.1: the Expect field is not forwarded), and the body follows."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("ex", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await H2Client.connect(gw.port)
+        sid = c.start(gw.host(up.port, "ex"), "/up", method="POST",
+                      headers=[("content-length", "5"), ("expect", "100-continue")], end=False)  # fmt: skip
+        r = c.responses[sid]
+        async with asyncio.timeout(WAIT):
+            while not r.interim:
+                c.changed.clear()
+                await c.changed.wait()
+        assert r.interim == [[(b":status", b"100")]]
+        c.send_body(sid, b"hello", end=True)
+        r = await c.response(sid)
+        assert r.status == 200 and bytes(r.body).endswith(b"body=5")
+        assert b"expect" not in bytes(r.body).lower()
+        c.close()
