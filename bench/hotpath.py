@@ -146,7 +146,8 @@ async def run_h2(n: int, real: bool, ready: str | None) -> float:
     from gateway.http.headers import Peer  # noqa: PLC0415
     from gateway.http.http2 import H2Connection  # noqa: PLC0415
 
-    cfg = load_config(None, env={}, overrides={"domains": ("e2b.dev",), "redis_url": "redis://unused"})
+    env = {k: v for k, v in os.environ.items() if k.startswith("GATEWAY_")}  # to try settings
+    cfg = load_config(None, env=env, overrides={"domains": ("e2b.dev",), "redis_url": "redis://unused"})
     loop = asyncio.get_running_loop()
     cache = CatalogCache(1e9, 1, 1, 100)
     cache.put("abc", SandboxRecord("127.0.0.1", "e1"), loop.time())
