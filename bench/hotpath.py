@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -67,10 +68,13 @@ REAL_RESP = (
 
 
 class MemoryTransport:
-    """Just enough of asyncio.Transport for the protocols; keeps the last write."""
+    """Just enough of asyncio.Transport for the protocols; keeps the last write. With ``sock``, a
+    real socket stands behind it (the pool polls an idle upstream connection's socket before reuse,
+    and that system call belongs in the cost)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket | None = None) -> None:
         self.last: Any = None
+        self.sock = sock
 
     def write(self, data: bytes) -> None:
         self.last = data
@@ -79,6 +83,8 @@ class MemoryTransport:
         self.last = data
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            return self.sock
         return ("127.0.0.1", 5555) if name == "peername" else default
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
@@ -198,7 +204,8 @@ async def run(n: int, real: bool, ready: str | None, private: str | None = None)
     if "GATEWAY_ACCESS_LOG" in env:  # off unless asked: GATEWAY_ACCESS_LOG=/dev/null measures its cost
         ctx.access_log = AccessLog.open(cfg.access_log, cfg.access_log_query)
     up = UpstreamConnection(pool, pool_key("127.0.0.1", 18100, "e1"))
-    up.connection_made(MemoryTransport())  # type: ignore[arg-type]
+    quiet, _peer = socket.socketpair()  # a silent sandbox: its socket never becomes readable
+    up.connection_made(MemoryTransport(quiet))  # type: ignore[arg-type]
     pool.release(up)
     client = ClientConnection(ctx, 8080)
     client.connection_made(MemoryTransport())  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ class AdminServer:
         app.router.add_get("/metrics", self.metrics)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         self.address = ""
+        self.bound: list[tuple[str, int]] = []  # (address, port) of every bound socket
 
     async def start(self, host: str, port: int, backlog: int = 4096) -> None:
         await self.runner.setup()
@@ -41,10 +42,10 @@ class AdminServer:
         site = web.TCPSite(self.runner, host, port, reuse_address=True, backlog=backlog)
         await site.start()
         self.address = f"{host}:{port}"
-        for addr in self.runner.addresses:  # the bound port, when port 0 asked for any
-            if isinstance(addr, tuple):
-                self.address = f"{host}:{addr[1]}"
-                break
+        self.bound = [(a[0], a[1]) for a in self.runner.addresses if isinstance(a, tuple)]
+        for addr in self.bound:  # the bound port, when port 0 asked for any
+            self.address = f"{host}:{addr[1]}"
+            break
 
     async def stop(self) -> None:
         await self.runner.cleanup()

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.hostname import check_domain
+from gateway.http import hdrs
 
 __all__ = ["Config", "ConfigError", "example_toml", "load_config", "parse_hostport", "settings_table"]
 
@@ -107,6 +108,14 @@ def _hostports_or_none(v: tuple[str, ...]) -> str | None:
 def _field_name(v: str) -> str | None:
     ok = v and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in v)
     return None if ok else f"{v!r} is not a header field name"
+
+
+def _field_names(v: tuple[str, ...]) -> str | None:
+    for n in v:
+        problem = _field_name(n)
+        if problem:
+            return problem
+    return None
 
 
 def _plain_name(v: str) -> str | None:
@@ -270,6 +279,12 @@ class Config:
     # Downstream
     trusted_proxies: tuple[str, ...] = _s(
         (), "CIDRs whose X-Forwarded-*/Forwarded fields are kept and extended", _cidrs
+    )
+    untrusted_fields: tuple[str, ...] = _s(
+        tuple(n.decode() for n in hdrs.UNTRUSTED),
+        "client-identity and URL-override fields removed from requests of peers not in trusted_proxies "
+        "(names match with '_' and '-' alike; an underscore spelling is removed from anyone)",
+        _field_names,
     )
     upgrade_protocols: tuple[str, ...] = _s(("websocket",), "Upgrade tokens tunnelled; others are dropped", _tokens)
     tunnel_idle_timeout: float = _s(

@@ -3,7 +3,9 @@
 Every response that does not come from a sandbox carries a machine-readable reason: the header
 ``X-Gateway-Reason`` and the JSON field ``reason``. Browsers navigating to a URL get a small HTML
 page instead of JSON; scripts on another origin can read either, because the response echoes their
-Origin (CORS, https://fetch.spec.whatwg.org/#http-cors-protocol).
+Origin (CORS, https://fetch.spec.whatwg.org/#http-cors-protocol). It never adds
+``Access-Control-Allow-Credentials``: a page on any origin may read why a request failed, but never
+a response made for a request that carried the browser's credentials (cookies) for the sandbox.
 
 The table of reasons below is the only place a status code is paired with a reason; docs/reasons.md
 is generated from it (a test keeps the two equal).
@@ -64,6 +66,11 @@ PROXY_PROTOCOL_INVALID = _r(
 MISSING_ROUTING_HEADER = _r(
     "missing_routing_header", 400, "On a shared host both the sandbox ID and port fields are needed."
 )
+INVALID_ROUTING_HEADER = _r(
+    "invalid_routing_header",
+    400,
+    "A routing field was sent twice, or is not a port (1-65535) or a sandbox ID ([a-z0-9]{1,64}).",
+)
 # The same code, for a request that sent neither field: most likely a person at the bare address.
 NO_SANDBOX_IN_HOST = _r(
     "missing_routing_header", 400, "This address names no sandbox (and the request has no sandbox routing fields)."
@@ -72,6 +79,9 @@ TRAFFIC_TOKEN_MISSING = _r("traffic_token_missing", 403, "This sandbox needs a t
 TRAFFIC_TOKEN_INVALID = _r("traffic_token_invalid", 403, "The traffic access token is not this sandbox's.")
 PORT_NOT_EXPOSED = _r("port_not_exposed", 403, "This port of the sandbox is not exposed.")
 RESUME_DENIED = _r("resume_denied", 403, "The sandbox is paused and may not be resumed.")
+UPSTREAM_IS_GATEWAY = _r(
+    "upstream_is_gateway", 403, "The sandbox's address is one of this gateway's own listeners: it is not connected to."
+)
 UNKNOWN_DOMAIN = _r("unknown_domain", 404, "This host is not under a domain this gateway serves.")
 METHOD_NOT_ALLOWED = _r("method_not_allowed", 405, "CONNECT is not supported by this gateway.")
 BODY_TIMEOUT = _r(
@@ -120,10 +130,12 @@ REASONS: dict[str, Reason] = {
         INVALID_FRAMING,
         PROXY_PROTOCOL_INVALID,
         MISSING_ROUTING_HEADER,
+        INVALID_ROUTING_HEADER,
         TRAFFIC_TOKEN_MISSING,
         TRAFFIC_TOKEN_INVALID,
         PORT_NOT_EXPOSED,
         RESUME_DENIED,
+        UPSTREAM_IS_GATEWAY,
         UNKNOWN_DOMAIN,
         METHOD_NOT_ALLOWED,
         REQUEST_TIMEOUT,
@@ -199,6 +211,7 @@ _PAGES: dict[Reason, _Page] = {
     ),
     UNKNOWN_DOMAIN: _Page("Not a sandbox address", "This gateway serves no sandboxes under this domain.", _ADDRESS),
     MISSING_ROUTING_HEADER: _Page("Not a sandbox address", MISSING_ROUTING_HEADER.message, _ADDRESS),
+    INVALID_ROUTING_HEADER: _Page("Not a sandbox address", INVALID_ROUTING_HEADER.message, _ADDRESS),
     NO_SANDBOX_IN_HOST: _Page(
         "No sandbox at this address", "This address reaches the sandbox gateway itself, not a sandbox.", _ADDRESS
     ),
@@ -255,6 +268,9 @@ _PAGES: dict[Reason, _Page] = {
         "answering. It may have crashed or restarted; reloading may help.",
     ),
     UPSTREAM_INVALID_RESPONSE: _Page("The app answered wrongly", "The app in the sandbox sent an invalid HTTP answer."),
+    UPSTREAM_IS_GATEWAY: _Page(
+        "Sandbox unreachable", "The platform's record of this sandbox points at the gateway itself.", _NOT_YOURS
+    ),
     RESUME_FAILED: _Page("Could not resume the sandbox", "Resuming the paused sandbox failed.", _NOT_YOURS),
     CATALOG_UNAVAILABLE: _Page("Temporarily unavailable", "The gateway cannot look up sandboxes right now.", _LATER, 2),
     OVERLOADED: _Page("Temporarily unavailable", "This gateway is at its connection limit.", _LATER, 2),
@@ -355,7 +371,6 @@ def render(
     if origin is not None:
         lines += (
             b"Access-Control-Allow-Origin: " + origin + b"\r\n",
-            b"Access-Control-Allow-Credentials: true\r\n",
             b"Access-Control-Expose-Headers: X-Gateway-Reason, Retry-After\r\n",
             b"Vary: Origin\r\n",
         )

@@ -112,25 +112,33 @@ def normalize_host(raw: bytes) -> str | Reason:
 
 
 def _is_port_suffix(s: str) -> bool:
-    """``:`` followed by at most 5 digits (RFC 3986 §3.2.3 allows an empty port)."""
-    return s[:1] == ":" and len(s) <= 6 and (len(s) == 1 or (s[1:].isascii() and s[1:].isdigit()))
+    """``:`` followed by a TCP port, 1-65535 in decimal (RFC 3986 §3.2.3 allows an empty port too)."""
+    if s[:1] != ":" or len(s) > 6:
+        return False
+    p = s[1:]
+    return not p or (p.isascii() and p.isdigit() and 0 < int(p) < 65536)
 
 
 def parse_routing_fields(sandbox_id: bytes | None, port: bytes | None) -> Route | Reason:
-    """The route a request to a shared host names in its routing fields (both are needed)."""
+    """The route a request to a shared host names in its routing fields (both are needed).
+
+    Each field is one value with the grammar of its part of a host label: the port ``1*5DIGIT``,
+    1-65535 without a leading zero, the ID ``[a-z0-9]{1,64}`` (compared case-insensitively, like
+    a host name). Anything else, a field sent twice included (the caller passes
+    :data:`~gateway.http.headers.REPEATED`), is ``invalid_routing_header``: never a partial match
+    (``3000-pub`` once routed to a sandbox ``pub``) and never a choice between two values.
+    """
     if sandbox_id is None and port is None:
         return errors.NO_SANDBOX_IN_HOST  # a person at the bare address, most likely
     if sandbox_id is None or port is None:
         return errors.MISSING_ROUTING_HEADER
-    try:
-        sid = sandbox_id.decode("ascii").strip().lower()
-        p = port.decode("ascii").strip()
-    except UnicodeDecodeError:
-        return errors.INVALID_HOST
-    if not valid_sandbox_id(sid):
-        return errors.INVALID_SANDBOX_ID
-    r = parse_label(f"{p}-{sid}")
-    return errors.INVALID_PORT if isinstance(r, Reason) else r
+    p = port.strip(b" \t")
+    sid = sandbox_id.strip(b" \t").lower()
+    if not (0 < len(p) <= 5 and p.isdigit()) or p[0] == 48 or int(p) > 65535:  # 48: "0"
+        return errors.INVALID_ROUTING_HEADER
+    if not (sid.isascii() and valid_sandbox_id(sid.decode("ascii"))):
+        return errors.INVALID_ROUTING_HEADER
+    return Route(int(p), sid.decode("ascii"))
 
 
 def _ipv4(name: str) -> bool:

@@ -9,6 +9,10 @@
   in-sandbox daemon port); 403 ``traffic_token_missing`` / ``traffic_token_invalid``. The field is
   never forwarded. Browsers present it through an access link and cookie instead (access.py,
   http/admission.py).
+- The gateway never connects to its own listeners (data and admin): a record whose address is
+  this machine, at one of their ports, would let a sandbox URL reach the admin app's ``/metrics``
+  or loop requests through the gateway (:func:`reaches_own_listener`, checked on every new
+  connection, for any address a record may name: a name, ``0.0.0.0``, an address of this machine).
 - Direct mode (``node_port = 0``) connects to ``{address}:{port from the host label}``. Node mode
   connects every request for a sandbox to ``{address}:{node_port}`` with the Host unchanged, so a
   per-node proxy (E2B's two-tier layout) can route again; the record's ``mask_request_host`` is then
@@ -18,6 +22,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -26,7 +31,7 @@ from gateway.catalog.record import PAUSED, RUNNING, SandboxRecord
 from gateway.errors import Reason
 from gateway.hostname import Route
 
-__all__ = ["Forward", "PoolKey", "check_token", "decide", "pool_key"]
+__all__ = ["Endpoint", "Forward", "PoolKey", "check_token", "decide", "pool_key", "reaches_own_listener"]
 
 #: Upstream connections are pooled per (address, port, execution_id): a sandbox that is replaced at
 #: the same address never receives a connection kept alive for its predecessor. A string, because
@@ -85,3 +90,49 @@ def check_token(expected: bytes, presented: bytes | None) -> Reason | None:
     if not hmac.compare_digest(expected, presented):
         return errors.TRAFFIC_TOKEN_INVALID
     return None
+
+
+#: An IP address (as text) and a TCP port.
+Endpoint = tuple[str, int]
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _ip(text: str) -> _IP | None:
+    try:
+        a = ipaddress.ip_address(text.split("%", 1)[0])  # no IPv6 zone
+    except ValueError:
+        return None
+    if a.version == 6 and a.ipv4_mapped is not None:
+        return a.ipv4_mapped
+    return a
+
+
+def reaches_own_listener(peer: Endpoint, local: str, listeners: Collection[Endpoint]) -> bool:
+    """Whether a connection made from address ``local`` to ``peer`` reached one of ``listeners``
+    (the gateway's own, as bound: an address, or ``0.0.0.0``/``::`` for every address of this
+    machine in that family).
+
+    ``peer`` is where the kernel connected (a name resolved, ``0.0.0.0`` already turned into
+    ``127.0.0.1``). An address is this machine's when it is loopback or unspecified, or when it is
+    the connection's own source address: for a destination on this machine the kernel routes
+    through its local table, whose source address is the destination itself (``ip route get``).
+    """
+    ip = _ip(peer[0])
+    if ip is None:
+        return False
+    port = peer[1]
+    mine: bool | None = None
+    for host, lport in listeners:
+        if lport != port:
+            continue
+        h = _ip(host)
+        if h is None:
+            continue
+        if h == ip:
+            return True
+        if h.is_unspecified and h.version == ip.version:
+            if mine is None:
+                mine = ip.is_loopback or ip.is_unspecified or ip == _ip(local)
+            if mine:
+                return True
+    return False

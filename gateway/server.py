@@ -32,6 +32,7 @@ from gateway.http.http2 import H2Connection
 from gateway.http.resume import Resumer
 from gateway.http.upstream import Pool
 from gateway.metrics import Snapshot, merge, write_snapshot
+from gateway.supervisor import ADMIN_ADDR_ENV
 from gateway.tls import TlsCertificates
 from gateway.watchdog import Heartbeat
 
@@ -107,9 +108,11 @@ class Gateway:
         ctx.access_log = AccessLog.open(cfg.access_log, cfg.access_log_query)
         if cfg.tls_certificates:
             self.tls = TlsCertificates(cfg.tls_certificates, cfg.tls_min_version, cfg.http2)
+        own: list[tuple[str, int]] = []  # every address the gateway listens on, never a sandbox's
         for lst in cfg.listeners:
             sock = _listen_socket(lst.host, lst.port, cfg.listen_backlog, reuse_port=self.worker_dir is not None)
             real_port = sock.getsockname()[1]
+            own.append((sock.getsockname()[0], real_port))
 
             def factory(p: int = real_port, tls: bool = lst.tls, proxy: str = lst.proxy) -> ClientConnection:
                 return ClientConnection(ctx, p, tls, proxy)
@@ -136,6 +139,11 @@ class Gateway:
         if self.worker_dir is None:
             self.admin = AdminServer(self.status, lambda: merge([(self.snapshot(), True)]))
             await self.admin.start(*cfg.admin_addr, backlog=cfg.listen_backlog)
+            own += self.admin.bound
+        else:  # the supervisor serves the admin app, and says where (its port may have been 0)
+            given = [a.rpartition(":") for a in os.environ.get(ADMIN_ADDR_ENV, "").split(",") if a]
+            own += [(h, int(p)) for h, _, p in given] or [cfg.admin_addr]
+        self.pool.own = tuple(own)
         self._tick_handle = loop.call_later(1.0, self._tick)
         self.heartbeat = Heartbeat(ctx.metrics.loop_lag, self.worker_dir)
         self.heartbeat.start()

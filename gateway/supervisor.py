@@ -37,12 +37,15 @@ from gateway.config import Config
 from gateway.metrics import Snapshot, merge, read_snapshots
 from gateway.watchdog import WorkerWatch
 
-__all__ = ["WORKER_DIR_ENV", "Supervisor"]
+__all__ = ["ADMIN_ADDR_ENV", "WORKER_DIR_ENV", "Supervisor"]
 
 log = logging.getLogger("gateway.supervisor")
 
 #: Set in a worker's environment: the directory it reports to (not a setting, hence no GATEWAY_).
 WORKER_DIR_ENV = "_GATEWAY_WORKER_DIR"
+#: Set in a worker's environment: where the supervisor's admin app listens (HOST:PORT,...), so the
+#: worker never connects to it as a sandbox (policy.reaches_own_listener).
+ADMIN_ADDR_ENV = "_GATEWAY_ADMIN_ADDR"
 #: A worker whose report is older than this counts as not ready.
 STALE_REPORT = 3.0
 
@@ -64,6 +67,8 @@ class Supervisor:
 
     async def _spawn(self, slot: int) -> None:
         env = {**os.environ, **self.env, WORKER_DIR_ENV: self.dir}
+        if self.admin is not None and self.admin.bound:
+            env[ADMIN_ADDR_ENV] = ",".join(f"{h}:{p}" for h, p in self.admin.bound)
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway", *self.argv, env=env)
         self.procs[slot] = proc
         log.info("worker %d started (pid %d)", slot, proc.pid)

@@ -20,6 +20,8 @@ import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import httptools
+
 from gateway import errors
 from gateway.errors import Reason
 from gateway.http import framing
@@ -90,11 +92,13 @@ def requests(chunks: Sequence[bytes], max_head: int = 65536, max_fields: int = 1
     msgs: list[tuple[bytes, bytes]] = []
     head: bytes | None = None
     body = bytearray()
+    chunked = False
 
     def analysed(raw: bytes) -> RequestHead:
         r = analyze_request(raw, FIELDS)
         if isinstance(r, Reason):
             raise _Refused(r.code)
+        assert_as_llhttp_parsed(raw, r)
         return r
 
     try:
@@ -115,10 +119,17 @@ def requests(chunks: Sequence[bytes], max_head: int = 65536, max_fields: int = 1
                     req = analysed(fr.head)
                     head = fr.head
                     body = bytearray()
+                    chunked = req.body == framing.CHUNKED
                     ev = fr.body(req.body, req.content_length, data, pos)
                     progress.step(ev, pos, fr)
                 if ev in (BODY, END):
-                    body += data[pos : fr.end]
+                    if chunked:  # as downstream.py forwards it: without the trailer section
+                        assert pos <= fr.cut <= fr.end
+                        body += data[pos : fr.cut]
+                        if ev == END:
+                            body += b"\r\n"
+                    else:
+                        body += data[pos : fr.end]
                     pos = fr.end
                     if ev == END:
                         assert head is not None
@@ -228,6 +239,26 @@ def responses(
     return Verdict(tuple(msgs), "partial" if head is not None or fr.acc is not None else "idle")
 
 
+class _LineParsed:
+    def __init__(self) -> None:
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+
+def assert_as_llhttp_parsed(raw: bytes, r: RequestHead) -> None:
+    """The method, target and version the policy acts on are llhttp's (issue 10): the head the
+    framer hands over starts with the request line llhttp parsed, never with bytes before it."""
+    got = _LineParsed()
+    p = httptools.HttpRequestParser(got)
+    with contextlib.suppress(httptools.HttpParserUpgrade):
+        p.feed_data(raw)
+    assert r.method == p.get_method(), (r.method, p.get_method())
+    assert r.target == got.url, (r.target, got.url)
+    assert (b"HTTP/1.0" if r.http10 else b"HTTP/1.1") == b"HTTP/" + p.get_http_version().encode()
+
+
 class _Refused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -281,8 +312,9 @@ def _length(fields: dict[bytes, list[bytes]], http10: bool, response: bool = Fal
     return "none", 0
 
 
-def _chunked(data: bytes, pos: int) -> int | None:
-    """Where a chunked body starting at ``pos`` ends; None if the input ends first."""
+def _chunked(data: bytes, pos: int, trailers: list[int] | None = None) -> int | None:
+    """Where a chunked body starting at ``pos`` ends; None if the input ends first. ``trailers``
+    gets where the trailer section begins."""
     while True:
         eol = data.find(b"\r\n", pos)
         if eol < 0:
@@ -293,6 +325,8 @@ def _chunked(data: bytes, pos: int) -> int | None:
         size = int(m.group(1), 16)
         pos = eol + 2
         if size == 0:
+            if trailers is not None:
+                trailers.append(pos)
             break
         if len(data) < pos + size + 2:
             return None
@@ -340,10 +374,11 @@ def reference_requests(data: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
                 msgs.append((head, data[pos : pos + length]))
                 pos += length
             elif mode == "chunked":
-                end = _chunked(data, pos)
+                trailers: list[int] = []
+                end = _chunked(data, pos, trailers)
                 if end is None:
                     return msgs, False
-                msgs.append((head, data[pos:end]))
+                msgs.append((head, data[pos : trailers[0]] + b"\r\n"))  # request trailers are dropped
                 pos = end
             else:
                 msgs.append((head, b""))

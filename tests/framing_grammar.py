@@ -21,14 +21,37 @@ MUTATIONS = [
     b"\r\n", b"\r\n\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n", b"Content-Length: 0\r\n",
     b"Transfer-Encoding: gzip, chunked\r\n", b"Connection: close\r\n", b"Host: h\r\n",
     b"Upgrade: websocket\r\nConnection: upgrade\r\n", b"HTTP/1.1 100 Continue\r\n\r\n", b"\xff",
+    # duplicate and look-alike framing fields (issue 10)
+    b"Transfer-Encoding: identity\r\n", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer_Encoding: chunked\r\n", b"Content_Length: 3\r\n", b"Transfer-Encoding: chunked, gzip\r\n",
+    b"Content-Length: 3\r\nContent-Length: 3\r\n",
+    # trailer fields and leading bytes
+    b"Cookie: session=attacker\r\n", b"\r\r\n", b"\n\r",
+]  # fmt: skip
+#: Fields a trailer section may carry: fields that would mean something in the next request's head.
+#: (llhttp itself refuses Content-Length and Transfer-Encoding there, and ends the connection after
+#: a trailer Connection: close; those come as mutations.)
+TRAILERS = [b"T-x: v", b"Cookie: session=attacker", b"Host: evil", b"X-Forwarded-For: 1.2.3.4", b"Upgrade: h2c"]
+#: Before a request line: empty lines as RFC 9112 §2.2 allows (CRLF), and bare CR and LF, all
+#: skipped, never part of the method.
+LEADING = [b"\r\n", b"\n", b"\r\n\r\n", b"\r", b"\r\r\n", b"\n\r", b"\r\n\n\r"]
+#: Framing fields that make a request ambiguous (RFC 9112 §6.1, §6.3; underscore spellings are
+#: read as the real ones by CGI-style servers): each must be refused as invalid_framing.
+AMBIGUOUS = [
+    b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity", b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked",
+    b"Transfer-Encoding: chunked, chunked", b"Transfer-Encoding: identity", b"Transfer_Encoding: chunked",
+    b"Content_Length: 5", b"Content-Length: 5\r\nContent-Length: 5", b"Content-Length: 5\r\nTransfer-Encoding: chunked",
+    b"Transfer-Encoding: chunked\r\nContent-Length: 0", b"Content-Length: 5, 5", b"Content-Length: +5",
 ]  # fmt: skip
 
 
 @dataclass
 class Stream:
     data: bytes
-    messages: list[tuple[bytes, bytes]]
+    messages: list[tuple[bytes, bytes]]  # (head, body as the gateway forwards it)
     hot: list[int] = field(default_factory=list)  # offsets of framing tokens
+    starts: list[int] = field(default_factory=list)  # where each message's head begins
 
 
 def _token(draw: st.DrawFn, alphabet: str = TCHAR, lo: int = 1, hi: int = 8) -> str:
@@ -55,7 +78,8 @@ def _hex(draw: st.DrawFn, n: int) -> bytes:
 
 
 @st.composite
-def chunked_body(draw: st.DrawFn, hot: list[int], base: int) -> bytes:
+def chunked_body(draw: st.DrawFn, hot: list[int], base: int, trailer_at: list[int] | None = None) -> bytes:
+    """A chunked body; ``trailer_at`` gets the offset (in the body) where its trailer section begins."""
     out = bytearray()
     for data in draw(st.lists(st.binary(min_size=1, max_size=24), max_size=4)):
         hot.append(base + len(out))
@@ -68,22 +92,27 @@ def chunked_body(draw: st.DrawFn, hot: list[int], base: int) -> bytes:
         out += b"\r\n"
     hot.append(base + len(out))
     out += b"0" * draw(st.integers(1, 2)) + b"\r\n"
+    if trailer_at is not None:
+        trailer_at.append(len(out))
     for _ in range(draw(st.integers(0, 2))):
-        out += b"T-" + _token(draw).encode() + b": v\r\n"
+        out += draw(st.sampled_from([b"T-" + _token(draw).encode() + b": v", *TRAILERS])) + b"\r\n"
     hot.append(base + len(out))
     out += b"\r\n"
     return bytes(out)
 
 
 @st.composite
-def requests(draw: st.DrawFn, many_fields: bool = False) -> Stream:
-    """1-3 requests on one connection, valid by construction."""
+def requests(draw: st.DrawFn, many_fields: bool = False, leading: bool = True) -> Stream:
+    """1-3 requests on one connection, valid by construction; with ``leading``, empty lines and
+    bare CR/LF before some (skipped). Bodies are recorded as the gateway forwards them: chunked
+    ones without their trailer fields."""
     data = bytearray()
     msgs: list[tuple[bytes, bytes]] = []
     hot: list[int] = []
+    starts: list[int] = []
     for _ in range(draw(st.integers(1, 3))):
-        if draw(st.booleans()):
-            data += draw(st.sampled_from([b"\r\n", b"\n", b"\r\n\r\n"]))  # empty lines before a request
+        if leading and draw(st.booleans()):
+            data += draw(st.sampled_from(LEADING))
         method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]))
         target = "/" + draw(st.text("abcdefghij0123456789/?=&%-._~", max_size=10))
         lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: 3000-demo.sandbox.localhost"]
@@ -100,12 +129,28 @@ def requests(draw: st.DrawFn, many_fields: bool = False) -> Stream:
         if kind != "none":
             hot.append(start + head.rfind(b": ") + 2)
         hot.append(start + len(head) - 2)
+        starts.append(start)
         data += head
+        forwarded = body
         if kind == "chunked":
-            body = draw(chunked_body(hot, len(data)))
+            at: list[int] = []
+            body = draw(chunked_body(hot, len(data), at))
+            forwarded = body[: at[0]] + b"\r\n"  # request trailers are dropped
         data += body
-        msgs.append((head, body))
-    return Stream(bytes(data), msgs, hot)
+        msgs.append((head, forwarded))
+    return Stream(bytes(data), msgs, hot, starts)
+
+
+@st.composite
+def ambiguous(draw: st.DrawFn) -> tuple[Stream, int]:
+    """A valid request stream with ambiguous framing fields added to one request's head: (the
+    stream with the messages the gateway still serves, the index of the ambiguous request)."""
+    s = draw(requests())
+    i = draw(st.integers(0, len(s.messages) - 1))
+    head, _ = s.messages[i]
+    extra = draw(st.sampled_from(AMBIGUOUS))
+    at = s.starts[i] + len(head) - 2  # before the head's final CRLF
+    return Stream(s.data[:at] + extra + b"\r\n" + s.data[at:], s.messages[:i]), i
 
 
 @st.composite

@@ -64,7 +64,11 @@ def parse_record(raw: bytes | str) -> SandboxRecord:
     state = _opt_str(doc, "state") or RUNNING
     if state not in STATES:
         raise RecordError(f"'state' {state!r} is not one of {sorted(STATES)}")
-    token = _opt_str(doc, "traffic_access_token") or None
+    token = _opt_str(doc, "traffic_access_token")
+    if token == "":
+        # Fail closed: a writer that meant a private sandbox and produced no token must not
+        # publish it (absent or null is a public sandbox; an empty string is neither).
+        raise RecordError("'traffic_access_token' is empty: omit it (or null) for a public sandbox")
     mask = _opt_str(doc, "mask_request_host") or None
     ports = doc.get("ports")
     port_set: frozenset[int] | None = None

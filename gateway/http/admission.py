@@ -239,7 +239,8 @@ def _secure(req: RequestHead, peer: Peer) -> bool:
 
 def _preflight(method: bytes, headers: bytes | None) -> Answer:
     """The preflight's answer: what the browser asked for, for the origin that asked (render adds
-    Access-Control-Allow-Origin and -Credentials for it)."""
+    Access-Control-Allow-Origin for it, never -Credentials: the token field is the credential a page
+    on another origin sends; the gateway's cookie is refused from other origins anyway)."""
     allow = [(b"Access-Control-Allow-Methods", method)]
     if headers is not None:
         allow.append((b"Access-Control-Allow-Headers", headers))

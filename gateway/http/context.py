@@ -82,6 +82,7 @@ class Context:
             config.sandbox_port_header.encode(),
             [p.lower().encode() for p in config.upgrade_protocols],
             config.request_id_header.lower().encode(),
+            [n.encode() for n in config.untrusted_fields],
         )
         self.admission = Admission(config, self.fields, self.router)  # private sandboxes only
         self.metrics = Metrics()

@@ -43,6 +43,12 @@ __all__ = ["ClientConnection"]
 
 log = logging.getLogger("gateway.downstream")
 
+#: Seconds a connection answered before its request body ended keeps reading (and discarding) what
+#: the client still sends, after its response and a FIN, before it closes: closed at once, the
+#: socket would answer those bytes with a reset, which can destroy the response before the client
+#: read it (nginx's lingering close, lingering_timeout 5 s, is the model).
+LINGER = 5.0
+
 #: After the listeners close on drain: seconds a connection accepted just before may take to send
 #: its first request before it counts as idle and is closed (bounded by ``shutdown_timeout``).
 FIRST_REQUEST_GRACE = 5.0
@@ -86,6 +92,7 @@ class ClientConnection(asyncio.Protocol):
         "in_feed",
         "last_active",
         "last_req",
+        "linger_until",
         "listen_port",
         "parsing",
         "peer",
@@ -127,6 +134,7 @@ class ClientConnection(asyncio.Protocol):
         self.last_active = ctx.clock  # accepted, or the last response ended
         self.head_began = 0.0  # when the first byte of the head being received arrived
         self.last_req: RequestHead | None = None  # the previous request head, analysed
+        self.linger_until = 0.0  # closing: the client's unread body is drained until then (LINGER)
         # min_body_rate: (window start, body bytes then, the exchange) while a body is moving
         self.rate_mark: tuple[float, int, Exchange] | None = None
 
@@ -216,10 +224,17 @@ class ClientConnection(asyncio.Protocol):
                     self._exchange(req)
                 if BODY <= ev <= END:
                     end = fr.end
-                    piece = data[pos:end]
-                    pos = end
                     x = self.parsing
                     assert x is not None
+                    if x.req.body == framing.CHUNKED:
+                        # Request trailers are dropped (RFC 9112 §7.1.2 lets a recipient): the
+                        # sandbox connection is pooled for other clients' requests, and a server
+                        # that carried trailer fields into its next request (aiohttp did) would
+                        # give them to someone else. The last chunk ends with an empty section.
+                        piece = data[pos : fr.cut] if ev == BODY else data[pos : fr.cut] + framing.CRLF
+                    else:
+                        piece = data[pos:end]
+                    pos = end
                     x.on_request_body(piece)
                     if ev == END:
                         self._message_end()
@@ -281,6 +296,8 @@ class ClientConnection(asyncio.Protocol):
         c.start(data)
 
     def eof_received(self) -> bool:
+        if self.closing:  # lingering: the client has stopped sending; close now
+            return False
         # A client may half-close after its request (RFC 9112 §9.6 allows it): answer, then close.
         self.eof = True
         return self.active is not None or self.parsing is not None or bool(self.queue)
@@ -493,11 +510,21 @@ class ClientConnection(asyncio.Protocol):
     # ---- closing
 
     def close(self) -> None:
-        """Close after what is buffered has been written."""
+        """Close after what is buffered has been written.
+
+        While a request body is still expected (the response came first), the connection lingers:
+        the response and a FIN go out, and what the client still sends is read and discarded for
+        up to :data:`LINGER` seconds or until it closes its side."""
         if not self.closing:
             self.closing = True
             self.ctx.outbox.flush()  # what is pending for this transport goes first
-            self.transport.close()
+            t = self.transport
+            if self.parsing is not None and not self.eof and t.can_write_eof():
+                self.linger_until = self.ctx.clock + LINGER
+                t.write_eof()
+                self.gate.open_all()
+                return
+            t.close()
 
     def reset(self) -> None:
         """Reset the connection (RST): a response cut short must not look complete."""
@@ -509,6 +536,11 @@ class ClientConnection(asyncio.Protocol):
         """Called about once a second (and when a drain closes the listeners): slow request heads
         get 408, idle connections close."""
         cfg = self.ctx.config
+        if self.closing:
+            if self.linger_until and now >= self.linger_until:
+                self.linger_until = 0.0
+                self.transport.close()
+            return
         if self.proxy != "off":  # still no PROXY header
             if now - self.last_active > cfg.request_head_timeout:
                 self.close()

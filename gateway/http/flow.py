@@ -58,6 +58,13 @@ class ReadGate:
             if not self.reasons and not self.transport.is_closing():
                 self.transport.resume_reading()
 
+    def open_all(self) -> None:
+        """Read whatever holds the gate (a connection that only drains what its peer still sends)."""
+        if self.reasons:
+            self.reasons = 0
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
 
 class Outbox:
     """Small complete messages written while the loop handles one batch of events, sent together

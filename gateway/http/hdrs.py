@@ -44,3 +44,22 @@ HOP_BY_HOP: Final = frozenset({CONNECTION, KEEP_ALIVE, PROXY_CONNECTION, TE, TRA
 # The forwarding fields a gateway sets (RFC 7239 and the de-facto X-Forwarded-*): kept from a
 # trusted proxy, replaced otherwise.
 FORWARDING: Final = frozenset({X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST, X_FORWARDED_PORT, FORWARDED})
+
+# Fields that tell an app who the client is or which URL it asked for, set by the proxies in front
+# of apps (nginx, ingress-nginx, Envoy, Traefik, HAProxy, CDNs, IIS/Azure): removed from requests
+# of peers not in trusted_proxies (the default of the untrusted_fields setting), so a client can
+# neither pose as another address nor override the URL an app routes or authorises by.
+UNTRUSTED: Final = (
+    # client identity
+    b"X-Real-IP", b"True-Client-IP", b"X-Client-IP", b"CF-Connecting-IP", b"CF-Connecting-IPv6",
+    b"Fastly-Client-IP", b"X-Cluster-Client-IP", b"X-Original-Forwarded-For", b"X-Forwarded", b"Forwarded-For",
+    b"X-Envoy-External-Address", b"X-Envoy-Internal", b"X-Forwarded-Client-Cert",
+    b"X-Forwarded-Tls-Client-Cert", b"X-Forwarded-Tls-Client-Cert-Info",
+    # scheme and TLS
+    b"X-Forwarded-Ssl", b"X-Forwarded-Scheme", b"X-Scheme", b"X-Url-Scheme", b"Front-End-Https",
+    b"CloudFront-Forwarded-Proto", b"CF-Visitor",
+    # host, path and method as the client sent them
+    b"X-Forwarded-Server", b"X-Original-Host", b"X-Host", b"X-Forwarded-Prefix", b"X-Forwarded-Uri",
+    b"X-Forwarded-Path", b"X-Forwarded-Method", b"X-Original-URL", b"X-Original-URI", b"X-Rewrite-URL",
+    b"X-Envoy-Original-Path",
+)  # fmt: skip

@@ -31,7 +31,7 @@ from gateway.hostname import Route, authority_matches, parse_routing_fields
 from gateway.http import flow, framing, hdrs
 from gateway.http.admission import Answer
 from gateway.http.client import H2
-from gateway.http.headers import RequestHead, find_header, raw_fields
+from gateway.http.headers import RequestHead, find_header, raw_fields, upgrade_accepted
 from gateway.http.upstream import UpstreamConnection, connect_failure
 from gateway.policy import Forward, decide
 
@@ -142,7 +142,7 @@ class Exchange:
         self.done = True
         draining = ctx.draining
         body = b'{"status":"draining"}\n' if draining else b'{"status":"ok"}\n'
-        keep = self.req.keep_alive and not draining
+        keep = self.req.keep_alive and not draining and self.req_done
         out = b"".join((
             b"HTTP/1.1 503 Service Unavailable\r\n" if draining else b"HTTP/1.1 200 OK\r\n",
             b"Content-Type: application/json\r\nCache-Control: no-store\r\nContent-Length: ",
@@ -493,9 +493,10 @@ class Exchange:
         if self.done or self.up is not up:
             up.close()
             return
-        protocol = find_header(raw_fields(head), hdrs.UPGRADE)
-        if self.req.upgrade is None or protocol is None:
-            self.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, "101 without an Upgrade it was asked for")
+        offered = self.req.upgrade
+        protocol = None if offered is None else upgrade_accepted(offered, head)
+        if protocol is None:
+            self.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, "101 to a protocol the request did not offer")
             return
         self.done = True
         self.up = None
@@ -503,7 +504,7 @@ class Exchange:
         self.early = None
         self.status = 101
         self._end(101, "sandbox")
-        websocket = protocol.strip(b" \t").lower() == b"websocket"  # RFC 6455 §4.2.2: frames follow
+        websocket = protocol == b"websocket"  # RFC 6455 §4.2.2: frames follow
         self.client.become_tunnel(self, up, head, rest, early, websocket)
 
     def tunnel_ended(self, bytes_in: int, bytes_out: int) -> None:
@@ -596,7 +597,10 @@ class Exchange:
             return
         req = self.req
         h = raw_fields(req.raw)
-        keep = req.keep_alive and not close and not self.ctx.draining
+        # Answered before the request's body was complete (a refusal after Expect: 100-continue, a
+        # routing error while the body is on its way): whether the client sends the rest is its
+        # choice (RFC 9110 §10.1.1), so nobody could tell where its next request begins. Closed.
+        keep = req.keep_alive and not close and not self.ctx.draining and self.req_done
         route = self.route
         as_html = errors.wants_html(
             find_header(h, hdrs.SEC_FETCH_MODE), find_header(h, hdrs.ACCEPT), find_header(h, hdrs.USER_AGENT)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 from typing import TYPE_CHECKING, Protocol, cast
 
 from gateway import errors
@@ -25,12 +26,12 @@ from gateway.errors import Reason
 from gateway.http import flow, framing
 from gateway.http.framing import BODY, END, HEAD, HEAD_BODY, NEED
 from gateway.http.headers import ResponseHead
-from gateway.policy import PoolKey
+from gateway.policy import Endpoint, PoolKey, reaches_own_listener
 
 if TYPE_CHECKING:
     from gateway.http.proxy import Exchange
 
-__all__ = ["MAX_INTERIM", "Pool", "SandboxLink", "UpstreamConnection", "connect_failure"]
+__all__ = ["MAX_INTERIM", "OwnListener", "Pool", "SandboxLink", "UpstreamConnection", "connect_failure"]
 
 log = logging.getLogger("gateway.upstream")
 
@@ -45,6 +46,10 @@ class SandboxLink(Protocol):
     execution_id: str
 
     def reset(self) -> None: ...
+
+
+class OwnListener(OSError):
+    """The connection reached one of the gateway's own listeners (policy.reaches_own_listener)."""
 
 
 class _Invalid(Exception):
@@ -65,6 +70,7 @@ class UpstreamConnection(asyncio.Protocol):
         "idle_since",
         "key",
         "last_head",
+        "poller",
         "pool",
         "reusable",
         "reused",
@@ -91,6 +97,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.idle_since = 0.0
+        # Whether the socket is readable, asked before an idle connection is reused (Pool.acquire).
+        self.poller: select.poll | None = None
         # (raw head, request flags, analysis) of the previous response: the same resource answered
         # on the same connection within the same second (its Date) has the same head.
         # The last response head, its request flags, its analysis and the head for the client up to a
@@ -103,6 +111,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = t = cast(asyncio.Transport, transport)
         self.gate = flow.ReadGate(t)
         flow.tune(t)
+        sock = t.get_extra_info("socket")
+        if sock is not None:
+            self.poller = p = select.poll()
+            p.register(sock.fileno(), select.POLLIN)
         self.pool.opened += 1
         self.pool.link(self.sandbox_id, self)
 
@@ -245,6 +257,7 @@ class Pool:
         "max_idle",
         "max_per_key",
         "opened",
+        "own",
     )
 
     def __init__(
@@ -260,6 +273,7 @@ class Pool:
         self.idle_count = 0
         self.opened = 0
         self.links: dict[str, set[SandboxLink]] = {}  # sandbox ID -> its open upstream connections
+        self.own: tuple[Endpoint, ...] = ()  # the gateway's own listeners (server.py), never connected to
 
     def link(self, sandbox_id: str, conn: SandboxLink) -> None:
         links = self.links.get(sandbox_id)
@@ -275,7 +289,13 @@ class Pool:
                 del self.links[sandbox_id]
 
     def acquire(self, key: PoolKey) -> UpstreamConnection | None:
-        """The most recently used idle connection for ``key`` that is still fresh, or None."""
+        """The most recently used idle connection for ``key`` that is still fresh, or None.
+
+        A connection whose socket is readable is not reused: an idle connection must be silent,
+        and bytes (or a FIN) that arrived after its last response but have not been read yet
+        (data_received closes it when they are) would otherwise be read as the next request's
+        response. One poll(2) without waiting: the kernel's answer, not the event loop's, which
+        may not have run the connection's read callback yet in this iteration."""
         conns = self._idle.get(key)
         if not conns:
             return None
@@ -284,9 +304,11 @@ class Pool:
             c = conns.pop()
             self.idle_count -= 1
             if c.idle_since > limit and not c.closed:
-                c.reused = True
-                c.got_bytes = False
-                return c
+                p = c.poller
+                if p is None or not p.poll(0):
+                    c.reused = True
+                    c.got_bytes = False
+                    return c
             c.close()
         return None
 
@@ -343,9 +365,14 @@ class Pool:
     ) -> UpstreamConnection:
         """A new connection (not from the pool); raises OSError or TimeoutError."""
         async with asyncio.timeout(timeout):
-            _, proto = await self._loop.create_connection(
+            t, proto = await self._loop.create_connection(
                 lambda: UpstreamConnection(self, key, sandbox_id, address, execution_id), address, port
             )
+        peer = t.get_extra_info("peername")
+        local = t.get_extra_info("sockname")
+        if self.own and peer and local and reaches_own_listener(peer[:2], local[0], self.own):
+            proto.close()
+            raise OwnListener(f"{address}:{port} is this gateway's own listener")
         return proto
 
 
@@ -353,4 +380,6 @@ def connect_failure(exc: BaseException) -> tuple[Reason, str]:
     """The reason code for a failed connect attempt (refused is handled by the caller's retry)."""
     if isinstance(exc, TimeoutError):
         return errors.UPSTREAM_CONNECT_TIMEOUT, "connect timed out"
+    if isinstance(exc, OwnListener):
+        return errors.UPSTREAM_IS_GATEWAY, str(exc)
     return errors.UPSTREAM_CONNECT_FAILED, f"{type(exc).__name__}: {exc}"

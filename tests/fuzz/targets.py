@@ -10,11 +10,16 @@ sandbox side):
 - the verdict for the split stream equals the verdict for the whole stream;
 - every message the gateway accepts is the one the plain reference framer finds there;
 - the head the gateway would forward (request: ``upstream_head``; response: the analysed head)
-  is built without error and still ends its head where it should;
+  is built without error and still ends its head where it should; a request head forwarded for an
+  untrusted peer carries none of the untrusted fields (in any ``_``/``-`` spelling), no underscore
+  spelling of a field the policy acts on, one of each forwarding field, and in its Upgrade only
+  allowed protocols; a response head carries at most one Transfer-Encoding field, none on a 1xx,
+  204 or 304, where it carries no Content-Length either;
 - ``h2requests``: an HTTP/2 request's field list (the input, decoded by :func:`fields`) is written as an
   HTTP/1.1 head (gateway/http/h2map.py) or refused: a head written holds exactly one line per field,
   none with CR, LF or NUL, one end, and the header analysis takes it (no field smuggles a line, a
-  second head or a body framing into what the sandbox gets);
+  second head or a body framing into what the sandbox gets), and what is forwarded of it obeys the
+  same rules as an HTTP/1.1 request's;
 - under the fuzzer, it takes at most ``LIMIT`` seconds of CPU (a slow input is as bad as a crash:
   it stalls a loop; libFuzzer's own timeout catches one that never returns). The test suite
   replays inputs without the CPU limit (no timed assertions in tests) but with a bound that turns
@@ -27,14 +32,37 @@ import itertools
 import time
 
 from gateway.errors import Reason
-from gateway.http import framing, h2map
-from gateway.http.headers import FieldRoles, Peer, RequestHead, analyze_request, analyze_response
+from gateway.http import framing, h2map, hdrs
+from gateway.http.headers import FieldRoles, Peer, RequestHead, analyze_request, analyze_response, raw_fields
 from tests import framing_driver as drive
 
 LIMIT = 0.1  #: seconds of CPU per input
 TARGETS = ("requests", "responses", "h2requests")
 _PEER = Peer.make("198.51.100.7", 443, True, ())
 _FIELDS = FieldRoles()
+_UNTRUSTED = {n.lower().replace(b"_", b"-") for n in hdrs.UNTRUSTED}
+#: Fields the policy acts on that have a "-" (an underscore spelling of one is never forwarded).
+_ACTED_ON = {n for n in _FIELDS.roles if b"-" in n}
+_ADDED = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port", b"x-forwarded-host", b"forwarded")
+
+
+def _check_forwarded_request(out: bytes) -> None:
+    names = [n.lower() for n, _ in raw_fields(out)]
+    for n in names:
+        plain = n.replace(b"_", b"-")
+        assert plain not in _UNTRUSTED, f"untrusted field {n!r} forwarded"
+        assert n == plain or plain not in _ACTED_ON, f"underscore spelling {n!r} forwarded"
+    for n in _ADDED:
+        assert names.count(n) == 1, f"{n!r} {names.count(n)} times"
+    upgrades = [v for n, v in raw_fields(out) if n.lower() == hdrs.UPGRADE]
+    assert all(t.strip().split(b"/")[0].lower() in _FIELDS.upgrade_protocols for v in upgrades for t in v.split(b","))
+
+
+def _check_forwarded_response(out: bytes, status: int) -> None:
+    names = [n.lower() for n, _ in raw_fields(out)]
+    assert names.count(hdrs.TRANSFER_ENCODING) <= 1, "more than one Transfer-Encoding field"
+    if status < 200 or status in (204, 304):
+        assert hdrs.TRANSFER_ENCODING not in names and hdrs.CONTENT_LENGTH not in names
 
 
 class Slow(AssertionError):
@@ -90,6 +118,7 @@ def check(target: str, data: bytes, cpu_limit: float | None = None) -> None:
             if isinstance(r, RequestHead):
                 out = r.upstream_head(_PEER, None)
                 assert out.endswith(b"\r\n\r\n") and out.count(b"\r\n\r\n") == 1
+                _check_forwarded_request(out)
                 # chunked towards the sandbox exactly when the mapping said so (a client's own
                 # transfer-encoding is refused: it is connection-specific)
                 assert (r.body == framing.CHUNKED) == m.chunked, "a body framing the mapping did not choose"
@@ -104,6 +133,7 @@ def check(target: str, data: bytes, cpu_limit: float | None = None) -> None:
             for host in (None, b"masked.internal"):
                 out = r.upstream_head(_PEER, host)
                 assert out.endswith(b"\r\n\r\n") and out.count(b"\r\n\r\n") == 1
+                _check_forwarded_request(out)
     else:
         method = b"HEAD" if head_request else b"GET"
         whole = drive.responses([stream], method=method, http10_client=http10)
@@ -116,6 +146,7 @@ def check(target: str, data: bytes, cpu_limit: float | None = None) -> None:
             status = int(head[9:12])
             out = analyze_response(head, status, head_request, http10, True)[0]
             assert out.endswith(b"\r\n\r\n") and out.count(b"\r\n\r\n") == 1
+            _check_forwarded_response(out, status)
     took = time.thread_time() - t0
     if cpu_limit is not None and took > cpu_limit:
         raise Slow(f"{took * 1000:.0f} ms of CPU (limit {cpu_limit * 1000:.0f} ms)")

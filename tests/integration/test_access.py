@@ -124,9 +124,9 @@ async def test_shared_host_routes_by_fields_over_one_connection(start_gateway: A
         r = await c.request("sandbox.e2b.test", headers={"E2b-Sandbox-Port": "3000"})
         assert (r.status, r.header("X-Gateway-Reason")) == (400, b"missing_routing_header")
         r = await c.request("sandbox.e2b.test", headers={"E2b-Sandbox-Id": "On-e", "E2b-Sandbox-Port": "3000"})
-        assert (r.status, r.header("X-Gateway-Reason")) == (400, b"invalid_sandbox_id")
+        assert (r.status, r.header("X-Gateway-Reason")) == (400, b"invalid_routing_header")
         r = await c.request("sandbox.e2b.test", headers={"E2b-Sandbox-Id": "one", "E2b-Sandbox-Port": "0"})
-        assert (r.status, r.header("X-Gateway-Reason")) == (400, b"invalid_port")
+        assert (r.status, r.header("X-Gateway-Reason")) == (400, b"invalid_routing_header")
         await c.close()
 
 

@@ -115,3 +115,36 @@ def test_many_response_fields_are_refused_however_split(stream: grammar.Stream, 
 def test_many_1xx_are_refused_however_split(stream: grammar.Stream, seed: int) -> None:
     v = check_responses(stream.data, seed)
     assert v.end == "upstream_invalid_response" and len(v.messages) == 16
+
+
+@SETTINGS
+@given(grammar.ambiguous(), st.integers(0, 2**32))
+def test_ambiguous_framing_fields_are_refused_however_split(case: tuple[grammar.Stream, int], seed: int) -> None:
+    """Two Transfer-Encoding fields, one that is not exactly chunked, an underscore spelling, a
+    repeated or signed Content-Length (issue 10, point 2): the requests before it are served, it
+    is refused, nothing after it is read."""
+    stream, _ = case
+    assert check_requests(stream.data, seed) == drive.Verdict(tuple(stream.messages), "invalid_framing")
+
+
+@SETTINGS
+@given(grammar.requests(leading=False), st.lists(st.sampled_from(grammar.LEADING), min_size=3, max_size=3))
+def test_bytes_before_a_request_line_never_change_it(stream: grammar.Stream, leading: list[bytes]) -> None:
+    """CRLF, bare CR or bare LF before a request line are skipped as llhttp skips them: the same
+    requests, with the same method (the driver checks each against llhttp's parse), whatever came
+    before (a `\\nCONNECT` once bypassed the CONNECT refusal)."""
+    data = bytearray()
+    for i, (head, _) in enumerate(stream.messages):
+        end = stream.starts[i + 1] if i + 1 < len(stream.starts) else len(stream.data)
+        data += leading[i] + stream.data[stream.starts[i] : end]
+    assert check_requests(bytes(data), 0) == drive.Verdict(tuple(stream.messages), "idle")
+
+
+def test_request_trailers_are_never_forwarded() -> None:
+    """The last chunk goes on with an empty trailer section (issue 10, point 1): the sandbox
+    connection serves other clients next, and some servers carry trailer fields into the next request."""
+    head = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"5;x=1\r\nhello\r\n0;last\r\nCookie: session=attacker\r\nX-B: 2\r\n\r\n"
+    nxt = b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+    want = drive.Verdict(((head, b"5;x=1\r\nhello\r\n0;last\r\n\r\n"), (nxt, b"")), "idle")
+    assert check_requests(head + body + nxt, 7) == want

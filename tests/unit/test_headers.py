@@ -187,7 +187,20 @@ def test_response_framing_rules() -> None:
 
 def test_response_transfer_encoding_fields_are_one_list() -> None:
     """RFC 9112 §6.3: the last coding of all Transfer-Encoding fields decides."""
-    assert resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n")[1] == framing.CLOSE
+    out, body_in, body_out, *_ = resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nX: 1\r\n\r\n")
+    assert (body_in, body_out) == (framing.CLOSE, framing.CHUNKED)
+    # Re-framed for an HTTP/1.1 client: one field, the sandbox's coding and chunked once, last.
+    assert out == b"HTTP/1.1 200 OK\r\nX: 1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    out, body_in, body_out, *_ = resp(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nX: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    assert (body_in, body_out) == (framing.CHUNKED, framing.CHUNKED)
+    assert out == b"HTTP/1.1 200 OK\r\nX: 1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"  # merged into one
+    # Chunked anywhere but last (RFC 9112 §6.1: applied at most once, and last): refused, never
+    # chunked again by the gateway.
+    for te in (b"chunked, gzip", b"chunked, chunked", b"chunked\r\nTransfer-Encoding: chunked"):
+        with pytest.raises(framing.FramingError):
+            resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n")
     out, body_in, *_ = resp(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nX: 1\r\nTransfer-Encoding: chunked\r\n\r\n", http10=True
     )

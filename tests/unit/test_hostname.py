@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import errors
+from gateway.http.headers import REPEATED
 from gateway.hostname import (
     HostRouter,
     Route,
@@ -157,16 +158,62 @@ def test_shared_hosts_ip_literals_and_localhost_route_by_fields() -> None:
 
 def test_routing_fields() -> None:
     assert parse_routing_fields(b"abc", b"3000") == Route(3000, "abc")
-    assert parse_routing_fields(b"ABC ", b" 8080") == Route(8080, "abc")
+    assert parse_routing_fields(b"ABC ", b" 8080") == Route(8080, "abc")  # OWS; IDs compare like host names
+    assert parse_routing_fields(b"abc", b"65535") == Route(65535, "abc")
     assert parse_routing_fields(b"abc", None) is errors.MISSING_ROUTING_HEADER
     assert parse_routing_fields(None, b"3000") is errors.MISSING_ROUTING_HEADER
-    assert parse_routing_fields(b"abc", b"0") is errors.INVALID_PORT
-    assert parse_routing_fields(b"abc", b"03000") is errors.INVALID_PORT
-    assert parse_routing_fields(b"a-b", b"3000") is errors.INVALID_SANDBOX_ID
-    assert parse_routing_fields(b"ab\xff", b"3000") is errors.INVALID_HOST
+
+
+@pytest.mark.parametrize(
+    ("sid", "port"),
+    [
+        (b"abc", b"3000-pub"),  # once routed to sandbox "pub" (3000-pub-abc parsed as a host label)
+        (b"abc", b"0"),
+        (b"abc", b"03000"),  # one spelling per port, as in the host label
+        (b"abc", b"65536"),
+        (b"abc", b"100000"),
+        (b"abc", b"+3000"),
+        (b"abc", b"3000 3000"),
+        (b"abc", b"3000,3000"),
+        (b"abc", "\u0663".encode()),
+        (b"abc", b""),
+        (b"a-b", b"3000"),
+        (b"abc.def", b"3000"),
+        (b"a" * 65, b"3000"),
+        (b"", b"3000"),
+        (b"ab\xff", b"3000"),
+        (b"abc,def", b"3000"),
+        (REPEATED, b"3000"),  # the field was sent twice
+        (b"abc", REPEATED),
+    ],
+)
+def test_malformed_or_repeated_routing_fields_are_refused(sid: bytes, port: bytes) -> None:
+    assert parse_routing_fields(sid, port) is errors.INVALID_ROUTING_HEADER
+
+
+@pytest.mark.parametrize(
+    ("host", "ok"),
+    [
+        (b"3000-abc.e2b.dev:1", True),
+        (b"3000-abc.e2b.dev:65535", True),
+        (b"3000-abc.e2b.dev:", True),  # RFC 3986 §3.2.3: an empty port is allowed
+        (b"3000-abc.e2b.dev:0", False),
+        (b"3000-abc.e2b.dev:65536", False),
+        (b"3000-abc.e2b.dev:99999", False),
+        (b"3000-abc.e2b.dev:123456", False),
+        (b"[::1]:99999", False),
+        (b"[::1]:0", False),
+        (b"[::1]:8080", True),
+    ],
+)
+def test_host_ports_are_1_to_65535(host: bytes, ok: bool) -> None:
+    assert (normalize_host(host) is not errors.INVALID_HOST) is ok
 
 
 @given(st.binary(max_size=80), st.binary(max_size=12))
 def test_no_routing_fields_crash_the_parser(sid: bytes, port: bytes) -> None:
     r = parse_routing_fields(sid, port)
-    assert isinstance(r, Route) or r.status == 400
+    assert isinstance(r, Route) or r is errors.INVALID_ROUTING_HEADER
+    if isinstance(r, Route):  # only exactly what the grammar allows
+        assert port.strip(b" \t") == str(r.port).encode() and 1 <= r.port <= 65535
+        assert sid.strip(b" \t").lower() == r.sandbox_id.encode()
