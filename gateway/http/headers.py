@@ -6,15 +6,27 @@ Requests (client to sandbox):
 
 - Hop-by-hop fields are removed: Connection and every field it names, Keep-Alive,
   Proxy-Connection, TE and Upgrade (RFC 9110 §7.6.1). Transfer-Encoding stays, because the body is
-  passed on in the same chunked coding it arrived in.
-- An Upgrade whose protocol is in ``upgrade_protocols`` is kept with ``Connection: upgrade``
-  (RFC 9110 §7.8); any other is removed and the request proceeds as plain HTTP (no h2c).
+  passed on in the same chunked coding it arrived in; its trailer section does not (the last
+  chunk goes on with an empty one, RFC 9112 §7.1.2 lets a recipient drop trailers): the sandbox
+  connection serves other clients' requests next, and a server that carried trailer fields into
+  its next request (aiohttp did) would hand one client's ``Cookie`` to another.
+- Of the Upgrade's protocols those in ``upgrade_protocols`` are offered, with ``Connection:
+  upgrade`` (RFC 9110 §7.8); none left, the request proceeds as plain HTTP (no h2c). A 101 must
+  name one of them (:func:`upgrade_accepted`).
 - ``Expect: 100-continue`` is answered by the gateway once the sandbox is connected and is not
   forwarded (RFC 9110 §10.1.1 lets a proxy answer it; the client learns of routing errors before
   it sends the body, and sandbox servers that ignore Expect never stall it).
 - X-Forwarded-For gets the client address appended; X-Forwarded-Proto, -Host, -Port and
   Forwarded (RFC 7239) are set. From a peer in ``trusted_proxies`` incoming values are kept
   (For and Forwarded extended); from anyone else they are removed first, so nobody can forge them.
+- The client-identity and URL-override fields of ``untrusted_fields`` (X-Real-IP, True-Client-IP,
+  X-Original-URL, X-Forwarded-Prefix, ...: what nginx, Envoy, Traefik and CDNs set for the app
+  behind them) are removed from requests of peers not in ``trusted_proxies``, kept from those.
+- A field spelled with ``_`` where a field the policy acts on has ``-`` (``X_Forwarded_For``) is
+  removed whoever sent it, because CGI-style servers (WSGI, Rack, PHP) read ``_`` and ``-`` alike
+  and would take it for the field the gateway set or checked; ``Content_Length`` and
+  ``Transfer_Encoding`` make the framing ambiguous and are refused.
+- The routing fields of shared hosts pass, each exactly once (repeated: ``invalid_routing_header``).
 - The request line keeps its method and target byte for byte; the version sent is HTTP/1.1.
 - The record's ``mask_request_host`` may replace the Host value (the original is in
   X-Forwarded-Host). Then an ``Origin`` that is the sandbox URL's own origin (the page came from
@@ -26,14 +38,21 @@ Requests (client to sandbox):
   access link's query parameter, its own cookie, the token subprotocol.
 
 Responses (sandbox to client): hop-by-hop fields are removed the same way; the gateway states its
-own ``Connection`` and, where it re-frames the body (framing.py), ``Transfer-Encoding``. The status
-line's version becomes HTTP/1.1, code and reason phrase stay.
+own ``Connection`` and, where it re-frames the body (framing.py), ``Transfer-Encoding``: one field,
+with the sandbox's codings before ``chunked``. Content-Length and Transfer-Encoding go from 1xx, 204
+and 304 responses (RFC 9110 §8.6, RFC 9112 §6.1). The status line's version becomes HTTP/1.1, code
+and reason phrase stay.
 
 Framing checks against request smuggling (RFC 9112 §6.1, §6.3): llhttp refuses Content-Length
 with Transfer-Encoding and repeated Content-Length; this module refuses any Transfer-Encoding but
 exactly ``chunked`` (one field: two are one list, RFC 9110 §5.3), Transfer-Encoding in HTTP/1.0, a
 Content-Length that is not ``1*DIGIT``, and more than one Host (RFC 9112 §3.2). A response's
-Transfer-Encoding fields are likewise one list, whose last coding decides (RFC 9112 §6.3).
+Transfer-Encoding fields are likewise one list, whose last coding decides (RFC 9112 §6.3), and in
+which ``chunked`` may only be last (RFC 9112 §6.1: applied once, last).
+
+The method, target and version are taken from the head's first line, which is the request line
+llhttp parsed: the framer hands over a head from its first byte that is not CR or LF (llhttp skips
+those the same way), never with bytes before it (property-tested against llhttp's own parse).
 
 Cost: a head is scanned once for the fields the policy acts on, and the lines to remove are cut in
 one pass over it (with positions found by that scan), so a head's analysis is linear in its size
@@ -450,7 +469,13 @@ def analyze_request(raw: bytes, fields: FieldRoles) -> RequestHead | Reason:
     line = raw[: raw.find(b"\r\n")].split(b" ")
     if len(line) != 3:
         return errors.MALFORMED_REQUEST
-    r = RequestHead(raw, line[0], line[1])
+    target = line[1]
+    if target.find(b"\n") >= 0 or target.find(b"\r") >= 0:
+        # llhttp ends a request line at a bare LF (``GET /a\nX:y HTTP/1.1`` is, to it, an HTTP/0.9
+        # line and a field X): the gateway would read another target and version than llhttp did,
+        # and a sandbox that also ends lines at LF would see a field the policy never saw.
+        return errors.MALFORMED_REQUEST
+    r = RequestHead(raw, line[0], target)
     if line[2] != b"HTTP/1.1":
         if line[2] != b"HTTP/1.0":
             return errors.MALFORMED_REQUEST
@@ -620,12 +645,12 @@ def analyze_response(
         cuts += te_lines
         if cl_line is not None:
             cuts.append(_line(cl_line))
-    elif head_request:
-        body_in = body_out = framing.NONE
     elif te is not None:
-        if b"chunked" in te[:-1]:
+        if head_request:  # the fields describe the GET's response (RFC 9110 §9.3.2)
+            body_in = body_out = framing.NONE
+        elif b"chunked" in te[:-1]:
             raise framing.FramingError(framing.FRAMING, "chunked is not only the last transfer coding")
-        if te[-1] != b"chunked":
+        elif te[-1] != b"chunked":
             body_in = framing.CLOSE
             body_out = framing.CLOSE if client_http10 else framing.CHUNKED
             if not client_http10:
@@ -633,10 +658,13 @@ def analyze_response(
         else:
             body_in = framing.CHUNKED
             body_out = framing.CLOSE if client_http10 else framing.CHUNKED
-            if len(te_lines) > 1 and not client_http10:
-                te_out = b"Transfer-Encoding: " + b", ".join(te) + b"\r\n"
         if client_http10 or te_out:
             cuts += te_lines
+        elif len(te_lines) > 1:  # several fields: one list (RFC 9110 §5.3), sent as one field
+            cuts += te_lines
+            te_out = b"Transfer-Encoding: " + b", ".join(te) + b"\r\n"
+    elif head_request:
+        body_in = body_out = framing.NONE
     elif content_length >= 0:
         body_in = body_out = framing.LENGTH
     else:

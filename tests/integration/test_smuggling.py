@@ -36,6 +36,15 @@ HEAD_CASES = {
         "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", FRAMING),
     "te other then chunked": ("POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunk5\r\n"
         "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", FRAMING),
+    "te identity then chunked (issue 10)": ("POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: identity\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", FRAMING),
+    "te chunked then identity": ("POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+        "Transfer-Encoding: identity\r\n\r\n0\r\n\r\n", FRAMING),
+    "te far apart": ("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nHost: {host}\r\nX-A: 1\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", FRAMING),
+    "transfer_encoding (underscore)": ("POST / HTTP/1.1\r\nHost: {host}\r\nTransfer_Encoding: chunked\r\n"
+        "Content-Length: 5\r\n\r\nhello", FRAMING),
+    "content_length (underscore)": ("POST / HTTP/1.1\r\nHost: {host}\r\nContent_Length: 5\r\n\r\nhello", FRAMING),
     "te chunked, chunked": (
         "POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", FRAMING),
     "te identity": ("POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: identity\r\n\r\nhello", FRAMING),
@@ -51,6 +60,8 @@ HEAD_CASES = {
     "empty field name": ("GET / HTTP/1.1\r\nHost: {host}\r\n: b\r\n\r\n", MALFORMED),
     "space in target": ("GET /a b HTTP/1.1\r\nHost: {host}\r\n\r\n", MALFORMED),
     "http/2.0 version": ("GET / HTTP/2.0\r\nHost: {host}\r\n\r\n", MALFORMED),
+    "bare lf in the request line (issue 10)": ("GET /a\nHost:evil HTTP/1.1\r\nHost: {host}\r\n\r\n", MALFORMED),
+    "bare lf in a connect target": ("CONNECT {host}\n0:443 HTTP/1.1\r\nHost: {host}\r\n\r\n", MALFORMED),
     "http/0.9 request line": ("GET /\n\r\nGET /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n", MALFORMED),
     "two hosts": ("GET / HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n", "invalid_host"),
     "body on an upgrade": ("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"

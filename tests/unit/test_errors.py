@@ -41,6 +41,10 @@ def test_cors_echoes_origin() -> None:
     assert h[b"access-control-allow-origin"] == b"https://app.example"
     assert h[b"vary"] == b"Origin"
     assert b"X-Gateway-Reason" in h[b"access-control-expose-headers"]
+    # Never credentials (issue 10): whatever the reason, a preflight's answer included.
+    for reason in errors.REASONS.values():
+        resp = errors.render(reason, origin=b"https://app.example")
+        assert b"Access-Control-Allow-Credentials" not in resp, reason.code
 
 
 def test_head_only_and_close() -> None:

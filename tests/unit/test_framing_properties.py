@@ -134,7 +134,7 @@ def test_bytes_before_a_request_line_never_change_it(stream: grammar.Stream, lea
     requests, with the same method (the driver checks each against llhttp's parse), whatever came
     before (a `\\nCONNECT` once bypassed the CONNECT refusal)."""
     data = bytearray()
-    for i, (head, _) in enumerate(stream.messages):
+    for i in range(len(stream.messages)):
         end = stream.starts[i + 1] if i + 1 < len(stream.starts) else len(stream.data)
         data += leading[i] + stream.data[stream.starts[i] : end]
     assert check_requests(bytes(data), 0) == drive.Verdict(tuple(stream.messages), "idle")

@@ -9,7 +9,15 @@ from hypothesis import strategies as st
 
 from gateway import errors
 from gateway.http import framing
-from gateway.http.headers import FieldRoles, Peer, RequestHead, analyze_request, analyze_response
+from gateway.http.headers import (
+    REPEATED,
+    FieldRoles,
+    Peer,
+    RequestHead,
+    analyze_request,
+    analyze_response,
+    upgrade_accepted,
+)
 
 PEER = Peer.make("203.0.113.9", 8080, False, ())
 WS = FieldRoles()
@@ -113,6 +121,11 @@ def test_websocket_upgrade_is_kept_others_dropped() -> None:
     ws = req(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
     assert ws.upgrade == b"websocket"
     assert b"Connection: upgrade\r\nUpgrade: websocket\r\n" in ws.upstream_head(PEER)
+    # Only the allowed protocols of the list (every Upgrade field: one list) are offered.
+    mixed = req(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: h2c, WebSocket/13\r\nUpgrade: x\r\n\r\n")
+    assert mixed.upgrade == b"WebSocket/13"
+    out = mixed.upstream_head(PEER)
+    assert out.count(b"Upgrade:") == 1 and b"Upgrade: WebSocket/13\r\n" in out
     h2c = req(
         b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: x\r\n\r\n"
     )
@@ -134,6 +147,14 @@ def test_websocket_upgrade_is_kept_others_dropped() -> None:
          errors.INVALID_FRAMING),
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", errors.INVALID_FRAMING),  # 1*DIGIT
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n", errors.INVALID_FRAMING),
+        # Underscore spellings of the framing fields: CGI-style servers read them as the real ones.
+        (b"POST / HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\n\r\n", errors.INVALID_FRAMING),
+        (b"POST / HTTP/1.1\r\nHost: a\r\ntransfer_encoding: chunked\r\n\r\n", errors.INVALID_FRAMING),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n",
+         errors.INVALID_FRAMING),
+        # A bare LF ends llhttp's request line: it would read another target than the gateway.
+        (b"GET /a\nX:y HTTP/1.1\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),
+        (b"GET /a\rX:y HTTP/1.1\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),
     ],
 )  # fmt: skip
 def test_refused_requests(head: bytes, reason: errors.Reason) -> None:
@@ -337,3 +358,66 @@ def test_edit_fields_and_replace_target_touch_only_what_they_name() -> None:
     )  # an edited line keeps the client's trailing whitespace; a removed line goes whole
     assert edit_fields(raw, b"cookie", lambda v: v) is raw
     assert replace_target(raw, b"/y") == raw.replace(b"/x?a=1", b"/y", 1)
+
+
+@pytest.mark.parametrize(
+    ("offered", "answer", "protocol"),
+    [
+        (b"websocket", b"Upgrade: websocket\r\n", b"websocket"),
+        (b"WebSocket", b"Upgrade: websocket\r\n", b"websocket"),
+        (b"websocket/13", b"Upgrade: WEBSOCKET\r\n", b"websocket"),
+        (b"websocket", b"Upgrade: websocket/13\r\n", b"websocket"),
+        (b"websocket/13", b"Upgrade: websocket/8\r\n", None),  # another version
+        (b"websocket", b"Upgrade: h2c\r\n", None),  # a protocol nobody offered
+        (b"websocket", b"Upgrade: websocket, h2c\r\n", None),  # one protocol: the tunnel carries one
+        (b"websocket", b"Upgrade: websocket\r\nUpgrade: h2c\r\n", None),
+        (b"websocket", b"Upgrade: \r\n", None),
+        (b"websocket", b"", None),
+    ],
+)
+def test_a_101_names_a_protocol_the_request_offered(offered: bytes, answer: bytes, protocol: bytes | None) -> None:
+    head = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n" + answer + b"\r\n"
+    assert upgrade_accepted(offered, head) == protocol
+
+
+UNTRUSTED_HEAD = (
+    b"GET / HTTP/1.1\r\nHost: h\r\nX-Real-IP: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\nx-original-url: /admin\r\n"
+    b"X-Kept: 1\r\nX_Forwarded_For: 6.6.6.6\r\nx_real_ip: 6.6.6.6\r\nCF-Connecting-IP: 6.6.6.6\r\n\r\n"
+)
+
+
+def test_untrusted_fields_are_removed_from_untrusted_peers_only() -> None:
+    out = upstream(UNTRUSTED_HEAD)
+    assert b"6.6.6.6" not in out and b"/admin" not in out and b"X-Kept: 1\r\n" in out
+    lb = Peer.make("10.0.0.2", 8080, False, [__import__("ipaddress").ip_network("10.0.0.0/8")])
+    out = upstream(UNTRUSTED_HEAD, lb)
+    assert b"X-Real-IP: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\nx-original-url: /admin\r\nX-Kept: 1\r\n" in out
+    assert b"CF-Connecting-IP: 6.6.6.6\r\n" in out
+    # An underscore spelling is never what a trusted proxy wrote: removed from everyone.
+    assert b"X_Forwarded_For" not in out and b"x_real_ip" not in out
+
+
+def test_untrusted_fields_are_configurable_and_match_underscores() -> None:
+    roles = FieldRoles(untrusted=[b"X-Tenant_User"])
+    r = analyze_request(b"GET / HTTP/1.1\r\nHost: h\r\nx_tenant_user: a\r\nX-Tenant-User: b\r\nX-Real-IP: c\r\n\r\n", roles)
+    assert isinstance(r, RequestHead)
+    out = r.upstream_head(PEER)
+    assert b"tenant" not in out.lower() and b"X-Real-IP: c\r\n" in out
+
+
+def test_a_repeated_routing_field_is_no_value() -> None:
+    r = req(b"GET / HTTP/1.1\r\nHost: h\r\nE2b-Sandbox-Id: a\r\ne2b-sandbox-id: b\r\nE2b-Sandbox-Port: 1\r\n\r\n")
+    assert (r.route_id, r.route_port) == (REPEATED, b"1")
+
+
+def test_no_content_responses_lose_their_framing_fields() -> None:
+    for status in (204, 304, 103):
+        out = resp(b"HTTP/1.1 %d X\r\nContent-Length: 7\r\nETag: e\r\nTransfer-Encoding: chunked\r\n\r\n" % status,
+                   status)[0]  # fmt: skip
+        assert out.startswith(b"HTTP/1.1 %d X\r\nETag: e\r\n" % status) and b"Content-Length" not in out
+        assert b"Transfer-Encoding" not in out
+    # A HEAD response keeps them (they describe the GET's), as one Transfer-Encoding field.
+    out = resp(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", head_req=True)[0]
+    assert out == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    out = resp(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", head_req=True)[0]
+    assert out == b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"

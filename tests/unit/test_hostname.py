@@ -9,7 +9,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import errors
-from gateway.http.headers import REPEATED
 from gateway.hostname import (
     HostRouter,
     Route,
@@ -19,6 +18,7 @@ from gateway.hostname import (
     parse_label,
     parse_routing_fields,
 )
+from gateway.http.headers import REPEATED
 
 router = HostRouter(["e2b.dev", "eu.e2b.dev", "sandbox.localhost"])
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway import errors
 from gateway.catalog.record import SandboxRecord
 from gateway.hostname import Route
-from gateway.policy import Forward, check_token, decide, pool_key
+from gateway.policy import Forward, check_token, decide, pool_key, reaches_own_listener
 
 
 def test_direct_mode_uses_the_label_port() -> None:
@@ -67,3 +68,30 @@ def test_check_token() -> None:
 @given(st.binary(max_size=40), st.binary(max_size=40))
 def test_check_token_accepts_exactly_the_token(expected: bytes, presented: bytes) -> None:
     assert (check_token(expected, presented) is None) == (expected == presented)
+
+
+OWN = [("127.0.0.1", 8080), ("0.0.0.0", 8443), ("::", 9000), ("10.0.0.5", 8081), ("::1", 8082)]
+
+
+@pytest.mark.parametrize(
+    ("peer", "local", "own"),
+    [
+        (("127.0.0.1", 8080), "127.0.0.1", True),  # a listener's own address
+        (("127.0.0.1", 8081), "127.0.0.1", False),  # another port: a sandbox on this machine
+        (("127.0.0.2", 8080), "127.0.0.1", False),  # 127.0.0.1:8080 does not cover 127.0.0.2
+        (("127.0.0.2", 8443), "127.0.0.1", True),  # 0.0.0.0 covers every loopback address
+        (("10.0.0.5", 8443), "10.0.0.5", True),  # ... and every address of the machine
+        (("10.0.0.9", 8443), "10.0.0.5", False),  # another machine at the same port
+        (("::ffff:127.0.0.1", 8080), "::ffff:127.0.0.1", True),  # IPv4-mapped
+        (("::1", 9000), "::1", True),  # :: covers IPv6 loopback
+        (("fd00::2", 9000), "fd00::2", True),
+        (("fd00::3", 9000), "fd00::2", False),
+        (("127.0.0.1", 9000), "127.0.0.1", False),  # a :: listener is IPv6 only (IPV6_V6ONLY)
+        (("::1", 8443), "::1", False),  # and 0.0.0.0 IPv4 only
+        (("10.0.0.5", 8081), "10.0.0.7", True),  # an exact listener address, whatever the source
+        (("fe80::1%eth0", 9000), "fe80::1%eth0", True),  # a zone is not part of the address
+        (("not-an-ip", 8080), "127.0.0.1", False),
+    ],
+)
+def test_reaches_own_listener(peer: tuple[str, int], local: str, own: bool) -> None:
+    assert reaches_own_listener(peer, local, OWN) is own

@@ -65,6 +65,11 @@ def test_ipv6_addresses(address: str) -> None:
         b'{"host": "10.0.0.1", "ports": [0]}',
         b'{"host": "10.0.0.1", "ports": [true]}',
         b'{"host": "10.0.0.1", "execution_id": 5}',
+        # A token that is there but empty or not a string fails closed, never public (issue 10).
+        b'{"host": "10.0.0.1", "traffic_access_token": ""}',
+        b'{"host": "10.0.0.1", "traffic_access_token": 0}',
+        b'{"host": "10.0.0.1", "traffic_access_token": false}',
+        b'{"host": "10.0.0.1", "traffic_access_token": ["t"]}',
         b"\xff\xfe",
     ],
 )
@@ -84,3 +89,8 @@ def test_no_value_crashes_the_parser(raw: bytes) -> None:
         parse_record(raw)
     except RecordError:
         pass
+
+
+def test_a_null_token_is_a_public_sandbox() -> None:
+    """JSON null is the way writers say "no value" (E2B's Go structs write it for a nil pointer)."""
+    assert parse_record(b'{"host": "10.0.0.1", "traffic_access_token": null}').traffic_access_token is None

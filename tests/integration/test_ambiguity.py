@@ -1,0 +1,601 @@
+"""Nothing ambiguous crosses the gateway, in either direction (issue 10).
+
+Every case runs against real peers on loopback: raw-socket clients that send exactly the bytes an
+attacker would, raw-socket sandboxes that record every byte they receive (or answer what a broken or
+hostile app would), and, where a real server's behaviour was the finding, that server (aiohttp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import WAIT, Catalog, free_port
+from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, read_response, request, response
+
+# ---- 1. request trailers never reach another client's request
+
+
+def recorder(seen: list[tuple[bytes, bytes]]) -> Any:
+    """A sandbox that records each request (head, raw body) and answers 200, keeping the connection."""
+
+    async def sandbox(c: UpstreamConn) -> None:
+        while True:
+            head, body = await c.read_request()
+            seen.append((head, body))
+            c.send(response(200, b"ok"))
+
+    return sandbox
+
+
+#: What the gateway adds to a forwarded head (and nothing else).
+ADDED = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port", b"forwarded", b"x-forwarded-host",
+         b"x-request-id"}  # fmt: skip
+
+
+def own_request(received: bytes, sent: bytes) -> None:
+    """``received`` (a head as the sandbox read it) is ``sent`` byte for byte, plus only the fields
+    the gateway adds."""
+    assert received.startswith(sent[:-2]), (received, sent)
+    added = received[len(sent) - 2 : -4].split(b"\r\n")
+    assert {line.partition(b":")[0].lower() for line in added} <= ADDED, added
+
+
+async def test_request_trailers_never_reach_another_clients_request(start_gateway: Any, catalog: Catalog) -> None:
+    seen: list[tuple[bytes, bytes]] = []
+    async with RawUpstream(recorder(seen)) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        a = await Client.connect(gw.port)
+        a.send(
+            f"POST /a HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + b"5;x=1\r\nhello\r\n0\r\nCookie: session=attacker\r\nX-Trailer: t\r\n\r\n"
+        )
+        assert (await a.read_response()).status == 200
+        b = await Client.connect(gw.port)
+        sent = f"GET /b HTTP/1.1\r\nHost: {host}\r\nCookie: mine=1\r\nAccept: */*\r\n\r\n".encode()
+        b.send(sent)
+        assert (await b.read_response()).status == 200
+        await a.close()
+        await b.close()
+    assert len(up.conns) == 1  # one sandbox connection served both clients
+    (_, body_a), (head_b, _) = seen
+    assert body_a == b"5;x=1\r\nhello\r\n0\r\n\r\n"  # the last chunk, its extension, an empty trailer section
+    own_request(head_b, sent)
+    assert b"attacker" not in bytes(up.received) and b"X-Trailer" not in bytes(up.received)
+
+
+async def test_request_trailers_and_a_real_aiohttp_sandbox(start_gateway: Any, catalog: Catalog) -> None:
+    """The server the finding was made with: aiohttp's parser carried a request's trailer fields into
+    the next request on the connection, ahead of that request's own Cookie."""
+
+    async def cookies(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"cookie": request.headers.getall("Cookie", []), "path": request.path})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", cookies)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(port, "abc")
+        a = await Client.connect(gw.port)
+        a.send(
+            f"POST /a HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            + b"3\r\nabc\r\n0\r\nCookie: session=attacker\r\n\r\n"
+        )
+        assert (await a.read_response()).json() == {"cookie": [], "path": "/a"}
+        b = await Client.connect(gw.port)
+        r = await b.request(host, "/b", headers={"Cookie": "mine=1"})
+        assert r.json() == {"cookie": ["mine=1"], "path": "/b"}
+        await a.close()
+        await b.close()
+    finally:
+        await runner.cleanup()
+
+
+# ---- 2. the method, target and version are llhttp's: bytes before the request line change nothing
+
+
+async def test_a_bare_lf_before_connect_does_not_bypass_its_refusal(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        for lead in (b"\n", b"\r", b"\r\n", b"\n\r\n\r"):
+            c = await Client.connect(gw.port)
+            c.send(lead + f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            r = await c.read_response()
+            assert (r.status, r.header("X-Gateway-Reason")) == (405, b"method_not_allowed"), lead
+            assert await c.closed()
+            await c.close()
+        assert bytes(up.received) == b""
+
+
+async def test_bytes_before_a_head_request_keep_it_a_head_request(start_gateway: Any, catalog: Catalog) -> None:
+    """A HEAD taken for a GET once made the gateway wait for a body that never came, and lost the
+    connection's next request. Both the first parse and the repeated-head shortcut are checked."""
+    lines: list[bytes] = []
+
+    async def sandbox(c: UpstreamConn) -> None:
+        while True:
+            head, _ = await c.read_request()
+            lines.append(head.split(b"\r\n", 1)[0])
+            # A HEAD response states the GET's length and carries no body.
+            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" if head.startswith(b"HEAD") else response(200, b"after"))
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        head = f"HEAD / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        c = await Client.connect(gw.port)
+        c.send(b"\r" + head)
+        r = await c.read_response(b"HEAD")
+        assert r.status == 200 and r.header("Content-Length") == b"5"
+        c.send(b"\n" + head)  # the same head again: the repeated-head shortcut
+        assert (await c.read_response(b"HEAD")).status == 200
+        # Pipelined in one write, with bare CR and LF between them.
+        c.send(head + b"\n\r" + head + b"\r\r\n" + f"GET /after HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert (await c.read_response(b"HEAD")).status == 200
+        assert (await c.read_response(b"HEAD")).status == 200
+        r = await c.read_response()
+        assert r.status == 200 and r.body == b"after"
+        await c.close()
+    assert lines == [b"HEAD / HTTP/1.1"] * 4 + [b"GET /after HTTP/1.1"]
+
+
+# ---- 3. identity and URL-override fields from untrusted peers never reach the sandbox
+
+UNTRUSTED = {
+    "X-Real-IP": "6.6.6.6", "True-Client-IP": "6.6.6.6", "X-Client-IP": "6.6.6.6", "CF-Connecting-IP": "6.6.6.6",
+    "X-Original-Forwarded-For": "6.6.6.6", "X-Forwarded-Server": "evil", "X-Original-URL": "/admin",
+    "X-Rewrite-URL": "/admin", "X-Forwarded-Ssl": "on", "X-Forwarded-Scheme": "https", "X-Url-Scheme": "https",
+    "Front-End-Https": "on", "X-Forwarded-Prefix": "/evil", "X-Envoy-External-Address": "6.6.6.6",
+    "X-Original-Host": "evil", "X-Forwarded-Client-Cert": "Hash=evil",
+}  # fmt: skip
+#: Underscore spellings, which CGI-style servers (WSGI, Rack, PHP) read as the dash ones.
+UNDERSCORED = {"X_Forwarded_For": "6.6.6.6", "x_real_ip": "6.6.6.6", "X-Forwarded_Host": "evil", "X_Request_ID": "e"}
+
+
+def names(head: bytes) -> list[bytes]:
+    return [line.partition(b":")[0] for line in head.split(b"\r\n")[1:] if line]
+
+
+async def test_untrusted_identity_and_override_fields_are_removed(start_gateway: Any, catalog: Catalog) -> None:
+    seen: list[tuple[bytes, bytes]] = []
+    async with RawUpstream(recorder(seen)) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        r = await Client.connect(gw.port)
+        got = await r.request(gw.host(up.port, "abc"), headers={**UNTRUSTED, **UNDERSCORED, "X-Kept": "1"})
+        assert got.status == 200
+        await r.close()
+        trusting = await start_gateway(trusted_proxies=["127.0.0.0/8"])
+        r = await Client.connect(trusting.port)
+        got = await r.request(trusting.host(up.port, "abc"), headers={**UNTRUSTED, **UNDERSCORED})
+        assert got.status == 200
+        await r.close()
+    (untrusted, _), (trusted, _) = seen
+    sent = [n.encode() for n in (*UNTRUSTED, *UNDERSCORED)]
+    assert not set(names(untrusted)) & set(sent)
+    assert b"6.6.6.6" not in untrusted and b"evil" not in untrusted and b"/admin" not in untrusted
+    assert b"X-Kept: 1\r\n" in untrusted and b"X-Forwarded-For: 127.0.0.1\r\n" in untrusted
+    # From a trusted proxy the fields it vouches for pass; an underscore spelling never does.
+    assert [n for n in names(trusted) if n in sent] == [n.encode() for n in UNTRUSTED]
+    assert not set(names(trusted)) & {n.encode() for n in UNDERSCORED}
+
+
+async def test_untrusted_fields_are_configurable(start_gateway: Any, catalog: Catalog) -> None:
+    seen: list[tuple[bytes, bytes]] = []
+    async with RawUpstream(recorder(seen)) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway(untrusted_fields=["X-Tenant-User"])
+        c = await Client.connect(gw.port)
+        r = await c.request(gw.host(up.port, "abc"), headers={"X-Tenant-User": "root", "X_Tenant_User": "root",
+                                                               "X-Real-IP": "6.6.6.6"})  # fmt: skip
+        assert r.status == 200
+        await c.close()
+    head = seen[0][0]
+    assert b"root" not in head and b"X-Real-IP: 6.6.6.6\r\n" in head  # only the configured list
+
+
+# ---- 4. routing fields: one value each, exactly the host grammar
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Port", "{port}-pub")],  # once routed to sandbox "pub"
+        [("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Id", "pub"), ("E2b-Sandbox-Port", "{port}")],
+        [("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Port", "{port}"), ("e2b-sandbox-port", "{port}")],
+        [("E2b-Sandbox-Id", "abc,pub"), ("E2b-Sandbox-Port", "{port}")],
+        [("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Port", "99999")],
+        [("E2b-Sandbox-Id", "abc"), ("E2b-Sandbox-Port", "+{port}")],
+        [("E2b-Sandbox-Id", "a_b"), ("E2b-Sandbox-Port", "{port}")],
+    ],
+)
+async def test_malformed_or_repeated_routing_fields_are_refused(
+    start_gateway: Any, catalog: Catalog, fields: list[tuple[str, str]]
+) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        catalog.put("pub", host="127.0.0.1")
+        gw = await start_gateway(shared_hosts=["sandbox.e2b.test"])
+        c = await Client.connect(gw.port)
+        extra = "".join(f"{n}: {v.format(port=up.port)}\r\n" for n, v in fields)
+        c.send(f"GET / HTTP/1.1\r\nHost: sandbox.e2b.test\r\n{extra}\r\n".encode())
+        r = await c.read_response()
+        assert (r.status, r.header("X-Gateway-Reason")) == (400, b"invalid_routing_header")
+        r = await c.request("sandbox.e2b.test", headers={"E2b-Sandbox-Id": "abc", "E2b-Sandbox-Port": str(up.port)})
+        assert r.status == 200  # the connection goes on: the fields were well framed, only wrong
+        await c.close()
+        assert bytes(up.received).count(b"GET / ") == 1
+
+
+# ---- 5. an answer before the request body is complete closes the connection
+
+
+async def test_a_refusal_after_expect_100_continue_closes(start_gateway: Any, catalog: Catalog) -> None:
+    """The client waits for 100 Continue and, refused, never sends the body: were the connection
+    kept, its next request would be read as that body (and answered 400)."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("priv", host="127.0.0.1", traffic_access_token="tok")
+        catalog.put("open", host="127.0.0.1", ports=[1])
+        gw = await start_gateway()
+        for sid, reason in (("priv", b"traffic_token_missing"), ("open", b"port_not_exposed")):
+            c = await Client.connect(gw.port)
+            c.send(
+                f"PUT /u HTTP/1.1\r\nHost: {gw.host(up.port, sid)}\r\nExpect: 100-continue\r\n"
+                "Content-Length: 5\r\n\r\n".encode()
+            )
+            r = await c.read_response(interim=True)
+            assert (r.status, r.header("X-Gateway-Reason"), r.header("Connection")) == (403, reason, b"close")
+            assert await c.closed()
+            await c.close()
+        assert bytes(up.received) == b""
+
+
+async def test_every_answer_before_the_body_closes_and_loses_nothing(start_gateway: Any, catalog: Catalog) -> None:
+    """A routing error while the body is on its way: Connection: close. The client may go on sending
+    the body it had started (RFC 9110 §10.1.1); the gateway reads and discards it before it closes,
+    so the answer is not destroyed by a reset (closed at once, with the client's bytes unread, the
+    socket would answer them with an RST, and the client's kernel drops what it had not read)."""
+    gw = await start_gateway()
+    host = gw.host(3000, "nosuch")
+    body = b"x" * (8 << 20)
+    head = f"POST /up HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+
+    def client() -> bytes:
+        """A blocking client that writes all of its body before it reads anything."""
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT) as s:
+            s.sendall(head)
+            s.sendall(body)
+            got = b""
+            while data := s.recv(65536):
+                got += data
+            return got
+
+    async with asyncio.timeout(WAIT * 2):
+        got = await asyncio.to_thread(client)
+    r = await read_response(_reader(got))
+    assert (r.status, r.header("X-Gateway-Reason"), r.header("Connection")) == (502, b"sandbox_not_found", b"close")
+    assert r.raw == got  # the whole answer, then the end of the connection
+    # Before any body byte: the same.
+    c = await Client.connect(gw.port)
+    c.send(f"POST /up HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10\r\n\r\n".encode())
+    r = await c.read_response()
+    assert (r.status, r.header("Connection")) == (502, b"close")
+    assert await c.closed()
+    await c.close()
+
+
+def _reader(data: bytes) -> asyncio.StreamReader:
+    r = asyncio.StreamReader()
+    r.feed_data(data)
+    r.feed_eof()
+    return r
+
+
+async def test_an_answer_after_the_whole_body_keeps_the_connection(start_gateway: Any, catalog: Catalog) -> None:
+    gw = await start_gateway()
+    c = await Client.connect(gw.port)
+    r = await c.request(gw.host(3000, "nosuch"), "/p", "POST", body=b"hello")
+    assert r.status == 502 and r.header("Connection") is None
+    r = await c.request(gw.host(3000, "nosuch"), "/q")  # the connection goes on
+    assert r.status == 502
+    await c.close()
+
+
+# ---- 6. a 101 names a protocol the client offered and the gateway allows
+
+UPGRADE = "GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: {offer}\r\nSec-WebSocket-Key: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("answer", [b"h2c", b"websocket, h2c", b"foo", b"", None])
+async def test_a_101_for_another_protocol_is_refused(start_gateway: Any, catalog: Catalog, answer: bytes | None) -> None:
+    async def sandbox(c: UpstreamConn) -> None:
+        await c.read_head()
+        upgrade = b"" if answer is None else b"Upgrade: " + answer + b"\r\n"
+        c.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n" + upgrade + b"\r\n\x00\x00\x00\x04")
+        await c.reader.read()
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await Client.connect(gw.port)
+        c.send(UPGRADE.format(host=gw.host(up.port, "abc"), offer="websocket").encode())
+        r = await c.read_response()
+        assert (r.status, r.header("X-Gateway-Reason")) == (502, b"upstream_invalid_response")
+        await c.close()
+
+
+async def test_only_allowed_upgrade_tokens_are_offered(start_gateway: Any, catalog: Catalog) -> None:
+    heads: list[bytes] = []
+
+    async def sandbox(c: UpstreamConn) -> None:
+        head = await c.read_head()
+        heads.append(head)
+        c.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        while data := await c.reader.read(65536):
+            c.send(data)
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await Client.connect(gw.port)
+        c.send(UPGRADE.format(host=gw.host(up.port, "abc"), offer="h2c, WebSocket, foo/2").encode())
+        r = await read_response(c.reader)
+        assert r.status == 101 and r.header("Upgrade") == b"websocket"
+        c.send(b"ping")
+        async with asyncio.timeout(WAIT):
+            assert await c.reader.readexactly(4) == b"ping"  # a tunnel
+        await c.close()
+    upgrade = [line for line in heads[0].split(b"\r\n") if line.lower().startswith(b"upgrade:")]
+    assert upgrade == [b"Upgrade: WebSocket"]  # h2c and foo were not offered to the sandbox
+
+
+# ---- 7. Host ports, CORS, empty tokens, the gateway's own listeners
+
+
+@pytest.mark.parametrize("suffix", [":0", ":65536", ":99999", ":123456"])
+async def test_host_ports_outside_1_65535_are_refused(start_gateway: Any, catalog: Catalog, suffix: str) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await Client.connect(gw.port)
+        r = await c.request(gw.host(up.port, "abc") + suffix)
+        assert (r.status, r.header("X-Gateway-Reason")) == (400, b"invalid_host")
+        r = await c.request(gw.host(up.port, "abc") + ":65535")
+        assert r.status == 200
+        await c.close()
+
+
+async def test_gateway_answers_never_allow_credentials(start_gateway: Any, catalog: Catalog) -> None:
+    catalog.put("priv", host="127.0.0.1", traffic_access_token="tok")
+    gw = await start_gateway()
+    c = await Client.connect(gw.port)
+    origin = {"Origin": "https://evil.example"}
+    for host, headers in (
+        (gw.host(3000, "nosuch"), origin),
+        (gw.host(3000, "priv"), origin),
+        (gw.host(3000, "priv"), {**origin, "Access-Control-Request-Method": "PUT"}),  # a preflight, answered 204
+    ):
+        method = "OPTIONS" if "Access-Control-Request-Method" in headers else "GET"
+        r = await c.request(host, method=method, headers=headers)
+        assert r.header("Access-Control-Allow-Origin") == b"https://evil.example"
+        assert r.header("Access-Control-Allow-Credentials") is None, r.raw
+    await c.close()
+
+
+@pytest.mark.parametrize("token", ['""', "0", "true", "[]", '{"a": 1}'])
+async def test_an_empty_or_non_string_token_fails_closed(start_gateway: Any, catalog: Catalog, token: str) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put_raw("abc", f'{{"host": "127.0.0.1", "traffic_access_token": {token}}}')
+        gw = await start_gateway()
+        r = await request(gw.port, gw.host(up.port, "abc"))
+        assert (r.status, r.header("X-Gateway-Reason")) == (502, b"catalog_record_invalid")
+        assert bytes(up.received) == b""
+
+
+async def test_a_record_pointing_at_the_gateway_is_refused(start_gateway: Any, catalog: Catalog) -> None:
+    """A sandbox URL must never reach the gateway's own listeners: its admin app (/metrics) or its
+    data port (a loop)."""
+    gw = await start_gateway()
+    c = await Client.connect(gw.port)
+    for address in ("127.0.0.1", "localhost", "0.0.0.0", "::ffff:127.0.0.1"):
+        catalog.put("self", host=address)
+        for port in (gw.port, gw.admin_port):
+            r = await c.request(gw.host(port, "self"), "/metrics")
+            assert (r.status, r.header("X-Gateway-Reason")) == (403, b"upstream_is_gateway"), (address, port)
+            assert b"gateway_" not in r.body
+    await c.close()
+
+
+async def test_a_wildcard_listener_covers_every_local_address(start_gateway: Any, catalog: Catalog) -> None:
+    """Listening on 0.0.0.0 the gateway is reachable at every address of the machine: 127.0.0.2,
+    and the machine's own non-loopback address when it has one (the traffic stays local)."""
+    gw = await start_gateway(listen=["0.0.0.0:0"])
+    addresses = ["127.0.0.1", "127.0.0.2", "0.0.0.0"]
+    own = local_address()
+    if own is not None:
+        addresses.append(own)
+    c = await Client.connect(gw.port)
+    for address in addresses:
+        catalog.put("self", host=address)
+        r = await c.request(gw.host(gw.port, "self"))
+        assert (r.status, r.header("X-Gateway-Reason")) == (403, b"upstream_is_gateway"), address
+    # A sandbox at another port of the same addresses is reached as usual.
+    async with RawUpstream(echo_handler, host="127.0.0.2") as up:
+        catalog.put("other", host="127.0.0.2")
+        r = await c.request(gw.host(up.port, "other"))
+        assert r.status == 200
+    await c.close()
+
+
+def local_address() -> str | None:
+    """An IPv4 address of this machine other than loopback, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route is looked up
+        except OSError:
+            return None
+        address: str = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+async def test_workers_refuse_the_supervisors_admin_listener(gateway_process: Any, catalog: Catalog) -> None:
+    catalog.put("self", host="127.0.0.1")
+    gw = gateway_process("--workers", "2")
+    for port in (gw.admin_port, gw.port):
+        for _ in range(4):  # new connections: both workers answer, most likely
+            r = await request(gw.port, gw.host(port, "self"), "/metrics")
+            assert (r.status, r.header("X-Gateway-Reason")) == (403, b"upstream_is_gateway")
+
+
+# ---- 8. idle pooled connections stay silent; one Transfer-Encoding; nothing framing a 204/304
+
+
+async def test_bytes_after_a_response_never_become_the_next_response(start_gateway: Any, catalog: Catalog) -> None:
+    """A sandbox writes more after a complete response (a body longer than its Content-Length, in a
+    later write). The connection is not reused: the next request gets its own answer."""
+    stray_sent = asyncio.Event()
+    accepted: list[UpstreamConn] = []
+
+    async def sandbox(c: UpstreamConn) -> None:
+        accepted.append(c)
+        await c.read_request()
+        if len(accepted) > 1:  # a later connection: a well-behaved one
+            c.send(response(200, b"own"))
+            while True:
+                await c.read_request()
+                c.send(response(200, b"own"))
+        c.send(response(200, b"first"))
+        await c.writer.drain()
+        c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray")
+        await c.writer.drain()
+        stray_sent.set()
+        await c.reader.read()
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        c = await Client.connect(gw.port)
+        assert (await c.request(host)).body == b"first"
+        async with asyncio.timeout(WAIT):
+            await stray_sent.wait()
+        for _ in range(3):
+            assert (await c.request(host)).body == b"own"
+        await c.close()
+        assert len(up.conns) == 2
+
+
+async def test_a_readable_idle_connection_is_not_reused(start_gateway: Any) -> None:
+    """Bytes that reached the socket of an idle pooled connection but were not read yet (the loop
+    may run its read callback after the next request took the connection) are seen before reuse:
+    the pool asks the kernel. Real sockets; the pool driven directly so that nothing reads first."""
+    from gateway.http.upstream import Pool
+
+    async def sandbox(c: UpstreamConn) -> None:
+        await c.reader.read()
+
+    async with RawUpstream(sandbox) as up:
+        pool = Pool(60.0, 4, 4, 65536)
+        quiet = await pool.connect("127.0.0.1", up.port, "k", WAIT)
+        loud = await pool.connect("127.0.0.1", up.port, "k", WAIT)
+        async with asyncio.timeout(WAIT):
+            while len(up.conns) < 2:  # until the sandbox has accepted both (bounded polling)
+                await asyncio.sleep(0.01)
+        pool.release(quiet)
+        pool.release(loud)  # the most recently used: acquired first
+        loud_port = loud.transport.get_extra_info("sockname")[1]
+        (peer,) = [c for c in up.conns if c.writer.get_extra_info("peername")[1] == loud_port]
+        peer.writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        assert peer.writer.transport.get_write_buffer_size() == 0  # sent: on loopback, already in our socket
+        # No await between the write and the acquire: the event loop has not read the bytes.
+        assert pool.acquire("k") is quiet
+        assert loud.closed
+        assert pool.acquire("k") is None
+        quiet.close()
+
+
+async def test_reframed_responses_carry_one_transfer_encoding(start_gateway: Any, catalog: Catalog) -> None:
+    async def sandbox(c: UpstreamConn) -> None:
+        while True:
+            head, _ = await c.read_request()
+            if b"/two" in head:  # two fields, one list; the connection stays
+                c.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nX-A: 1\r\nTransfer-Encoding: chunked\r\n"
+                       b"\r\n6\r\nzipped\r\n0\r\n\r\n")  # fmt: skip
+                continue
+            if b"/gzip" in head:  # a coding, then the body until the close: re-framed as chunked
+                c.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nX-A: 1\r\n\r\nzipped")
+            elif b"/close" in head:  # no framing at all
+                c.send(b"HTTP/1.0 200 OK\r\n\r\nplain")
+            elif b"/twice" in head:  # chunked not last (RFC 9112 §6.1): never chunked a second time
+                c.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nzipped")
+            c.writer.close()
+            return
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        c = await Client.connect(gw.port)
+        for path, te, body in (("/gzip", b"gzip, chunked", b"zipped"), ("/two", b"gzip, chunked", b"zipped"),
+                               ("/close", b"chunked", b"plain")):  # fmt: skip
+            r = await c.request(host, path)
+            assert r.status == 200 and r.all("Transfer-Encoding") == [te] and r.body == body, path
+            assert r.header("Connection") is None  # kept open: the client's connection stays framed
+        r = await c.request(host, "/twice")
+        assert (r.status, r.header("X-Gateway-Reason")) == (502, b"upstream_invalid_response")
+        await c.close()
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_no_content_responses_carry_no_framing_fields(start_gateway: Any, catalog: Catalog, status: int) -> None:
+    async def sandbox(c: UpstreamConn) -> None:
+        while True:
+            head, _ = await c.read_request()
+            if b"/empty" in head:
+                c.send(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nETag: \"e\"\r\n\r\n".encode())
+            elif b"/te" in head:
+                c.send(f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+            else:
+                c.send(response(200, b"next"))
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        c = await Client.connect(gw.port)
+        for path in ("/empty", "/te"):
+            r = await c.request(host, path)
+            assert r.status == status
+            assert r.header("Content-Length") is None and r.header("Transfer-Encoding") is None, r.raw
+        assert (await c.request(host, "/")).body == b"next"  # both connections still frame right
+        await c.close()
+        assert len(up.conns) == 1
+
+
+# ---- refusals are counted under their reasons
+
+
+async def test_refusals_are_counted_with_their_reasons(start_gateway: Any, catalog: Catalog) -> None:
+    catalog.put("self", host="127.0.0.1")
+    gw = await start_gateway(shared_hosts=["sandbox.e2b.test"])
+    c = await Client.connect(gw.port)
+    await c.request(gw.host(gw.admin_port, "self"))
+    await c.request("sandbox.e2b.test", headers={"E2b-Sandbox-Id": "a", "E2b-Sandbox-Port": "1-b"})
+    await c.close()
+    metrics = (await request(gw.admin_port, "x", "/metrics")).body
+    assert b'reason="upstream_is_gateway"' in metrics and b'reason="invalid_routing_header"' in metrics
