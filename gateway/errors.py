@@ -211,7 +211,9 @@ _PAGES: dict[Reason, _Page] = {
     ),
     UNKNOWN_DOMAIN: _Page("Not a sandbox address", "This gateway serves no sandboxes under this domain.", _ADDRESS),
     MISSING_ROUTING_HEADER: _Page("Not a sandbox address", MISSING_ROUTING_HEADER.message, _ADDRESS),
-    INVALID_ROUTING_HEADER: _Page("Not a sandbox address", INVALID_ROUTING_HEADER.message, _ADDRESS),
+    INVALID_ROUTING_HEADER: _Page(
+        "Not a sandbox address", "A sandbox routing field was sent twice, or is not a port or a sandbox ID.", _ADDRESS
+    ),
     NO_SANDBOX_IN_HOST: _Page(
         "No sandbox at this address", "This address reaches the sandbox gateway itself, not a sandbox.", _ADDRESS
     ),
