@@ -48,6 +48,9 @@ class Verdict:
 
     messages: tuple[tuple[bytes, bytes], ...]
     end: str
+    #: Requests: the indexes of the messages whose trailer section had a field (forwarded; the
+    #: sandbox connection that carried one is closed after its response, never pooled again).
+    trailer_fields: tuple[int, ...] = ()
 
 
 class Spinning(AssertionError):
@@ -93,6 +96,7 @@ def requests(chunks: Sequence[bytes], max_head: int = 65536, max_fields: int = 1
     head: bytes | None = None
     body = bytearray()
     chunked = False
+    trailed: list[int] = []
 
     def analysed(raw: bytes) -> RequestHead:
         r = analyze_request(raw, FIELDS)
@@ -123,16 +127,12 @@ def requests(chunks: Sequence[bytes], max_head: int = 65536, max_fields: int = 1
                     ev = fr.body(req.body, req.content_length, data, pos)
                     progress.step(ev, pos, fr)
                 if ev in (BODY, END):
-                    if chunked:  # as downstream.py forwards it: without the trailer section
-                        assert pos <= fr.cut <= fr.end
-                        body += data[pos : fr.cut]
-                        if ev == END:
-                            body += b"\r\n"
-                    else:
-                        body += data[pos : fr.end]
+                    body += data[pos : fr.end]
                     pos = fr.end
                     if ev == END:
                         assert head is not None
+                        if chunked and fr.trailer:  # as downstream.py decides
+                            trailed.append(len(msgs))
                         msgs.append((head, bytes(body)))
                         head = None
                 elif ev == UPGRADE:
@@ -142,14 +142,14 @@ def requests(chunks: Sequence[bytes], max_head: int = 65536, max_fields: int = 1
                         raise _Refused(errors.INVALID_FRAMING.code)
                     msgs.append((fr.head, b""))
                     if req.upgrade is not None:
-                        return Verdict(tuple(msgs), "upgrade")
+                        return Verdict(tuple(msgs), "upgrade", tuple(trailed))
                 elif ev == NEED:
                     break
     except FramingError as e:
-        return Verdict(tuple(msgs), REQUEST_REASONS[e.kind])
+        return Verdict(tuple(msgs), REQUEST_REASONS[e.kind], tuple(trailed))
     except _Refused as e:
-        return Verdict(tuple(msgs), e.reason)
-    return Verdict(tuple(msgs), "partial" if head is not None or fr.acc is not None else "idle")
+        return Verdict(tuple(msgs), e.reason, tuple(trailed))
+    return Verdict(tuple(msgs), "partial" if head is not None or fr.acc is not None else "idle", tuple(trailed))
 
 
 def responses(
@@ -351,8 +351,9 @@ def _skip_empty(data: bytes, pos: int) -> int:
     return pos
 
 
-def reference_requests(data: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The requests in ``data`` and whether the reference refused what followed them."""
+def reference_requests(data: bytes, trailer_fields: list[int] | None = None) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The requests in ``data`` and whether the reference refused what followed them;
+    ``trailer_fields`` gets the indexes of those whose trailer section has a field."""
     msgs: list[tuple[bytes, bytes]] = []
     pos = 0
     try:
@@ -378,7 +379,9 @@ def reference_requests(data: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
                 end = _chunked(data, pos, trailers)
                 if end is None:
                     return msgs, False
-                msgs.append((head, data[pos : trailers[0]] + b"\r\n"))  # request trailers are dropped
+                if trailer_fields is not None and end - trailers[0] > 2:  # more than the empty line
+                    trailer_fields.append(len(msgs))
+                msgs.append((head, data[pos:end]))
                 pos = end
             else:
                 msgs.append((head, b""))

@@ -52,6 +52,8 @@ class Stream:
     messages: list[tuple[bytes, bytes]]  # (head, body as the gateway forwards it)
     hot: list[int] = field(default_factory=list)  # offsets of framing tokens
     starts: list[int] = field(default_factory=list)  # where each message's head begins
+    #: Requests whose trailer section has a field (their sandbox connection is not pooled again).
+    trailer_fields: list[int] = field(default_factory=list)
 
 
 def _token(draw: st.DrawFn, alphabet: str = TCHAR, lo: int = 1, hi: int = 8) -> str:
@@ -104,13 +106,14 @@ def chunked_body(draw: st.DrawFn, hot: list[int], base: int, trailer_at: list[in
 @st.composite
 def requests(draw: st.DrawFn, many_fields: bool = False, leading: bool = True) -> Stream:
     """1-3 requests on one connection, valid by construction; with ``leading``, empty lines and
-    bare CR/LF before some (skipped). Bodies are recorded as the gateway forwards them: chunked
-    ones without their trailer fields."""
+    bare CR/LF before some (skipped). Bodies are recorded as the gateway forwards them: as sent,
+    trailer fields included."""
     data = bytearray()
     msgs: list[tuple[bytes, bytes]] = []
     hot: list[int] = []
     starts: list[int] = []
-    for _ in range(draw(st.integers(1, 3))):
+    trailed: list[int] = []
+    for i in range(draw(st.integers(1, 3))):
         if leading and draw(st.booleans()):
             data += draw(st.sampled_from(LEADING))
         method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]))
@@ -131,14 +134,14 @@ def requests(draw: st.DrawFn, many_fields: bool = False, leading: bool = True) -
         hot.append(start + len(head) - 2)
         starts.append(start)
         data += head
-        forwarded = body
         if kind == "chunked":
             at: list[int] = []
             body = draw(chunked_body(hot, len(data), at))
-            forwarded = body[: at[0]] + b"\r\n"  # request trailers are dropped
+            if len(body) - at[0] > 2:  # a trailer field, not only the empty line
+                trailed.append(i)
         data += body
-        msgs.append((head, forwarded))
-    return Stream(bytes(data), msgs, hot, starts)
+        msgs.append((head, body))
+    return Stream(bytes(data), msgs, hot, starts, trailed)
 
 
 @st.composite
@@ -150,7 +153,8 @@ def ambiguous(draw: st.DrawFn) -> tuple[Stream, int]:
     head, _ = s.messages[i]
     extra = draw(st.sampled_from(AMBIGUOUS))
     at = s.starts[i] + len(head) - 2  # before the head's final CRLF
-    return Stream(s.data[:at] + extra + b"\r\n" + s.data[at:], s.messages[:i]), i
+    kept = [t for t in s.trailer_fields if t < i]
+    return Stream(s.data[:at] + extra + b"\r\n" + s.data[at:], s.messages[:i], trailer_fields=kept), i
 
 
 @st.composite

@@ -224,19 +224,14 @@ class ClientConnection(asyncio.Protocol):
                     self._exchange(req)
                 if BODY <= ev <= END:
                     end = fr.end
+                    piece = data[pos:end]
+                    pos = end
                     x = self.parsing
                     assert x is not None
-                    if x.req.body == framing.CHUNKED:
-                        # Request trailers are dropped (RFC 9112 §7.1.2 lets a recipient): the
-                        # sandbox connection is pooled for other clients' requests, and a server
-                        # that carried trailer fields into its next request (aiohttp did) would
-                        # give them to someone else. The last chunk ends with an empty section.
-                        piece = data[pos : fr.cut] if ev == BODY else data[pos : fr.cut] + framing.CRLF
-                    else:
-                        piece = data[pos:end]
-                    pos = end
                     x.on_request_body(piece)
                     if ev == END:
+                        if fr.trailer and x.req.body == framing.CHUNKED:
+                            x.on_request_trailers()
                         self._message_end()
                 elif ev == UPGRADE:
                     pos = fr.end

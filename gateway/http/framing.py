@@ -29,11 +29,10 @@ search stopped, so the cost is linear in the bytes however they are split (tests
 test_framing.py proves it by property tests, ``make fuzz`` by coverage-guided fuzzing).
 
 Bodies pass unchanged where both hops allow it (Content-Length bodies, chunked bodies with their
-chunk boundaries, extensions and, in responses, trailers; :attr:`Framer.cut` says where a trailer
-section begins, for the request side, which drops it). Only where the hops differ does the gateway re-frame:
-a close-delimited response becomes chunked for an HTTP/1.1 client so its connection can stay
-open, and an HTTP/1.0 client, which cannot read chunked coding, gets the body de-chunked and
-close-delimited (:attr:`Framer.segments`).
+chunk boundaries, extensions and trailers; :attr:`Framer.trailer` says whether a trailer section had
+fields). Only where the hops differ does the gateway re-frame: a close-delimited response becomes
+chunked for an HTTP/1.1 client so its connection can stay open, and an HTTP/1.0 client, which
+cannot read chunked coding, gets the body de-chunked and close-delimited (:attr:`Framer.segments`).
 """
 
 from __future__ import annotations
@@ -142,7 +141,6 @@ class Framer:
         "began",
         "complete",
         "cstate",
-        "cut",
         "end",
         "error",
         "head",
@@ -174,13 +172,12 @@ class Framer:
         self.head = b""  # the last complete head
         self.status = 0  # responses: the status code of the last head
         self.end = 0
-        #: After a BODY or END event of a chunked body: where its trailer section begins in
-        #: ``data`` (``end`` when it does not). Request trailers are not forwarded (downstream.py).
-        self.cut = 0
         self.rem = 0  # LENGTH: body bytes to come; chunk data: its bytes to come
         self.cstate = _SIZE
         self.line: bytearray | None = None  # an incomplete chunk-size or trailer line
-        self.trailer = 0  # trailer section bytes so far
+        #: The field lines of a chunked body's trailer section so far, in bytes: after its END, not
+        #: 0 when the section had a field (a request's sandbox connection is then not pooled again).
+        self.trailer = 0
         #: Offsets of chunk data in ``data`` (set to a list to de-chunk a body for HTTP/1.0 or HTTP/2).
         self.segments: list[tuple[int, int]] | None = None
         #: While de-chunking: the trailer field lines (without CRLF), for an HTTP/2 client's trailers.
@@ -277,12 +274,9 @@ class Framer:
             self.began = False
             return END
         if st == _CHUNKED:
-            self.cut = pos if self.cstate == _TRAILER else -1
             end, done = self._chunked(data, pos)
             self._feed_body(data[pos:end])
             self.end = end
-            if self.cut < 0:
-                self.cut = end
             if done:
                 if not self.complete:
                     raise FramingError(FRAMING, "llhttp expects more of the message than the gateway")
@@ -517,11 +511,7 @@ class Framer:
                         if m is None:
                             raise FramingError(FRAMING, "bad chunk size")
                         rem = int(m.group(1), 16)
-                        if rem:
-                            cs = _DATA
-                        else:
-                            cs = _TRAILER
-                            self.cut = pos
+                        cs = _DATA if rem else _TRAILER
                     elif len(line) == 1:  # the empty line that ends the trailer section
                         return pos, True
                     else:

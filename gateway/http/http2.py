@@ -817,6 +817,8 @@ class H2Connection(asyncio.Protocol):
         if s.chunked:  # else the body has a Content-Length: HTTP/1.1 cannot carry trailers after it
             s.x.on_request_framing(b"0\r\n" + section)
             s.chunked = False
+            if len(section) > 2:  # a field, not only the empty line
+                s.x.on_request_trailers()
 
     def _ended(self, sid: int) -> None:
         s = self.streams.get(sid)

@@ -68,6 +68,7 @@ class Exchange:
     body_out = framing.NONE
     keep_alive = False  # the client connection stays open after the response
     reusable = False  # the upstream connection can serve another request
+    req_trailers = False  # the request had trailer fields: its upstream connection is not pooled again
     done = False
     task: asyncio.Task[None] | None = None
     retried = False
@@ -425,6 +426,14 @@ class Exchange:
             self.up_buf.append(data)
             self.up_buf_size += len(data)
 
+    def on_request_trailers(self) -> None:
+        """The request's trailer section had a field, forwarded as the client sent it (RFC 9110
+        §6.5). The sandbox connection that carried it is closed after the response, never pooled:
+        a server that carries trailer fields into its next request (aiohttp did) would give them
+        to another client's request (issue 10). Both client sides call this: an HTTP/1.1
+        connection at the end of a chunked body, an HTTP/2 stream at its trailing HEADERS."""
+        self.req_trailers = True
+
     def on_request_complete(self) -> None:
         self.req_done = True
         self.req_end = monotonic()  # response_head_timeout runs from here
@@ -475,7 +484,7 @@ class Exchange:
         self._end(self.status, "sandbox")
         if (
             self.reusable and self.req_done and not self.up_buf and up.reusable and not up.write_paused
-            and not up.gate.reasons
+            and not up.gate.reasons and not self.req_trailers
         ):  # fmt: skip
             up.pool.release(up)
         else:

@@ -8,7 +8,9 @@ sandbox side):
 
 - the framer and the head analysis return, every call advancing (tests/framing_driver.py);
 - the verdict for the split stream equals the verdict for the whole stream;
-- every message the gateway accepts is the one the plain reference framer finds there;
+- every message the gateway accepts is the one the plain reference framer finds there, and a request
+  whose trailer section has a field is marked (its sandbox connection is not pooled) exactly when
+  the reference finds one;
 - the head the gateway would forward (request: ``upstream_head``; response: the analysed head)
   is built without error and still ends its head where it should; a request head forwarded for an
   untrusted peer carries none of the untrusted fields (in any ``_``/``-`` spelling), no underscore
@@ -125,8 +127,11 @@ def check(target: str, data: bytes, cpu_limit: float | None = None) -> None:
     elif target == "requests":
         whole = drive.requests([stream])
         assert drive.requests(reads) == whole, "the verdict depends on how the bytes are split"
-        ref, _ = drive.reference_requests(stream)
-        assert list(whole.messages) == ref[: len(whole.messages)], "a request the reference does not frame"
+        trailed: list[int] = []
+        ref, _ = drive.reference_requests(stream, trailed)
+        n = len(whole.messages)
+        assert list(whole.messages) == ref[:n], "a request the reference does not frame"
+        assert list(whole.trailer_fields) == [t for t in trailed if t < n], "trailer fields the reference does not see"
         for head, _body in whole.messages:
             r = analyze_request(head, _FIELDS)
             assert isinstance(r, RequestHead)

@@ -11,10 +11,13 @@ import asyncio
 import socket
 from typing import Any
 
+import h2.errors
+import h2.events
 import pytest
 from aiohttp import web
 
 from tests.conftest import WAIT, Catalog, free_port
+from tests.h2client import H2Client
 from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, read_response, request, response
 
 # ---- 1. request trailers never reach another client's request
@@ -45,41 +48,106 @@ def own_request(received: bytes, sent: bytes) -> None:
     assert {line.partition(b":")[0].lower() for line in added} <= ADDED, added
 
 
-async def test_request_trailers_never_reach_another_clients_request(start_gateway: Any, catalog: Catalog) -> None:
+async def send_with_trailers(gw: Any, host: str, protocol: str, trailers: list[tuple[str, str]]) -> bytes:
+    """Client A: a chunked POST (over HTTP/2, DATA of unknown length then trailing HEADERS) with
+    ``trailers``; returns the trailer section the sandbox must receive. Waits for A's response."""
+    section = "".join(f"{n}: {v}\r\n" for n, v in trailers).encode() + b"\r\n"
+    if protocol == "h2":
+        c = await H2Client.connect(gw.port)
+        sid = c.start(host, "/a", method="POST", body=b"hello", end=False)
+        if trailers:
+            c.conn.send_headers(sid, [(n.lower().encode(), v.encode()) for n, v in trailers], end_stream=True)
+        else:
+            c.conn.end_stream(sid)
+        c.flush()
+        r = await c.response(sid)
+        assert r.status == 200 and r.reset is None
+        c.close()
+        return b"5\r\nhello\r\n0\r\n" + section.lower()
+    a = await Client.connect(gw.port)
+    a.send(f"POST /a HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+           + b"5;x=1\r\nhello\r\n0\r\n" + section)  # fmt: skip
+    assert (await a.read_response()).status == 200
+    await a.close()
+    return b"5;x=1\r\nhello\r\n0\r\n" + section
+
+
+@pytest.mark.parametrize("protocol", ["http/1.1", "h2"])
+async def test_request_trailers_reach_the_sandbox_and_never_another_clients_request(
+    start_gateway: Any, catalog: Catalog, protocol: str
+) -> None:
+    """Client A's trailers reach the sandbox as A sent them; the sandbox connection that carried
+    them is closed after A's response, so client B's request arrives on another connection, byte
+    for byte B's own (plus only the forwarding fields the gateway adds)."""
+    seen: list[tuple[bytes, bytes]] = []
+    ended = asyncio.Event()
+
+    async def sandbox(c: UpstreamConn) -> None:
+        try:
+            while True:
+                head, body = await c.read_request()
+                seen.append((head, body))
+                c.send(response(200, b"ok"))
+        except asyncio.IncompleteReadError:
+            ended.set()  # the gateway closed this connection
+            raise
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        body_a = await send_with_trailers(gw, host, protocol, [("Cookie", "session=attacker"), ("X-Trailer", "t")])
+        b = await Client.connect(gw.port)
+        sent = f"GET /b HTTP/1.1\r\nHost: {host}\r\nCookie: mine=1\r\nAccept: */*\r\n\r\n".encode()
+        b.send(sent)
+        assert (await b.read_response()).status == 200
+        await b.close()
+        async with asyncio.timeout(WAIT):
+            await ended.wait()
+        (head_a, got_a), _ = seen
+        assert got_a == body_a  # the trailer section as A sent it (HTTP/2: field names in lower case)
+        assert len(up.conns) == 2  # A's sandbox connection was not pooled
+        assert up.conns[0].received == head_a + body_a
+        own_request(bytes(up.conns[1].received), sent)  # all B's connection ever carried
+        assert b"attacker" not in up.conns[1].received
+
+
+@pytest.mark.parametrize("protocol", ["http/1.1", "h2"])
+async def test_an_empty_trailer_section_keeps_the_connection_pooled(
+    start_gateway: Any, catalog: Catalog, protocol: str
+) -> None:
+    """Every chunked body ends with a trailer section; only one with a field costs the connection."""
     seen: list[tuple[bytes, bytes]] = []
     async with RawUpstream(recorder(seen)) as up:
         catalog.put("abc", host="127.0.0.1")
         gw = await start_gateway()
         host = gw.host(up.port, "abc")
-        a = await Client.connect(gw.port)
-        a.send(
-            f"POST /a HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
-            + b"5;x=1\r\nhello\r\n0\r\nCookie: session=attacker\r\nX-Trailer: t\r\n\r\n"
-        )
-        assert (await a.read_response()).status == 200
+        body_a = await send_with_trailers(gw, host, protocol, [])
         b = await Client.connect(gw.port)
-        sent = f"GET /b HTTP/1.1\r\nHost: {host}\r\nCookie: mine=1\r\nAccept: */*\r\n\r\n".encode()
+        sent = f"GET /b HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
         b.send(sent)
         assert (await b.read_response()).status == 200
-        await a.close()
         await b.close()
-    assert len(up.conns) == 1  # one sandbox connection served both clients
-    (_, body_a), (head_b, _) = seen
-    assert body_a == b"5;x=1\r\nhello\r\n0\r\n\r\n"  # the last chunk, its extension, an empty trailer section
+    assert len(up.conns) == 1
+    (_, got_a), (head_b, _) = seen
+    assert got_a == body_a
     own_request(head_b, sent)
-    assert b"attacker" not in bytes(up.received) and b"X-Trailer" not in bytes(up.received)
 
 
-async def test_request_trailers_and_a_real_aiohttp_sandbox(start_gateway: Any, catalog: Catalog) -> None:
+@pytest.mark.parametrize("protocol", ["http/1.1", "h2"])
+async def test_request_trailers_and_a_real_aiohttp_sandbox(start_gateway: Any, catalog: Catalog, protocol: str) -> None:
     """The server the finding was made with: aiohttp's parser carried a request's trailer fields into
-    the next request on the connection, ahead of that request's own Cookie."""
+    the next request on the connection, ahead of that request's own Cookie. B's request, as aiohttp
+    parsed it, is B's own: the same fields, in order, plus only what the gateway adds."""
+    heads: list[tuple[str, list[tuple[str, str]]]] = []
 
-    async def cookies(request: web.Request) -> web.Response:
+    async def fields(request: web.Request) -> web.Response:
         await request.read()
+        heads.append((request.path, [(k.decode(), v.decode()) for k, v in request.raw_headers]))
         return web.json_response({"cookie": request.headers.getall("Cookie", []), "path": request.path})
 
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", cookies)
+    app.router.add_route("*", "/{tail:.*}", fields)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     port = free_port()
@@ -88,19 +156,17 @@ async def test_request_trailers_and_a_real_aiohttp_sandbox(start_gateway: Any, c
         catalog.put("abc", host="127.0.0.1")
         gw = await start_gateway()
         host = gw.host(port, "abc")
-        a = await Client.connect(gw.port)
-        a.send(
-            f"POST /a HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
-            + b"3\r\nabc\r\n0\r\nCookie: session=attacker\r\n\r\n"
-        )
-        assert (await a.read_response()).json() == {"cookie": [], "path": "/a"}
+        await send_with_trailers(gw, host, protocol, [("Cookie", "session=attacker")])
         b = await Client.connect(gw.port)
-        r = await b.request(host, "/b", headers={"Cookie": "mine=1"})
+        r = await b.request(host, "/b", headers={"Cookie": "mine=1", "Accept": "*/*"})
         assert r.json() == {"cookie": ["mine=1"], "path": "/b"}
-        await a.close()
         await b.close()
     finally:
         await runner.cleanup()
+    path, got = heads[-1]
+    assert path == "/b"
+    own = [(k, v) for k, v in got if k.lower().encode() not in ADDED]
+    assert own == [("Host", host), ("Cookie", "mine=1"), ("Accept", "*/*")], got
 
 
 # ---- 2. the method, target and version are llhttp's: bytes before the request line change nothing
@@ -131,7 +197,9 @@ async def test_bytes_before_a_head_request_keep_it_a_head_request(start_gateway:
             head, _ = await c.read_request()
             lines.append(head.split(b"\r\n", 1)[0])
             # A HEAD response states the GET's length and carries no body.
-            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" if head.startswith(b"HEAD") else response(200, b"after"))
+            c.send(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" if head.startswith(b"HEAD") else response(200, b"after")
+            )
 
     async with RawUpstream(sandbox) as up:
         catalog.put("abc", host="127.0.0.1")
@@ -322,7 +390,9 @@ UPGRADE = "GET /ws HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: {
 
 
 @pytest.mark.parametrize("answer", [b"h2c", b"websocket, h2c", b"foo", b"", None])
-async def test_a_101_for_another_protocol_is_refused(start_gateway: Any, catalog: Catalog, answer: bytes | None) -> None:
+async def test_a_101_for_another_protocol_is_refused(
+    start_gateway: Any, catalog: Catalog, answer: bytes | None
+) -> None:
     async def sandbox(c: UpstreamConn) -> None:
         await c.read_head()
         upgrade = b"" if answer is None else b"Upgrade: " + answer + b"\r\n"
@@ -506,7 +576,11 @@ async def test_a_readable_idle_connection_is_not_reused(start_gateway: Any) -> N
     the pool asks the kernel. Real sockets; the pool driven directly so that nothing reads first."""
     from gateway.http.upstream import Pool
 
+    both = asyncio.Event()
+
     async def sandbox(c: UpstreamConn) -> None:
+        if len(c.server.conns) == 2:
+            both.set()
         await c.reader.read()
 
     async with RawUpstream(sandbox) as up:
@@ -514,8 +588,7 @@ async def test_a_readable_idle_connection_is_not_reused(start_gateway: Any) -> N
         quiet = await pool.connect("127.0.0.1", up.port, "k", WAIT)
         loud = await pool.connect("127.0.0.1", up.port, "k", WAIT)
         async with asyncio.timeout(WAIT):
-            while len(up.conns) < 2:  # until the sandbox has accepted both (bounded polling)
-                await asyncio.sleep(0.01)
+            await both.wait()  # the sandbox has accepted both
         pool.release(quiet)
         pool.release(loud)  # the most recently used: acquired first
         loud_port = loud.transport.get_extra_info("sockname")[1]
@@ -567,7 +640,7 @@ async def test_no_content_responses_carry_no_framing_fields(start_gateway: Any, 
         while True:
             head, _ = await c.read_request()
             if b"/empty" in head:
-                c.send(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\nETag: \"e\"\r\n\r\n".encode())
+                c.send(f'HTTP/1.1 {status} X\r\nContent-Length: 0\r\nETag: "e"\r\n\r\n'.encode())
             elif b"/te" in head:
                 c.send(f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
             else:
@@ -585,6 +658,138 @@ async def test_no_content_responses_carry_no_framing_fields(start_gateway: Any, 
         assert (await c.request(host, "/")).body == b"next"  # both connections still frame right
         await c.close()
         assert len(up.conns) == 1
+
+
+# ---- the same rules for requests over HTTP/2 (h2map.py writes the HTTP/1.1 head that
+# analyze_request judges; the answers that close an HTTP/1.1 connection end only the stream)
+
+
+async def test_h2_untrusted_fields_underscore_framing_and_connect(start_gateway: Any, catalog: Catalog) -> None:
+    seen: list[tuple[bytes, bytes]] = []
+    async with RawUpstream(recorder(seen)) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        c = await H2Client.connect(gw.port)
+        fields = [(k.lower(), v) for k, v in {**UNTRUSTED, **UNDERSCORED, "X-Kept": "1"}.items()]
+        r = await c.request(host, "/", headers=fields)
+        assert r.status == 200
+        for bad in ([("content_length", "5")], [("transfer_encoding", "chunked")]):
+            r = await c.request(host, "/bad", method="POST", headers=bad, body=b"hello")
+            assert (r.status, r.header(b"x-gateway-reason")) == (400, b"invalid_framing"), bad
+        r = await c.request(host, method="CONNECT")  # a plain CONNECT (no :protocol)
+        assert (r.status, r.header(b"x-gateway-reason")) == (405, b"method_not_allowed")
+        r = await c.request(host, "/after")
+        assert r.status == 200 and c.goaway is None
+        c.close()
+    head = seen[0][0]
+    sent = {n.lower().encode() for n in (*UNTRUSTED, *UNDERSCORED)}
+    assert not {n.lower() for n in names(head)} & sent, head
+    assert b"6.6.6.6" not in head and b"evil" not in head and b"/admin" not in head
+    assert b"x-kept: 1\r\n" in head
+    assert [h.split(b" ")[1] for h, _ in seen] == [b"/", b"/after"]  # nothing refused reached the sandbox
+
+
+async def test_h2_routing_fields_and_host_ports(start_gateway: Any, catalog: Catalog) -> None:
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("abc", host="127.0.0.1")
+        catalog.put("pub", host="127.0.0.1")
+        catalog.put("self", host="127.0.0.1")
+        gw = await start_gateway(shared_hosts=["sandbox.e2b.test"])
+        c = await H2Client.connect(gw.port)
+        port = str(up.port)
+        for fields in (
+            [("e2b-sandbox-id", "abc"), ("e2b-sandbox-port", f"{port}-pub")],
+            [("e2b-sandbox-id", "abc"), ("e2b-sandbox-id", "pub"), ("e2b-sandbox-port", port)],
+            [("e2b-sandbox-id", "abc"), ("e2b-sandbox-port", "99999")],
+        ):
+            r = await c.request("sandbox.e2b.test", headers=fields)
+            assert (r.status, r.header(b"x-gateway-reason")) == (400, b"invalid_routing_header"), fields
+        r = await c.request(gw.host(up.port, "abc") + ":99999")
+        assert (r.status, r.header(b"x-gateway-reason")) == (400, b"invalid_host")
+        r = await c.request(gw.host(gw.admin_port, "self"), "/metrics")
+        assert (r.status, r.header(b"x-gateway-reason")) == (403, b"upstream_is_gateway")
+        r = await c.request("sandbox.e2b.test", headers=[("e2b-sandbox-id", "abc"), ("e2b-sandbox-port", port)])
+        assert r.status == 200 and c.goaway is None
+        c.close()
+    assert bytes(up.received).count(b"GET / ") == 1
+
+
+async def test_h2_an_answer_before_the_body_ends_only_the_stream(start_gateway: Any, catalog: Catalog) -> None:
+    """Refused before the body (a private sandbox without a token, with and without Expect:
+    100-continue): the answer ends the stream and RST_STREAM NO_ERROR asks the client to stop
+    sending (RFC 9113 §8.1); the connection and its other streams go on."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("priv", host="127.0.0.1", traffic_access_token="tok")
+        catalog.put("open", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await H2Client.connect(gw.port)
+        slow = c.start(gw.host(up.port, "open"), "/slow", method="POST", headers=[("content-length", "9")],
+                       body=b"part", end=False)  # fmt: skip
+        for extra in ([], [("expect", "100-continue")]):
+            sid = c.start(gw.host(up.port, "priv"), "/u", method="PUT", headers=[("content-length", "9"), *extra],
+                          body=b"four", end=False)  # fmt: skip
+            r = await c.response(sid)
+            assert (r.status, r.header(b"x-gateway-reason")) == (403, b"traffic_token_missing")
+            async with asyncio.timeout(WAIT):
+                while not any(isinstance(e, h2.events.StreamReset) and e.stream_id == sid for e in c.events):
+                    c.changed.clear()
+                    await c.changed.wait()
+            (reset,) = [e for e in c.events if isinstance(e, h2.events.StreamReset) and e.stream_id == sid]
+            assert reset.error_code == h2.errors.ErrorCodes.NO_ERROR
+        c.send_body(slow, b"-rest", end=True)  # the stream that was open meanwhile goes on
+        r = await c.response(slow)
+        assert r.status == 200 and bytes(r.body).endswith(b"body=9")
+        assert c.goaway is None
+        c.close()
+    assert b"PUT" not in bytes(up.received)
+
+
+async def test_h2_a_101_for_another_protocol_is_refused(start_gateway: Any, catalog: Catalog) -> None:
+    """An extended CONNECT (RFC 8441) for a WebSocket the sandbox answers with 101 for h2c: 502 on
+    the stream, no tunnel; and a :protocol the gateway does not allow is not offered to the sandbox."""
+    heads: list[bytes] = []
+
+    async def sandbox(c: UpstreamConn) -> None:
+        heads.append(await c.read_head())
+        c.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n\x00\x00\x00\x04")
+        await c.reader.read()
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "abc")
+        c = await H2Client.connect(gw.port)
+        for protocol in ("websocket", "h2c"):
+            sid = c.start(host, "/ws", method="CONNECT", extra_pseudo=[(":protocol", protocol)],
+                          headers=[("sec-websocket-version", "13")], end=False)  # fmt: skip
+            r = await c.response(sid)
+            assert (r.status, r.header(b"x-gateway-reason")) == (502, b"upstream_invalid_response"), protocol
+            assert b"\x00\x00\x00\x04" not in r.body
+        assert c.goaway is None
+        c.close()
+    upgrades = [[line.lower() for line in h.split(b"\r\n") if line.lower().startswith(b"upgrade:")] for h in heads]
+    assert upgrades == [[b"upgrade: websocket"], []]
+
+
+async def test_h2_no_content_responses_carry_no_framing_fields(start_gateway: Any, catalog: Catalog) -> None:
+    async def sandbox(c: UpstreamConn) -> None:
+        while True:
+            head, _ = await c.read_request()
+            if b"/204" in head:
+                c.send(b"HTTP/1.1 204 X\r\nTransfer-Encoding: chunked\r\n\r\n")
+            else:
+                c.send(b'HTTP/1.1 304 X\r\nContent-Length: 10\r\nETag: "e"\r\n\r\n')
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("abc", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await H2Client.connect(gw.port)
+        for path, status in (("/204", 204), ("/304", 304)):
+            r = await c.request(gw.host(up.port, "abc"), path)
+            assert r.status == status and bytes(r.body) == b""
+            assert r.header(b"content-length") is None and r.header(b"transfer-encoding") is None, r.headers
+        c.close()
 
 
 # ---- refusals are counted under their reasons

@@ -43,8 +43,13 @@ def check_requests(data: bytes, seed: int) -> drive.Verdict:
         whole = drive.requests([data])
         for chunks in splits(data, seed):
             assert drive.requests(chunks) == whole, [len(c) for c in chunks]
-    ref, _ = drive.reference_requests(data)
-    assert list(whole.messages) == ref[: len(whole.messages)], "the gateway framed a message the reference did not"
+    trailed: list[int] = []
+    ref, _ = drive.reference_requests(data, trailed)
+    n = len(whole.messages)
+    assert list(whole.messages) == ref[:n], "the gateway framed a message the reference did not"
+    assert list(whole.trailer_fields) == [t for t in trailed if t < n], (
+        "trailer fields seen where the reference did not"
+    )
     return whole
 
 
@@ -66,7 +71,9 @@ def check_responses(data: bytes, seed: int, **kw: object) -> drive.Verdict:
 @SETTINGS
 @given(grammar.requests(), st.integers(0, 2**32))
 def test_valid_requests_are_framed_exactly_however_split(stream: grammar.Stream, seed: int) -> None:
-    assert check_requests(stream.data, seed) == drive.Verdict(tuple(stream.messages), "idle")
+    assert check_requests(stream.data, seed) == drive.Verdict(
+        tuple(stream.messages), "idle", tuple(stream.trailer_fields)
+    )
 
 
 @SETTINGS
@@ -124,7 +131,8 @@ def test_ambiguous_framing_fields_are_refused_however_split(case: tuple[grammar.
     repeated or signed Content-Length (issue 10, point 2): the requests before it are served, it
     is refused, nothing after it is read."""
     stream, _ = case
-    assert check_requests(stream.data, seed) == drive.Verdict(tuple(stream.messages), "invalid_framing")
+    want = drive.Verdict(tuple(stream.messages), "invalid_framing", tuple(stream.trailer_fields))
+    assert check_requests(stream.data, seed) == want
 
 
 @SETTINGS
@@ -137,14 +145,17 @@ def test_bytes_before_a_request_line_never_change_it(stream: grammar.Stream, lea
     for i in range(len(stream.messages)):
         end = stream.starts[i + 1] if i + 1 < len(stream.starts) else len(stream.data)
         data += leading[i] + stream.data[stream.starts[i] : end]
-    assert check_requests(bytes(data), 0) == drive.Verdict(tuple(stream.messages), "idle")
+    assert check_requests(bytes(data), 0) == drive.Verdict(tuple(stream.messages), "idle", tuple(stream.trailer_fields))
 
 
-def test_request_trailers_are_never_forwarded() -> None:
-    """The last chunk goes on with an empty trailer section (issue 10, point 1): the sandbox
-    connection serves other clients next, and some servers carry trailer fields into the next request."""
+def test_request_trailers_are_forwarded_and_mark_the_request() -> None:
+    """Request trailers go to the sandbox as the client sent them, and the request is marked: its
+    sandbox connection is closed after the response, never pooled for another client (issue 10,
+    point 1: some servers carry trailer fields into the next request). An empty trailer section
+    marks nothing; however the bytes are split."""
     head = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
     body = b"5;x=1\r\nhello\r\n0;last\r\nCookie: session=attacker\r\nX-B: 2\r\n\r\n"
+    empty = b"3\r\nabc\r\n0\r\n\r\n"
     nxt = b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n"
-    want = drive.Verdict(((head, b"5;x=1\r\nhello\r\n0;last\r\n\r\n"), (nxt, b"")), "idle")
-    assert check_requests(head + body + nxt, 7) == want
+    want = drive.Verdict(((head, empty), (head, body), (nxt, b"")), "idle", (1,))
+    assert check_requests(head + empty + head + body + nxt, 7) == want

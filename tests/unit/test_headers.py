@@ -404,7 +404,9 @@ def test_untrusted_fields_are_removed_from_untrusted_peers_only() -> None:
 
 def test_untrusted_fields_are_configurable_and_match_underscores() -> None:
     roles = FieldRoles(untrusted=[b"X-Tenant_User"])
-    r = analyze_request(b"GET / HTTP/1.1\r\nHost: h\r\nx_tenant_user: a\r\nX-Tenant-User: b\r\nX-Real-IP: c\r\n\r\n", roles)
+    r = analyze_request(
+        b"GET / HTTP/1.1\r\nHost: h\r\nx_tenant_user: a\r\nX-Tenant-User: b\r\nX-Real-IP: c\r\n\r\n", roles
+    )
     assert isinstance(r, RequestHead)
     out = r.upstream_head(PEER)
     assert b"tenant" not in out.lower() and b"X-Real-IP: c\r\n" in out
