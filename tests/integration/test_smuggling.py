@@ -61,6 +61,7 @@ HEAD_CASES = {
     "space in target": ("GET /a b HTTP/1.1\r\nHost: {host}\r\n\r\n", MALFORMED),
     "http/2.0 version": ("GET / HTTP/2.0\r\nHost: {host}\r\n\r\n", MALFORMED),
     "bare lf in the request line (issue 10)": ("GET /a\nHost:evil HTTP/1.1\r\nHost: {host}\r\n\r\n", MALFORMED),
+    "bare lf ending the request line (issue 10)": ("GET / HTTP/1.1\nX-A: b\r\nHost: {host}\r\n\r\n", MALFORMED),
     "bare lf in a connect target": ("CONNECT {host}\n0:443 HTTP/1.1\r\nHost: {host}\r\n\r\n", MALFORMED),
     "http/0.9 request line": ("GET /\n\r\nGET /smuggled HTTP/1.1\r\nHost: {host}\r\n\r\n", MALFORMED),
     "two hosts": ("GET / HTTP/1.1\r\nHost: {host}\r\nHost: {host}\r\n\r\n", "invalid_host"),
