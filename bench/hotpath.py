@@ -161,9 +161,11 @@ async def run_h2(n: int, real: bool, ready: str | None) -> float:
     pool = Pool(1e9, 64, 64, 65536)
     ctx = Context(cfg, catalog, pool)
     ups = []
+    pairs = []  # silent sandboxes: their sockets never become readable (the pool polls before reuse)
     for _ in range(BATCH):
         up = UpstreamConnection(pool, pool_key("127.0.0.1", 18100, "e1"))
-        up.connection_made(MemoryTransport())  # type: ignore[arg-type]
+        pairs.append(socket.socketpair())
+        up.connection_made(MemoryTransport(pairs[-1][0]))  # type: ignore[arg-type]
         pool.release(up)
         ups.append(up)
     conn = H2Connection(ctx, MemoryTransport(), Peer.make("127.0.0.1", 8080, False, ()), 8080)  # type: ignore[arg-type]
