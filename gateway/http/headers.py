@@ -467,12 +467,12 @@ def _trusted_forwarding(received: list[Field], peer: Peer, host: bytes) -> bytes
 def analyze_request(raw: bytes, fields: FieldRoles) -> RequestHead | Reason:
     """Check a request head that llhttp has validated and decide what to forward."""
     eol = raw.find(b"\n")
-    if eol < 1 or raw[eol - 1] != 13 or raw[0] == 13:  # 13: CR
+    if eol < 1 or raw[eol - 1] != 13 or raw.find(b"\r", 0, eol - 1) >= 0:  # 13: CR
         # llhttp ends a request line at a bare LF (``GET /a\nX:y HTTP/1.1`` is, to it, an HTTP/0.9
         # line and a field X): the gateway would read another target and version than llhttp did,
-        # and a sandbox that also ends lines at LF would see a field the policy never saw. (A bare
-        # CR in a request line llhttp refuses itself.) The framer skips empty lines before a head, so a
-        # head that begins with CR or LF is one a caller built: refused, never a method ``\rGET``.
+        # and a sandbox that also ends lines at LF would see a field the policy never saw. A bare CR
+        # in the line (llhttp refuses it too) or before it (the framer skips empty lines before a
+        # head: this head was built by a caller) is refused as well, never a method ``\rGET``.
         return errors.MALFORMED_REQUEST
     line = raw[: eol - 1].split(b" ")
     if len(line) != 3:

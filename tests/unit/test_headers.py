@@ -153,8 +153,9 @@ def test_websocket_upgrade_is_kept_others_dropped() -> None:
         (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n",
          errors.INVALID_FRAMING),
         # A bare LF ends llhttp's request line: it would read another target than the gateway.
-        # (A bare CR there llhttp refuses itself.)
+        # (A bare CR there llhttp refuses itself, and so does the analysis.)
         (b"GET /a\nX:y HTTP/1.1\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),
+        (b"GET /a\rX:y HTTP/1.1\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),
         (b"GET /a HTTP/1.1\nX:y\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),
         # Leading CR/LF (the framer skips them; a head that still has them is refused, not parsed).
         (b"\nHEAD / HTTP/1.1\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),
