@@ -71,6 +71,9 @@ class Gateway:
         readiness to a file there every second."""
         self.config = config
         self.worker_dir = worker_dir
+        #: A worker's supervisor: when it is gone (SIGKILL, OOM killer) the worker drains and exits
+        #: instead of serving on unsupervised, unseen by /ready and /metrics, holding the port.
+        self.parent = os.getppid() if worker_dir is not None else 0
         self.tls: TlsCertificates | None = None
         self._accept_tasks: list[asyncio.Task[None]] = []
         self.ctx: Context = None  # type: ignore[assignment]
@@ -172,6 +175,9 @@ class Gateway:
                 ctx.access_log.flush()
             if self.worker_dir is not None:
                 write_snapshot(self.worker_dir, os.getpid(), self.snapshot())
+                if os.getppid() != self.parent and not ctx.draining:
+                    log.error("supervisor (pid %d) is gone: draining", self.parent)
+                    self.request_stop()
         except Exception:
             log.exception("timer tick failed")
         self._tick_handle = ctx.loop.call_later(1.0, self._tick)

@@ -13,7 +13,8 @@ The supervisor is small and does no proxying:
   turned for ``loop_stall_timeout``, after logging its stack (watchdog.py), counted in
   ``gateway_worker_stalls_total``;
 - it passes SIGTERM (drain), SIGINT (stop now) and SIGHUP (reload TLS certificates) on to every
-  worker, and exits when they have;
+  worker, and exits when they have (a worker whose supervisor died without that drains by itself:
+  server.py's tick checks its parent);
 - it serves the admin app: ``/metrics`` sums the snapshots the workers write every second, and
   ``/ready`` is 200 while at least one live worker reports ready and the instance is not
   draining; its body counts the workers and the ready ones.

@@ -83,6 +83,40 @@ def children_or_empty(pids: set[int]) -> set[int]:
     return {p for p in pids if Path(f"/proc/{p}").exists() and b"gateway" in Path(f"/proc/{p}/cmdline").read_bytes()}
 
 
+async def test_workers_of_a_killed_supervisor_drain_and_exit(gateway_process: Any, catalog: Catalog) -> None:
+    """SIGKILL (the OOM killer) leaves the supervisor no time to stop its workers: each notices on its
+    next second's tick that its parent changed and drains, instead of serving on unseen, holding the
+    port. A request in flight on a worker at that moment still gets its whole answer."""
+    asked, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(conn: UpstreamConn) -> None:
+        await conn.read_head()
+        asked.set()
+        await release.wait()
+        conn.send(response(200, b"late but whole"))
+
+    async with RawUpstream(slow) as up:
+        catalog.put("orphan", host="127.0.0.1")
+        gw = gateway_process("--workers", "2", env={"GATEWAY_SHUTDOWN_TIMEOUT": "30"})
+        workers = children(gw.proc.pid)
+        assert len(workers) == 2
+        pending = asyncio.create_task(request(gw.port, gw.host(up.port, "orphan"), "/"))
+        async with asyncio.timeout(WAIT):
+            await asked.wait()
+        gw.proc.kill()
+        gw.proc.wait(WAIT)
+        async with asyncio.timeout(WAIT * 2):  # the idle worker drains and exits within its tick
+            while len(children_or_empty(workers)) == 2:
+                await asyncio.sleep(0.05)
+        release.set()
+        async with asyncio.timeout(WAIT):
+            r = await pending
+        assert r.status == 200 and r.body == b"late but whole"
+        async with asyncio.timeout(WAIT * 2):
+            while children_or_empty(workers):
+                await asyncio.sleep(0.05)
+
+
 def test_workers_need_fixed_ports(tmp_path: Path) -> None:
     import sys
 
