@@ -9,6 +9,7 @@ use it to compare two versions of the hot path.
     .venv/bin/python bench/hotpath.py [--real] [-n 100000]
     .venv/bin/python bench/hotpath.py --callgrind [--real] [--private header|cookie]
     .venv/bin/python bench/hotpath.py [--callgrind] --h2 [--real]
+    .venv/bin/python bench/hotpath.py --profile tottime --h2 -n 20000   # cProfile of the loop
 
 ``--h2`` sends the requests as HTTP/2 streams, 16 at a time on one connection (as the referee's h2load
 does), to 16 pooled upstream connections: the HTTP/2 front end's cost per request.
@@ -114,6 +115,28 @@ class _NoCallSoon:
         pass
 
 
+PROFILE: str | None = None  # --profile: cProfile's sort key
+
+
+def _profiler() -> Any:
+    """A running cProfile over the measured loop (--profile), or None."""
+    if PROFILE is None:
+        return None
+    import cProfile  # noqa: PLC0415
+
+    prof = cProfile.Profile()
+    prof.enable()
+    return prof
+
+
+def _report(prof: Any) -> None:
+    if prof is not None:
+        import pstats  # noqa: PLC0415
+
+        prof.disable()
+        pstats.Stats(prof).sort_stats(PROFILE or "tottime").print_stats(40)
+
+
 def private_request(req: bytes, how: str) -> bytes:
     """``req`` to a private sandbox: with the token field, or with the access cookie among others."""
     if how == "header":
@@ -188,10 +211,13 @@ async def run_h2(n: int, real: bool, ready: str | None) -> float:
         open(ready + ".ready", "w").close()
         while not os.path.exists(ready + ".go"):
             time.sleep(0.01)
+    prof = _profiler()
     t0 = time.perf_counter()
     for b in batches[101:]:
         one(b)
-    return (time.perf_counter() - t0) / n
+    per = (time.perf_counter() - t0) / n
+    _report(prof)
+    return per
 
 
 async def run(n: int, real: bool, ready: str | None, private: str | None = None) -> float:
@@ -227,13 +253,16 @@ async def run(n: int, real: bool, ready: str | None, private: str | None = None)
         open(ready + ".ready", "w").close()
         while not os.path.exists(ready + ".go"):
             time.sleep(0.01)
+    prof = _profiler()
     t0 = time.perf_counter()
     for i in range(n):
         client.data_received(req)
         up.data_received(resp)
         if i % BATCH == 0:
             flush()
-    return (time.perf_counter() - t0) / n
+    per = (time.perf_counter() - t0) / n
+    _report(prof)
+    return per
 
 
 def callgrind(args: argparse.Namespace) -> None:
@@ -267,8 +296,11 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true", help="count instructions under valgrind")
     ap.add_argument("--private", choices=("header", "cookie"), help="a private sandbox, reached by token or cookie")
     ap.add_argument("--h2", action="store_true", help="HTTP/2 streams, 16 at a time on one connection")
+    ap.add_argument("--profile", metavar="SORT", help="cProfile the measured loop, sorted by SORT (tottime, cumtime)")
     ap.add_argument("--ready", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if args.callgrind:
         if args.n == 100_000:
             args.n = 2000
