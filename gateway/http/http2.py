@@ -168,9 +168,26 @@ class _Encoder:
 
     def encode(self, headers: list[Any], huffman: bool = True) -> bytes:
         if headers and headers[-1].__class__ is NeverIndexedHeaderTuple:
-            # (without Huffman coding: a random-looking value barely shrinks, and it costs)
-            return self._encode(headers[:-1], huffman) + self.e.encode(headers[-1:], huffman=False)
+            block = self._encode(headers[:-1], huffman)
+            return block + self._never_indexed(headers[-1])
         return self._encode(headers, huffman)
+
+    def _never_indexed(self, field: Any) -> bytes:
+        """A never-indexed literal (RFC 7541 §6.2.3), without Huffman coding (a random-looking value
+        barely shrinks, and it costs): hpack's representation of the name and the value's length,
+        remembered while the table is unchanged (the name's index may change with it), then the
+        value's bytes, which is how a literal without Huffman coding ends (§5.2)."""
+        name, value = field
+        key = (None, name, len(value))  # (no field list's key begins with None)
+        got = self.memo.get(key)
+        if got is not None:
+            return got + value
+        out: bytes = self.e.encode([field], huffman=False)  # changes no table: never indexed
+        if out.endswith(value) and not self.e.table_size_changes:
+            if len(self.memo) >= 64:
+                self.memo.clear()
+            self.memo[key] = out[: len(out) - len(value)]
+        return out
 
     def _encode(self, headers: list[Any], huffman: bool) -> bytes:
         key = tuple(headers)
