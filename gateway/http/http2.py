@@ -54,7 +54,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, RstStreamFrame
 
 from gateway import errors
 from gateway.errors import Reason
@@ -177,7 +177,8 @@ class _Encoder:
         barely shrinks, and it costs): hpack's representation of the name and the value's length,
         remembered while the table is unchanged (the name's index may change with it), then the
         value's bytes, which is how a literal without Huffman coding ends (§5.2)."""
-        name, value = field
+        name: bytes = field[0]
+        value: bytes = field[1]
         key = (None, name, len(value))  # (no field list's key begins with None)
         got = self.memo.get(key)
         if got is not None:
@@ -217,6 +218,48 @@ class _Connection(h2.connection.H2Connection):
     not come)."""
 
     MAX_CLOSED_STREAMS = 4096
+
+    _sweep_at = 64  # (see open_inbound_streams)
+
+    @property
+    def open_inbound_streams(self) -> int:
+        """h2 counts the open streams, and forgets the closed ones, each time a client opens one: a
+        walk over every stream per request. Its limit is not the one that holds here (``_request``
+        refuses past ``http2_max_concurrent_streams``, h2's is 2^31-1), so an upper bound will do:
+        the walk runs once the streams have doubled since the last one, which keeps the forgetting."""
+        streams = self.streams
+        if len(streams) < self._sweep_at:
+            return len(streams)
+        n = self._open_streams(1)  # (odd: the client's streams; forgets the closed ones)
+        self._sweep_at = 2 * len(streams) + 64
+        return n
+
+    def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
+        """h2 4.4's, without the ``repr`` of every frame it builds for a no-op trace log."""
+        events: list[h2.events.Event]
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except h2.exceptions.StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise h2.exceptions.StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
 
 
 def _config() -> h2.config.H2Configuration:

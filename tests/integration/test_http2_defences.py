@@ -10,8 +10,16 @@ from typing import Any
 import h2.errors
 from h2.settings import SettingCodes
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 
+from gateway.http.http2 import H2Connection
 from tests.conftest import WAIT, Catalog
 from tests.h2client import H2Client, error_codes
 from tests.helpers import RawUpstream, UpstreamConn, echo_handler, response
@@ -247,4 +255,30 @@ async def test_a_sandbox_failure_resets_only_its_stream(start_gateway: Any, cata
         r = await c.response(good)
         assert r.status == 200
         assert not c.lost.is_set()
+        c.close()
+
+
+async def test_closed_streams_are_forgotten(start_gateway: Any, catalog: Catalog) -> None:
+    """A long-lived connection (a load balancer's) does not keep every stream it ever carried: h2's
+    stream table stays bounded over 600 requests, 20 at a time, and a frame for a stream closed
+    long ago is still answered as for a closed stream (RST_STREAM STREAM_CLOSED), the rest going on."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("many", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "many")
+        c = await H2Client.connect(gw.port)
+        sizes = []
+        for _ in range(30):
+            sids = [c.start(host, "/n") for _ in range(20)]
+            for sid in sids:
+                r = await c.response(sid)
+                assert r.status == 200
+            (conn,) = [x for x in gw.gateway.ctx.connections if isinstance(x, H2Connection)]
+            sizes.append(len(conn.h2.streams))
+        assert max(sizes) <= 2 * 20 + 64, sizes
+        assert 1 not in conn.h2.streams  # forgotten, and remembered as closed:
+        c.send_raw(RstStreamFrame(1, error_code=0).serialize())  # (allowed on a closed stream)
+        c.send_raw(WindowUpdateFrame(1, window_increment=1).serialize())  # (so is this, RFC 9113 §5.1)
+        r = await c.request(host, "/after")
+        assert r.status == 200 and c.goaway is None
         c.close()
