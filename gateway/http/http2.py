@@ -53,8 +53,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
-from hyperframe.frame import GoAwayFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from gateway import errors
 from gateway.errors import Reason
@@ -88,6 +89,12 @@ CONTROL_BUDGET: Final = 1000
 _MAX_STREAM_ID: Final = 2**31 - 1
 
 _OPEN, _NOTICE, _FINAL = 0, 1, 2  # H2Connection.goaway
+
+_SEND_HEADERS: Final = h2.connection.ConnectionInputs.SEND_HEADERS
+_SEND_DATA: Final = h2.connection.ConnectionInputs.SEND_DATA
+_SEND_STREAM_HEADERS: Final = h2.stream.StreamInputs.SEND_HEADERS
+_SEND_INFORMATIONAL_HEADERS: Final = h2.stream.StreamInputs.SEND_INFORMATIONAL_HEADERS
+_SEND_END_STREAM: Final = h2.stream.StreamInputs.SEND_END_STREAM
 
 
 class _Decoder:
@@ -233,6 +240,68 @@ class _Connection(h2.connection.H2Connection):
         n = self._open_streams(1)  # (odd: the client's streams; forgets the closed ones)
         self._sweep_at = 2 * len(streams) + 64
         return n
+
+    def send_headers(
+        self,
+        stream_id: int,
+        headers: Any,
+        end_stream: bool = False,
+        priority_weight: int | None = None,
+        priority_depends_on: int | None = None,
+        priority_exclusive: bool | None = None,
+    ) -> None:
+        """h2 4.4's, for a response, an interim response or trailers on a stream the client opened
+        (anything else goes to h2's): the same state transitions, HPACK block and frames, without
+        what this configuration leaves unused (a UTF-8 pass over every field: they are bytes here;
+        validation flags: validation is off; the request method of a response, which is None) and
+        h2's no-op log calls."""
+        stream = self.streams.get(stream_id)
+        if stream is None or (priority_weight, priority_depends_on, priority_exclusive) != (None, None, None):
+            super().send_headers(
+                stream_id, headers, end_stream, priority_weight, priority_depends_on, priority_exclusive
+            )
+            return
+        self.state_machine.process_input(_SEND_HEADERS)
+        informational = False
+        for n, v in headers:  # (h2.utilities.is_informational_response)
+            if n[:1] != b":":
+                break
+            if n == b":status":
+                informational = v[:1] == b"1"
+                break
+        if informational and end_stream:
+            raise h2.exceptions.ProtocolError("Cannot set END_STREAM on informational responses.")
+        sm = stream.state_machine
+        sm.process_input(_SEND_INFORMATIONAL_HEADERS if informational else _SEND_STREAM_HEADERS)
+        block = self.encoder.encode(headers)
+        size = stream.max_outbound_frame_size or 0
+        frames: list[Any] = [HeadersFrame(stream_id, block[:size])]
+        # (as h2: CONTINUATION frames after a big block)
+        frames.extend(ContinuationFrame(stream_id, block[i : i + size]) for i in range(size, len(block), size))
+        frames[-1].flags.add("END_HEADERS")
+        if end_stream:
+            sm.process_input(_SEND_END_STREAM)
+            frames[0].flags.add("END_STREAM")
+        if sm.trailers_sent and not end_stream:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        stream.request_method = None
+        self._data_to_send += b"".join([f.serialize() for f in frames])
+
+    def send_data(self, stream_id: int, data: Any, end_stream: bool = False, pad_length: Any = None) -> None:
+        """h2 4.4's without padding (anything else goes to h2's) and its no-op log calls."""
+        stream = self.streams.get(stream_id)
+        if stream is None or pad_length is not None or data.__class__ is not bytes:
+            super().send_data(stream_id, data, end_stream, pad_length)
+            return
+        size = len(data)
+        if size > 0 and size > min(self.outbound_flow_control_window, stream.outbound_flow_control_window):
+            raise h2.exceptions.FlowControlError(f"Cannot send {size} bytes, flow control window is too small")
+        if size > self.max_outbound_frame_size:
+            raise h2.exceptions.FrameTooLargeError(f"Cannot send frame size {size}")
+        self.state_machine.process_input(_SEND_DATA)
+        (frame,) = stream.send_data(data, end_stream)
+        self._data_to_send += frame.serialize()
+        self.outbound_flow_control_window -= size
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
         """h2 4.4's, without the ``repr`` of every frame it builds for a no-op trace log."""

@@ -505,3 +505,31 @@ async def test_expect_100_continue_over_h2(start_gateway: Any, catalog: Catalog)
         assert r.status == 200 and bytes(r.body).endswith(b"body=5")
         assert b"expect" not in bytes(r.body).lower()
         c.close()
+
+
+async def test_a_response_head_larger_than_a_frame(start_gateway: Any, catalog: Catalog) -> None:
+    """A response head whose HPACK block exceeds the client's frame size (16,384) goes as HEADERS and
+    CONTINUATION frames, every field intact, twice on one connection (the second time from the
+    remembered block), and so do trailers that large (in lines of at most 8 KiB, framing.MAX_LINE)."""
+    big = "".join(f"{i:05x}" for i in range(8000))  # 40,000 characters that Huffman coding barely shrinks
+    late = [big[i : i + 7000] for i in range(0, 35000, 7000)]
+
+    async def sandbox(c: UpstreamConn) -> None:
+        while True:
+            await c.read_request()
+            c.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Big: %s\r\n\r\n" % big.encode())
+            lines = "".join(f"X-Late-{i}: {v}\r\n" for i, v in enumerate(late)).encode()
+            c.send(b"2\r\nok\r\n0\r\n" + lines + b"\r\n")
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("bighead", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await H2Client.connect(gw.port)
+        for _ in range(2):
+            r = await c.request(gw.host(up.port, "bighead"), "/", headers=[("te", "trailers")])
+            assert r.status == 200 and r.reset is None
+            assert r.header(b"x-big") == big.encode()
+            assert bytes(r.body) == b"ok"
+            assert r.trailers == [(f"x-late-{i}".encode(), v.encode()) for i, v in enumerate(late)]
+        assert c.goaway is None
+        c.close()
