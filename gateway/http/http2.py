@@ -55,7 +55,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
-from hyperframe.frame import ContinuationFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import ContinuationFrame, DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from gateway import errors
 from gateway.errors import Reason
@@ -92,6 +92,7 @@ _OPEN, _NOTICE, _FINAL = 0, 1, 2  # H2Connection.goaway
 
 _SEND_HEADERS: Final = h2.connection.ConnectionInputs.SEND_HEADERS
 _SEND_DATA: Final = h2.connection.ConnectionInputs.SEND_DATA
+_SEND_STREAM_DATA: Final = h2.stream.StreamInputs.SEND_DATA
 _SEND_STREAM_HEADERS: Final = h2.stream.StreamInputs.SEND_HEADERS
 _SEND_INFORMATIONAL_HEADERS: Final = h2.stream.StreamInputs.SEND_INFORMATIONAL_HEADERS
 _SEND_END_STREAM: Final = h2.stream.StreamInputs.SEND_END_STREAM
@@ -230,6 +231,17 @@ class _Connection(h2.connection.H2Connection):
 
     MAX_CLOSED_STREAMS = 4096
 
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        # The frames of responses, reused stream after stream (hyperframe's frames are plain objects:
+        # set the stream and the payload, serialise): building a frame and its flags costs more than
+        # serialising it. [end_stream] picks the flags.
+        self._headers_out = (
+            HeadersFrame(1, flags=("END_HEADERS",)),
+            HeadersFrame(1, flags=("END_HEADERS", "END_STREAM")),
+        )
+        self._data_out = (DataFrame(1), DataFrame(1, flags=("END_STREAM",)))
+
     _sweep_at = 64  # (see open_inbound_streams)
 
     @property
@@ -279,16 +291,23 @@ class _Connection(h2.connection.H2Connection):
         sm.process_input(_SEND_INFORMATIONAL_HEADERS if informational else _SEND_STREAM_HEADERS)
         block = self.encoder.encode(headers)
         size = stream.max_outbound_frame_size or 0
+        if end_stream:
+            sm.process_input(_SEND_END_STREAM)
+        if sm.trailers_sent and not end_stream:
+            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
+        stream.request_method = None
+        if len(block) <= size:
+            f = self._headers_out[end_stream]
+            f.stream_id = stream_id
+            f.data = block
+            self._data_to_send += f.serialize()
+            return
         frames: list[Any] = [HeadersFrame(stream_id, block[:size])]
         # (as h2: CONTINUATION frames after a big block)
         frames.extend(ContinuationFrame(stream_id, block[i : i + size]) for i in range(size, len(block), size))
         frames[-1].flags.add("END_HEADERS")
         if end_stream:
-            sm.process_input(_SEND_END_STREAM)
             frames[0].flags.add("END_STREAM")
-        if sm.trailers_sent and not end_stream:
-            raise h2.exceptions.ProtocolError("Trailers must have END_STREAM set.")
-        stream.request_method = None
         self._data_to_send += b"".join([f.serialize() for f in frames])
 
     def send_data(self, stream_id: int, data: Any, end_stream: bool = False, pad_length: Any = None) -> None:
@@ -303,8 +322,16 @@ class _Connection(h2.connection.H2Connection):
         if size > self.max_outbound_frame_size:
             raise h2.exceptions.FrameTooLargeError(f"Cannot send frame size {size}")
         self.state_machine.process_input(_SEND_DATA)
-        (frame,) = stream.send_data(data, end_stream)
-        self._data_to_send += frame.serialize()
+        sm = stream.state_machine  # (h2.stream.H2Stream.send_data)
+        sm.process_input(_SEND_STREAM_DATA)
+        if end_stream:
+            sm.process_input(_SEND_END_STREAM)
+        stream.outbound_flow_control_window -= size
+        f = self._data_out[end_stream]
+        f.stream_id = stream_id
+        f.data = data
+        self._data_to_send += f.serialize()
+        f.data = b""  # (not kept: it may be a large frame)
         self.outbound_flow_control_window -= size
 
     def _receive_headers_frame(self, frame: Any) -> tuple[list[Any], list[h2.events.Event]]:
