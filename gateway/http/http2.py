@@ -244,6 +244,24 @@ class _Connection(h2.connection.H2Connection):
 
     _sweep_at = 64  # (see open_inbound_streams)
 
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
+        """h2 4.4's for a stream the client opens (anything else goes to h2's), without its no-op
+        log calls (one of them listing every stream's ID)."""
+        if stream_id % 2 != 1 or allowed_ids is not _CLIENT_STREAMS:
+            return super()._begin_new_stream(stream_id, allowed_ids)
+        if stream_id <= self.highest_inbound_stream_id:
+            raise h2.exceptions.StreamIDTooLowError(stream_id, self.highest_inbound_stream_id)
+        s = h2.stream.H2Stream(
+            stream_id,
+            config=self.config,
+            inbound_window_size=self.local_settings.initial_window_size,
+            outbound_window_size=self.remote_settings.initial_window_size,
+        )
+        s.max_outbound_frame_size = self.max_outbound_frame_size
+        self.streams[stream_id] = s
+        self.highest_inbound_stream_id = stream_id
+        return s
+
     @property
     def open_inbound_streams(self) -> int:
         """h2 counts the open streams, and forgets the closed ones, each time a client opens one: a
