@@ -236,11 +236,14 @@ class _Connection(h2.connection.H2Connection):
         # The frames of responses, reused stream after stream (hyperframe's frames are plain objects:
         # set the stream and the payload, serialise): building a frame and its flags costs more than
         # serialising it. [end_stream] picks the flags.
-        self._headers_out = (
-            HeadersFrame(1, flags=("END_HEADERS",)),
-            HeadersFrame(1, flags=("END_HEADERS", "END_STREAM")),
-        )
-        self._data_out = (DataFrame(1), DataFrame(1, flags=("END_STREAM",)))
+        self._headers_out = (HeadersFrame(1), HeadersFrame(1))
+        self._data_out = (DataFrame(1), DataFrame(1))
+        # Their flags never change: a frozenset answers serialize()'s "flag in flags" in C, where
+        # hyperframe's Flags (a set that checks what is added) answers in Python.
+        self._headers_out[0].flags = frozenset({"END_HEADERS"})  # type: ignore[assignment]
+        self._headers_out[1].flags = frozenset({"END_HEADERS", "END_STREAM"})  # type: ignore[assignment]
+        self._data_out[0].flags = frozenset()  # type: ignore[assignment]
+        self._data_out[1].flags = frozenset({"END_STREAM"})  # type: ignore[assignment]
 
     _sweep_at = 64  # (see open_inbound_streams)
 
