@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -287,6 +288,8 @@ def callgrind(args: argparse.Namespace) -> None:
         what = ("real" if args.real else "small") + (f", private by {args.private}" if args.private else "")
         what += ", HTTP/2" if args.h2 else ""
         print(f"{total / args.n:,.0f} instructions per request ({what})")
+        if args.keep:
+            shutil.copy(f"{d}/out", args.keep)
 
 
 def main() -> None:
@@ -296,6 +299,7 @@ def main() -> None:
     ap.add_argument("--callgrind", action="store_true", help="count instructions under valgrind")
     ap.add_argument("--private", choices=("header", "cookie"), help="a private sandbox, reached by token or cookie")
     ap.add_argument("--h2", action="store_true", help="HTTP/2 streams, 16 at a time on one connection")
+    ap.add_argument("--keep", metavar="FILE", help="--callgrind: keep its output (callgrind_annotate FILE)")
     ap.add_argument("--profile", metavar="SORT", help="cProfile the measured loop, sorted by SORT (tottime, cumtime)")
     ap.add_argument("--ready", help=argparse.SUPPRESS)
     args = ap.parse_args()
