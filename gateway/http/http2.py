@@ -100,6 +100,14 @@ _RECV_HEADERS: Final = h2.connection.ConnectionInputs.RECV_HEADERS
 _RECV_STREAM_HEADERS: Final = h2.stream.StreamInputs.RECV_HEADERS
 _RECV_END_STREAM: Final = h2.stream.StreamInputs.RECV_END_STREAM
 _CLIENT_STREAMS: Final = h2.connection.AllowedStreamIDs.ODD
+_SERVER_OPEN: Final = h2.connection.ConnectionState.SERVER_OPEN
+# In an open server connection these connection-level inputs change nothing and make no event (h2's
+# own table says so, checked here): _Connection does not run them through the state machine there.
+if any(
+    h2.connection.H2ConnectionStateMachine._transitions[(_SERVER_OPEN, i)] != (None, _SERVER_OPEN)
+    for i in (_SEND_HEADERS, _SEND_DATA, _RECV_HEADERS)
+):
+    raise ImportError("h2's connection states changed: review gateway.http.http2._Connection")
 
 
 class _Decoder:
@@ -298,7 +306,8 @@ class _Connection(h2.connection.H2Connection):
                 stream_id, headers, end_stream, priority_weight, priority_depends_on, priority_exclusive
             )
             return
-        self.state_machine.process_input(_SEND_HEADERS)
+        if self.state_machine.state is not _SERVER_OPEN:  # (in it, h2's transition changes nothing)
+            self.state_machine.process_input(_SEND_HEADERS)
         informational = False
         for n, v in headers:  # (h2.utilities.is_informational_response)
             if n[:1] != b":":
@@ -342,7 +351,8 @@ class _Connection(h2.connection.H2Connection):
             raise h2.exceptions.FlowControlError(f"Cannot send {size} bytes, flow control window is too small")
         if size > self.max_outbound_frame_size:
             raise h2.exceptions.FrameTooLargeError(f"Cannot send frame size {size}")
-        self.state_machine.process_input(_SEND_DATA)
+        if self.state_machine.state is not _SERVER_OPEN:
+            self.state_machine.process_input(_SEND_DATA)
         sm = stream.state_machine  # (h2.stream.H2Stream.send_data)
         sm.process_input(_SEND_STREAM_DATA)
         if end_stream:
@@ -368,7 +378,7 @@ class _Connection(h2.connection.H2Connection):
                 f"Max inbound streams is {self.local_settings.max_concurrent_streams}"
             )
         headers = h2.connection._decode_headers(self.decoder, frame.data)
-        events = self.state_machine.process_input(_RECV_HEADERS)
+        events = [] if self.state_machine.state is _SERVER_OPEN else self.state_machine.process_input(_RECV_HEADERS)
         stream = self._begin_new_stream(sid, _CLIENT_STREAMS)
         for n, v in headers:  # (h2.utilities.is_informational_response: then h2's own path fails it)
             if n[:1] != b":":
@@ -559,6 +569,17 @@ class H2Stream:
             return
         if x.trailers:
             self.trailers = h2map.fields_of(x.trailers)
+        elif not self.out and not self.holding:  # the common case: all of the rest in one DATA frame
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            h = self.conn.h2
+            n = len(data)
+            if n <= h.max_outbound_frame_size and (not n or n <= h.local_flow_control_window(self.sid)):
+                h.send_data(self.sid, data if data.__class__ is bytes else bytes(data), end_stream=True)
+                self.sent += n
+                self.end_pending = self.ended = True
+                self.conn.flush_later()
+                self._finish()
+                return
         if pieces:
             self._queue(pieces)
         self.end_pending = True
