@@ -192,6 +192,10 @@ class _Encoder:
             return block + self._never_indexed(headers[-1])
         return self._encode(headers, huffman)
 
+    def encode_with(self, headers: tuple[Any, ...], never_indexed: tuple[bytes, bytes]) -> bytes:
+        """``encode([*headers, NeverIndexedHeaderTuple(*never_indexed)])``, without building that list."""
+        return self._encode(headers, True) + self._never_indexed(never_indexed)
+
     def _never_indexed(self, field: Any) -> bytes:
         """A never-indexed literal (RFC 7541 §6.2.3), without Huffman coding (a random-looking value
         barely shrinks, and it costs): hpack's representation of the name and the value's length,
@@ -203,15 +207,15 @@ class _Encoder:
         got = self.memo.get(key)
         if got is not None:
             return got + value
-        out: bytes = self.e.encode([field], huffman=False)  # changes no table: never indexed
+        out: bytes = self.e.encode([NeverIndexedHeaderTuple(name, value)], huffman=False)  # changes no table
         if out.endswith(value) and not self.e.table_size_changes:
             if len(self.memo) >= 64:
                 self.memo.clear()
             self.memo[key] = out[: len(out) - len(value)]
         return out
 
-    def _encode(self, headers: list[Any], huffman: bool) -> bytes:
-        key = tuple(headers)
+    def _encode(self, headers: list[Any] | tuple[Any, ...], huffman: bool) -> bytes:
+        key = tuple(headers)  # (a tuple is its own)
         memo = self.memo
         e = self.e
         if not e.table_size_changes:  # (a size update must begin the block: encoded, not remembered)
@@ -294,13 +298,20 @@ class _Connection(h2.connection.H2Connection):
         priority_weight: int | None = None,
         priority_depends_on: int | None = None,
         priority_exclusive: bool | None = None,
+        never_indexed: tuple[bytes, bytes] | None = None,
     ) -> None:
         """h2 4.4's, for a response, an interim response or trailers on a stream the client opened
         (anything else goes to h2's): the same state transitions, HPACK block and frames, without
         what this configuration leaves unused (a UTF-8 pass over every field: they are bytes here;
         validation flags: validation is off; the request method of a response, which is None) and
-        h2's no-op log calls."""
+        h2's no-op log calls. ``never_indexed``: a last field outside compression (the request ID),
+        ``headers`` then being the tuple of the others (see _Encoder.encode_with)."""
         stream = self.streams.get(stream_id)
+        if never_indexed is not None and (
+            stream is None or (priority_weight, priority_depends_on, priority_exclusive) != (None, None, None)
+        ):
+            headers = [*headers, NeverIndexedHeaderTuple(*never_indexed)]
+            never_indexed = None
         if stream is None or (priority_weight, priority_depends_on, priority_exclusive) != (None, None, None):
             super().send_headers(
                 stream_id, headers, end_stream, priority_weight, priority_depends_on, priority_exclusive
@@ -319,7 +330,10 @@ class _Connection(h2.connection.H2Connection):
             raise h2.exceptions.ProtocolError("Cannot set END_STREAM on informational responses.")
         sm = stream.state_machine
         sm.process_input(_SEND_INFORMATIONAL_HEADERS if informational else _SEND_STREAM_HEADERS)
-        block = self.encoder.encode(headers)
+        if never_indexed is None:
+            block = self.encoder.encode(headers)
+        else:
+            block = self.encoder.encode_with(headers, never_indexed)  # type: ignore[attr-defined]  # an _Encoder
         size = stream.max_outbound_frame_size or 0
         if end_stream:
             sm.process_input(_SEND_END_STREAM)
@@ -532,7 +546,7 @@ class H2Stream:
         got = conn.heads.get(key)
         if got is None:
             r = analyze_response(head, status, head_request, True, True)
-            fields = h2map.response_fields(r[0])
+            fields = tuple(h2map.response_fields(r[0]))
             ctx = self.ctx
             rid_name = ctx.rid_header_h2 if ctx.rid_header and ctx.rid_in_response.search(head) is None else None
             if len(conn.heads) >= 32:
@@ -544,12 +558,12 @@ class H2Stream:
         x.body_in = body_in
         x.resp_started = True
         x.status = status
-        if rid_name is not None and x.rid:
-            fields = [*fields, NeverIndexedHeaderTuple(rid_name, x.rid)]
         if self.ended:
             return body_in, length
         end = body_in == framing.NONE or (body_in == framing.LENGTH and not length)
-        conn.h2.send_headers(self.sid, fields, end_stream=end)
+        # The request ID: never indexed (a new value per response would churn the dynamic table)
+        rid = (rid_name, x.rid) if rid_name is not None and x.rid else None
+        conn.h2.send_headers(self.sid, fields, end_stream=end, never_indexed=rid)
         conn.flush_later()
         if end:
             self.end_pending = True
