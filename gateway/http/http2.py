@@ -409,7 +409,7 @@ class _Connection(h2.connection.H2Connection):
             stream_events[0].stream_ended = ended[0]
             stream_events += ended
         stream._initialize_content_length(headers)
-        stream_events[0].headers = list(headers)
+        stream_events[0].headers = headers  # (not copied: the decoder's list, read only, see H2Connection._request)
         return [], events + stream_events
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
@@ -472,7 +472,6 @@ class H2Stream:
         "remote_ended",
         "sent",
         "sid",
-        "started",
         "touched",
         "trailers",
         "tunnel",
@@ -502,7 +501,6 @@ class H2Stream:
         self.early: list[bytes] = []  # DATA that came before the sandbox accepted
         self.ws_key: bytes | None = None
         self.sent = 0  # response DATA bytes sent
-        self.started = monotonic()
         self.bytes_mark: tuple[float, int] | None = None  # min_body_rate: (window start, bytes then)
 
     # ---- ClientSide (client.py)
@@ -784,7 +782,7 @@ class H2Connection(asyncio.Protocol):
         self.streams: dict[int, H2Stream] = {}
         self.touched: list[H2Stream] = []
         self.heads: dict[tuple[bytes, bool], Any] = {}  # response heads mapped (per connection: HPACK is)
-        self.requests: dict[tuple[Any, ...], tuple[h2map.Mapped | str, RequestHead | Reason | None]] = {}
+        self.requests: dict[tuple[int, bool], tuple[Any, h2map.Mapped | str, RequestHead | Reason | None]] = {}
         self.in_feed = False
         self.write_paused = False
         self.closing = False
@@ -980,9 +978,11 @@ class H2Connection(asyncio.Protocol):
             return
         end = ev.stream_ended is not None
         headers = ev.headers
-        key = (end, *headers) if headers else (end,)
+        # The decoder's remembered list for a repeated block (_Decoder, _Connection._receive_headers_frame):
+        # the same list object, so known by identity (the memo holds it: its id is not reused meanwhile).
+        key = (id(headers), end)
         got = self.requests.get(key)
-        if got is None:
+        if got is None or got[0] is not headers:
             mapped = h2map.request_head(headers, end)
             req: RequestHead | Reason | None = None
             if not isinstance(mapped, str):
@@ -990,12 +990,12 @@ class H2Connection(asyncio.Protocol):
                     req = errors.HEAD_TOO_LARGE
                 else:
                     req = analyze_request(mapped.raw, self.ctx.fields)
-            got = (mapped, req)
+            got = (headers, mapped, req)
             if isinstance(mapped, str) or mapped.ws_key is None:  # a WebSocket's key is its own
                 if len(self.requests) >= 64:
                     self.requests.clear()
                 self.requests[key] = got
-        mapped, req = got
+        _, mapped, req = got
         if isinstance(mapped, str):
             log.info("malformed HTTP/2 request from %s: %s", self.peer.ip, mapped)
             h.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
