@@ -101,6 +101,7 @@ _RECV_STREAM_HEADERS: Final = h2.stream.StreamInputs.RECV_HEADERS
 _RECV_END_STREAM: Final = h2.stream.StreamInputs.RECV_END_STREAM
 _CLIENT_STREAMS: Final = h2.connection.AllowedStreamIDs.ODD
 _SERVER_OPEN: Final = h2.connection.ConnectionState.SERVER_OPEN
+_CLOSED: Final = h2.stream.StreamState.CLOSED
 # In an open server connection these connection-level inputs change nothing and make no event (h2's
 # own table says so, checked here): _Connection does not run them through the state machine there.
 if any(
@@ -258,6 +259,14 @@ class _Connection(h2.connection.H2Connection):
         self._data_out[1].flags = frozenset({"END_STREAM"})  # type: ignore[assignment]
 
     _sweep_at = 64  # (see open_inbound_streams)
+
+    def forget(self, stream_id: int) -> None:
+        """A stream the gateway is done with: if closed, forgotten now as h2's count of open streams
+        does (remembering how it closed, for frames that still come), not in the next sweep."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.state_machine.state is _CLOSED:
+            del self.streams[stream_id]
+            self._closed_streams[stream_id] = stream.state_machine.stream_closed_by
 
     def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
         """h2 4.4's for a stream the client opens (anything else goes to h2's), without its no-op
@@ -710,6 +719,7 @@ class H2Stream:
         conn = self.conn
         if conn.streams.pop(self.sid, None) is None:
             return
+        conn.h2.forget(self.sid)
         if not self.remote_ended and not (self.tunnel is not None and self.tunnel.away):
             # (A WebSocket the drain closed: the client ends its side after its Close frame.)
             self.remote_ended = True
