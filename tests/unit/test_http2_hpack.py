@@ -1,4 +1,4 @@
-"""The HPACK shortcuts of http2.py (blocks remembered while the dynamic table is unchanged, the
+"""The HPACK shortcuts of h2conn.py (blocks remembered while the dynamic table is unchanged, the
 never-indexed request ID) against plain hpack: whatever the order of field lists, table size
 changes and request IDs, the peer decodes exactly the fields that were encoded, and the gateway
 decodes exactly what a client encoded."""
@@ -11,7 +11,7 @@ from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.http.http2 import _Decoder, _Encoder
+from gateway.http.h2conn import RememberingDecoder, RememberingEncoder
 
 # A few names and values, so that lists repeat, share names, and churn the dynamic table.
 _NAMES = st.sampled_from([b"content-type", b"date", b"server", b"x-a", b"x-request-id", b"etag", b"cache-control"])
@@ -31,8 +31,8 @@ def _as_pairs(decoded: list[Any]) -> list[tuple[bytes, bytes]]:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_STEP, max_size=40), st.integers(min_value=1, max_value=4))
 def test_remembered_blocks_decode_as_encoded(steps: list[Any], repeat: int) -> None:
-    """_Encoder (what the gateway sends) against hpack's Decoder (what a client reads)."""
-    enc = _Encoder()
+    """RememberingEncoder (what the gateway sends) against hpack's Decoder (what a client reads)."""
+    enc = RememberingEncoder()
     dec = Decoder()
     for step in steps * repeat:  # the same lists again: now from the memo
         if step[0] == "resize":
@@ -54,9 +54,9 @@ def test_remembered_blocks_decode_as_encoded(steps: list[Any], repeat: int) -> N
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_STEP, max_size=40), st.integers(min_value=1, max_value=4))
 def test_remembered_blocks_are_read_as_sent(steps: list[Any], repeat: int) -> None:
-    """hpack's Encoder (a client) against _Decoder (the gateway)."""
+    """hpack's Encoder (a client) against RememberingDecoder (the gateway)."""
     enc = Encoder()
-    dec = _Decoder(1 << 20)
+    dec = RememberingDecoder(1 << 20)
     for step in steps * repeat:
         if step[0] == "resize":
             if step[1] != enc.header_table_size:  # (hpack loses a size update set twice)
