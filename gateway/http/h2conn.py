@@ -199,6 +199,7 @@ class ServerConnection(h2.connection.H2Connection):
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
+        self.encoder = RememberingEncoder()  # type: ignore[assignment]  # (send_headers needs its encode_with)
         # The frames of responses, reused stream after stream (hyperframe's frames are plain objects:
         # set the stream and the payload, serialise): building a frame and its flags costs more than
         # serialising it. [end_stream] picks the flags.
@@ -295,7 +296,7 @@ class ServerConnection(h2.connection.H2Connection):
         if never_indexed is None:
             block = self.encoder.encode(headers)
         else:
-            block = self.encoder.encode_with(headers, never_indexed)  # type: ignore[attr-defined]  # an RememberingEncoder
+            block = self.encoder.encode_with(headers, never_indexed)  # type: ignore[attr-defined]  # (see __init__)
         size = stream.max_outbound_frame_size or 0
         if end_stream:
             sm.process_input(_SEND_END_STREAM)

@@ -54,7 +54,7 @@ from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing, h2map
 from gateway.http.client import H2
-from gateway.http.h2conn import RememberingDecoder, RememberingEncoder, ServerConnection, server_config
+from gateway.http.h2conn import RememberingDecoder, ServerConnection, server_config
 from gateway.http.headers import Peer, RequestHead, analyze_request, analyze_response
 from gateway.http.proxy import Exchange
 
@@ -398,7 +398,6 @@ class H2Connection(asyncio.Protocol):
         # HPACK limits: a decoded header list past twice the head limit is a connection error (an
         # HPACK bomb ends there); one within it but past max_request_head_size is a 431 on its stream.
         c.decoder = RememberingDecoder(2 * ctx.max_head)  # type: ignore[assignment]
-        c.encoder = RememberingEncoder()  # type: ignore[assignment]
         settings = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
