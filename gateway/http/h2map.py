@@ -72,6 +72,9 @@ class Mapped:
         self.fields = fields  # field lines in the head
 
 
+_PSEUDO: Final = frozenset((b":method", b":scheme", b":authority", b":path", b":protocol"))
+
+
 class _Validate:
     """llhttp callbacks: none needed, the parser only has to accept the bytes."""
 
@@ -91,7 +94,8 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Mapped
     """The HTTP/1.1 head for an HTTP/2 request, or why the request is malformed.
 
     ``end_stream``: the HEADERS frame ended the stream (no body follows)."""
-    method = scheme = authority = path = protocol = host = None
+    host = None
+    pseudo: dict[bytes, bytes] = {}  # RFC 9113 §8.3: each pseudo-header field at most once
     lines: list[bytes] = [b""]  # [0]: the Host line
     cookies: list[bytes] | None = None
     cookie_at = 0
@@ -101,28 +105,11 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Mapped
         if name[:1] == b":":
             if regular:
                 return "a pseudo-header field after a regular field"
-            if name == b":method":
-                if method is not None:
-                    return "two :method fields"
-                method = value
-            elif name == b":path":
-                if path is not None:
-                    return "two :path fields"
-                path = value
-            elif name == b":authority":
-                if authority is not None:
-                    return "two :authority fields"
-                authority = value
-            elif name == b":scheme":
-                if scheme is not None:
-                    return "two :scheme fields"
-                scheme = value
-            elif name == b":protocol":
-                if protocol is not None:
-                    return "two :protocol fields"
-                protocol = value
-            else:
+            if name not in _PSEUDO:
                 return f"unknown pseudo-header field {name[:64]!r}"
+            if name in pseudo:
+                return f"two {name.decode()} fields"
+            pseudo[name] = value
             continue
         regular = True
         if _NAME.fullmatch(name) is None:
@@ -151,6 +138,14 @@ def request_head(headers: list[tuple[bytes, bytes]], end_stream: bool) -> Mapped
         if name == b"content-length":
             length = True
         lines.append(name + b": " + value)
+    get = pseudo.get
+    method, scheme, authority, path, protocol = (
+        get(b":method"),
+        get(b":scheme"),
+        get(b":authority"),
+        get(b":path"),
+        get(b":protocol"),
+    )
     if method is None:
         return "no :method"
     if _METHOD.fullmatch(method) is None:
