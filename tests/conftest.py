@@ -201,10 +201,14 @@ async def start_gateway(redis_server: RedisServer) -> AsyncIterator[Callable[...
         g = Gateway(load_config(None, env={}, overrides=overrides))
         await g.start()
         started.append(g)
-        if wait:  # until Redis has answered once (readiness), polling with a bound
+        if wait:  # until Redis has answered once (readiness) and the invalidation subscription is
+            # confirmed: confirming it flushes the cache, and a record read while that happened is
+            # not kept (catalog/reader.py), which a test's first request must not race. Bounded.
             async with asyncio.timeout(WAIT):
                 while not g.catalog.reached:
                     await asyncio.sleep(0.01)
+                assert g.invalidation is not None
+                await g.invalidation.subscribed.wait()
         assert g.admin is not None
         return RunningGateway(g, g.ports[0], int(g.admin.address.rsplit(":", 1)[1]))
 
@@ -238,7 +242,9 @@ def gateway_process(redis_server: RedisServer) -> Iterator[Callable[..., Gateway
     def start(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> GatewayProcess:
         port, admin = free_port(), free_port()
         # The access log goes to stdout, a pipe nobody reads here: off unless a test asks for it.
-        e = gateway_env() | {"GATEWAY_DRAIN_DELAY": "0", "GATEWAY_ACCESS_LOG": "off"} | (env or {})
+        # A 2 s Redis call budget, as in start_gateway: 0.25 s fails on a loaded machine, not on Redis.
+        e = gateway_env() | {"GATEWAY_DRAIN_DELAY": "0", "GATEWAY_ACCESS_LOG": "off", "GATEWAY_REDIS_TIMEOUT": "2"}
+        e |= env or {}
         cmd = [sys.executable, "-m", "gateway", "serve", "--listen", f"127.0.0.1:{port}",
                "--admin-listen", f"127.0.0.1:{admin}", "--redis-url", redis_server.url, "--domain", DOMAIN, *args]  # fmt: skip
         proc = subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
