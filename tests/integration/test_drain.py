@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -58,6 +59,34 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+class LaggingBalancer:
+    """``/ready`` polled as a load balancer polls it: its clients go on sending until LAG seconds
+    after the first 503 (``sending``); ``saw_503`` is when that came (0.0 before)."""
+
+    def __init__(self, admin_port: int) -> None:
+        self.admin_port = admin_port
+        self.loop = asyncio.get_running_loop()
+        self.saw_503 = 0.0
+        self.stop_at = float("inf")
+
+    def sending(self) -> bool:
+        return self.loop.time() < self.stop_at
+
+    async def run(self) -> None:
+        while self.stop_at == float("inf"):
+            if (await ready(self.admin_port))[0] == 503:
+                self.saw_503 = self.loop.time()
+                self.stop_at = self.saw_503 + LAG
+            await asyncio.sleep(0.05)
+
+
+async def sigterm_after(proc: subprocess.Popen[str], sent: Callable[[], int], n: int = 500) -> None:
+    """SIGTERM once ``n`` requests were sent (polled with a short pause)."""
+    while sent() < n:
+        await asyncio.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+
+
 async def test_zero_loss_across_sigterm_with_a_lagging_balancer(gateway_process: Any, catalog: Catalog) -> None:
     """64 keep-alive clients, 2 workers: every client keeps sending until LAG seconds after it saw
     /ready 503, some on fresh connections whose request comes a moment after the connect. Not one
@@ -66,28 +95,18 @@ async def test_zero_loss_across_sigterm_with_a_lagging_balancer(gateway_process:
         catalog.put("zl", host="127.0.0.1")
         gw = gateway_process("--workers", "2", env={"GATEWAY_DRAIN_DELAY": "3.5", "GATEWAY_SHUTDOWN_TIMEOUT": "10"})
         host = gw.host(up.port, "zl")
-        loop = asyncio.get_running_loop()
-        stop_at = float("inf")  # when the balancer has moved every client away
-        saw_503 = 0.0
+        lb = LaggingBalancer(gw.admin_port)
         sent = failed = after_503 = late_connects = 0
         closes = 0  # responses that said Connection: close (the drain moving clients on)
-
-        async def balancer() -> None:
-            nonlocal stop_at, saw_503
-            while stop_at == float("inf"):
-                if (await ready(gw.admin_port))[0] == 503:
-                    saw_503 = loop.time()
-                    stop_at = saw_503 + LAG
-                await asyncio.sleep(0.05)
 
         async def keep_alive_client(think: float) -> None:
             nonlocal sent, failed, after_503, closes
             c: Client | None = None
-            while loop.time() < stop_at:
+            while lb.sending():
                 if think:
                     await asyncio.sleep(think)  # a browser's pause between requests: the connection idles
                 sent += 1
-                after_503 += saw_503 > 0
+                after_503 += lb.saw_503 > 0
                 try:
                     if c is None:
                         c = await Client.connect(gw.port)
@@ -110,9 +129,9 @@ async def test_zero_loss_across_sigterm_with_a_lagging_balancer(gateway_process:
             """A new connection per request, its request a little after the connect (a balancer
             that pre-opens connections, or a slow client)."""
             nonlocal sent, failed, late_connects
-            while loop.time() < stop_at:
+            while lb.sending():
                 sent += 1
-                late_connects += saw_503 > 0
+                late_connects += lb.saw_503 > 0
                 try:
                     c = await Client.connect(gw.port)
                     await asyncio.sleep(0.3)  # the client's pace, not a synchronisation
@@ -125,14 +144,9 @@ async def test_zero_loss_across_sigterm_with_a_lagging_balancer(gateway_process:
                     failed += 1
                     print("failed (fresh):", repr(e))
 
-        async def terminate() -> None:
-            while sent < 500:
-                await asyncio.sleep(0.01)
-            gw.proc.send_signal(signal.SIGTERM)
-
         async with asyncio.timeout(WAIT * 4):
             await asyncio.gather(
-                balancer(), terminate(), *(keep_alive_client(0.2 if i % 4 == 0 else 0.0) for i in range(64)),
+                lb.run(), sigterm_after(gw.proc, lambda: sent), *(keep_alive_client(0.2 if i % 4 == 0 else 0.0) for i in range(64)),
                 *(fresh_connection_client() for _ in range(8)),
             )  # fmt: skip
         print(f"sent {sent}, after /ready 503: {after_503} (+{late_connects} fresh), Connection: close {closes}")
@@ -527,25 +541,15 @@ async def test_zero_loss_across_sigterm_over_http2(gateway_process: Any, catalog
         catalog.put("zl2", host="127.0.0.1")
         gw = gateway_process("--workers", "2", env={"GATEWAY_DRAIN_DELAY": "3.5", "GATEWAY_SHUTDOWN_TIMEOUT": "10"})
         host = gw.host(up.port, "zl2")
-        loop = asyncio.get_running_loop()
-        stop_at = float("inf")
-        saw_503 = 0.0
+        lb = LaggingBalancer(gw.admin_port)
         sent = failed = after_503 = 0
         clients = [H2Browser(gw.port) for _ in range(32)]
 
-        async def balancer() -> None:
-            nonlocal stop_at, saw_503
-            while stop_at == float("inf"):
-                if (await ready(gw.admin_port))[0] == 503:
-                    saw_503 = loop.time()
-                    stop_at = saw_503 + LAG
-                await asyncio.sleep(0.05)
-
         async def stream_loop(b: H2Browser) -> None:
             nonlocal sent, failed, after_503
-            while loop.time() < stop_at:
+            while lb.sending():
                 sent += 1
-                after_503 += saw_503 > 0
+                after_503 += lb.saw_503 > 0
                 try:
                     r = await b.request(host, "/h2")
                     if r.status != 200 or bytes(r.body) != b"ok":
@@ -555,13 +559,10 @@ async def test_zero_loss_across_sigterm_over_http2(gateway_process: Any, catalog
                     failed += 1
                     print("failed:", repr(e))
 
-        async def terminate() -> None:
-            while sent < 500:
-                await asyncio.sleep(0.01)
-            gw.proc.send_signal(signal.SIGTERM)
-
         async with asyncio.timeout(WAIT * 4):
-            await asyncio.gather(balancer(), terminate(), *(stream_loop(b) for b in clients for _ in range(2)))
+            await asyncio.gather(
+                lb.run(), sigterm_after(gw.proc, lambda: sent), *(stream_loop(b) for b in clients for _ in range(2))
+            )
         for b in clients:
             b.close()
         moved = sum(b.moved for b in clients)
