@@ -198,7 +198,8 @@ class ClientConnection(asyncio.Protocol):
                 return
             data = rest
         if self.fresh:
-            if data[:1] == b"P" and not self.tls and self._h2_preface(data):
+            # ``pending``: a first read held as the preface's start (it may be a POST's ``P``)
+            if (self.pending or data[:1] == b"P") and not self.tls and self._h2_preface(data):
                 return
             self.fresh = False
         self.in_feed = True

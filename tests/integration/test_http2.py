@@ -38,6 +38,37 @@ async def test_h2c_prior_knowledge_and_http11_share_the_port(start_gateway: Any,
         await h1.close()
 
 
+async def _after_first_byte(gw: RunningGateway) -> None:
+    """Until the gateway holds the connection's first byte ``P`` as a possible preface (bounded)."""
+    async with asyncio.timeout(WAIT):
+        while not any(getattr(c, "pending", b"") == b"P" for c in gw.gateway.ctx.connections):
+            await asyncio.sleep(0.01)
+
+
+async def test_a_first_read_of_one_byte_is_kept(start_gateway: Any, catalog: Catalog) -> None:
+    """A client whose first read is only ``P`` (the preface's first byte, and a POST's, PUT's or
+    PATCH's): the next read decides, and the byte is not lost either way."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("h2p", host="127.0.0.1")
+        gw: RunningGateway = await start_gateway()
+        host = gw.host(up.port, "h2p")
+        c = await Client.connect(gw.port)
+        c.send(b"P")
+        await _after_first_byte(gw)
+        c.send(f"OST /split HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\n\r\nhi".encode())
+        r = await c.read_response()
+        assert r.status == 200 and r.body.startswith(b"POST /split HTTP/1.1\r\n")
+        await c.close()
+        raw = await Client.connect(gw.port)
+        raw.send(b"P")
+        await _after_first_byte(gw)
+        raw.send(b"RI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # + SETTINGS
+        async with asyncio.timeout(WAIT):
+            first = await raw.reader.readexactly(9)
+        assert first[3] == 0x04  # the server's connection preface: a SETTINGS frame
+        await raw.close()
+
+
 async def test_curl_http2_prior_knowledge(start_gateway: Any, catalog: Catalog) -> None:
     curl = needs.tool("curl", "apt-get install curl")
     async with RawUpstream(echo_handler) as up:
