@@ -106,9 +106,12 @@ class RememberingDecoder:
             return got
         t = self.d.header_table
         entries = t.dynamic_entries
-        before = (len(entries), entries[0] if entries else None, t.maxsize)
+        # Every insertion puts a new tuple first (hpack's add), so the first entry's identity, not
+        # its value, tells whether one happened: a full table's re-insertion of an equal entry evicts
+        # the oldest and keeps length, size and the first entry's value.
+        size, first, maxsize = len(entries), entries[0] if entries else None, t.maxsize
         out: list[Any] = self.d.decode(data, raw=raw)  # type: ignore[assignment]  # a list, typed Iterable
-        if (len(entries), entries[0] if entries else None, t.maxsize) != before:
+        if len(entries) != size or (entries[0] if entries else None) is not first or t.maxsize != maxsize:
             memo.clear()  # the table changed: what was remembered may mean something else now
         else:
             if len(memo) >= 64:

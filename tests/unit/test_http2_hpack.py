@@ -68,3 +68,18 @@ def test_remembered_blocks_are_read_as_sent(steps: list[Any], repeat: int) -> No
             headers.append(NeverIndexedHeaderTuple(b"x-request-id", rid))
         block = enc.encode(headers)
         assert _as_pairs(dec.decode(block, raw=True)) == [(bytes(n), bytes(v)) for n, v in headers]
+
+
+def test_a_full_tables_reinsertion_of_its_newest_entry_is_a_change() -> None:
+    """A client re-inserting the newest entry into a full table evicts the oldest while length,
+    size and the first entry's value stay as they were: the decoder must see the change (a stale
+    memo would decode later references to another request's fields, and skip the insertion)."""
+    enc, plain, remembering = Encoder(), Decoder(), RememberingDecoder(65536)
+    fields = [(b"x-k", b"%03d" % i + b"v" * 98) for i in range(30)]  # 30 x 136 bytes: 4,080 of 4,096
+    block = enc.encode(fields)
+    assert _as_pairs(plain.decode(block, raw=True)) == _as_pairs(remembering.decode(block, raw=True)) == fields
+    oldest = bytes([0x80 | (61 + 30)])  # indexed field: the oldest dynamic entry
+    newest = fields[-1][1]
+    reinsert = bytes([0x40 | 62, len(newest)]) + newest  # literal, incremental indexing, newest's name
+    for b in (oldest, reinsert, oldest, reinsert, oldest):
+        assert _as_pairs(remembering.decode(b, raw=True)) == _as_pairs(plain.decode(b, raw=True))
