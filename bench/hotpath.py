@@ -192,7 +192,7 @@ async def run_h2(n: int, real: bool, ready: str | None) -> float:
         up.connection_made(MemoryTransport(pairs[-1][0]))  # type: ignore[arg-type]
         pool.release(up)
         ups.append(up)
-    conn = H2Connection(ctx, MemoryTransport(), Peer.make("127.0.0.1", 8080, False, ()), 8080)  # type: ignore[arg-type]
+    conn = H2Connection(ctx, MemoryTransport(), Peer.make("127.0.0.1", 8080, False, ()))  # type: ignore[arg-type]
     ctx.outbox.loop = _NoCallSoon()  # type: ignore[assignment]
     flush = ctx.outbox.flush
     resp = REAL_RESP if real else SMALL_RESP

@@ -287,7 +287,7 @@ class ClientConnection(asyncio.Protocol):
         self.fresh = False
         ctx = self.ctx
         ctx.connections.discard(self)
-        c = H2Connection(ctx, self.transport, self.peer, self.listen_port)
+        c = H2Connection(ctx, self.transport, self.peer)
         ctx.connections.add(c)
         c.start(data)
 

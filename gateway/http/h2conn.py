@@ -113,7 +113,7 @@ class RememberingDecoder:
         out: list[Any] = self.d.decode(data, raw=raw)  # type: ignore[assignment]  # a list, typed Iterable
         if len(entries) != size or (entries[0] if entries else None) is not first or t.maxsize != maxsize:
             memo.clear()  # the table changed: what was remembered may mean something else now
-        else:
+        elif len(data) <= 4096:  # requests that repeat are small: a big block is not kept
             if len(memo) >= 64:
                 memo.clear()
             memo[bytes(data)] = out

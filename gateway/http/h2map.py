@@ -56,7 +56,6 @@ _NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")  # a token, lower case 
 _BAD_VALUE: Final = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _TARGET: Final = re.compile(rb"[\x21-\x7e\x80-\xff]+")  # no white space, no control characters
-_WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class Mapped:
@@ -242,10 +241,3 @@ def response_fields(head: bytes, tunnel: bool = False) -> list[tuple[bytes, byte
     if tunnel:
         fields = [f for f in fields if f[0] not in _TUNNEL_DROPPED]
     return [(b":status", status), *fields]
-
-
-def websocket_accept(key: bytes) -> bytes:
-    """The Sec-WebSocket-Accept a server answers ``key`` with (RFC 6455 §4.2.2)."""
-    import hashlib  # noqa: PLC0415 (rare path)
-
-    return base64.b64encode(hashlib.sha1(key + _WS_GUID, usedforsecurity=False).digest())

@@ -6,10 +6,10 @@ Requests (client to sandbox):
 
 - Hop-by-hop fields are removed: Connection and every field it names, Keep-Alive,
   Proxy-Connection, TE and Upgrade (RFC 9110 §7.6.1). Transfer-Encoding stays, because the body is
-  passed on in the same chunked coding it arrived in; its trailer section does not (the last
-  chunk goes on with an empty one, RFC 9112 §7.1.2 lets a recipient drop trailers): the sandbox
-  connection serves other clients' requests next, and a server that carried trailer fields into
-  its next request (aiohttp did) would hand one client's ``Cookie`` to another.
+  passed on in the same chunked coding it arrived in, trailer section included; a sandbox
+  connection that carried a trailer field is then never reused (proxy.py), because a server that
+  carried trailer fields into its next request (aiohttp did) would hand one client's ``Cookie`` to
+  another client's request.
 - Of the Upgrade's protocols those in ``upgrade_protocols`` are offered, with ``Connection:
   upgrade`` (RFC 9110 §7.8); none left, the request proceeds as plain HTTP (no h2c). A 101 must
   name one of them (:func:`upgrade_accepted`).

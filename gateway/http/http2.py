@@ -110,7 +110,6 @@ class H2Stream:
         "trailers",
         "tunnel",
         "unacked",
-        "ws_key",
         "x",
     )
 
@@ -133,7 +132,6 @@ class H2Stream:
         self.tunnel: H2Tunnel | None = None  # an extended CONNECT that became a tunnel (h2tunnel.py)
         self.connect = False  # an extended CONNECT (RFC 8441): DATA waits for the tunnel
         self.early: list[bytes] = []  # DATA that came before the sandbox accepted
-        self.ws_key: bytes | None = None
         self.sent = 0  # response DATA bytes sent
         self.bytes_mark: tuple[float, int] | None = None  # min_body_rate: (window start, bytes then)
 
@@ -373,7 +371,6 @@ class H2Connection(asyncio.Protocol):
         "in_feed",
         "last_active",
         "last_stream",
-        "listen_port",
         "max_streams",
         "opened",
         "peer",
@@ -387,11 +384,10 @@ class H2Connection(asyncio.Protocol):
         "write_paused",
     )
 
-    def __init__(self, ctx: Context, transport: asyncio.Transport, peer: Peer, listen_port: int) -> None:
+    def __init__(self, ctx: Context, transport: asyncio.Transport, peer: Peer) -> None:
         self.ctx = ctx
         self.transport = transport
         self.peer = peer
-        self.listen_port = listen_port
         cfg = ctx.config
         self.max_streams = cfg.http2_max_concurrent_streams
         c = self.h2 = ServerConnection(server_config())
@@ -637,7 +633,6 @@ class H2Connection(asyncio.Protocol):
         s = H2Stream(self, sid)
         self.streams[sid] = s
         s.chunked = mapped.chunked
-        s.ws_key = mapped.ws_key
         s.connect = mapped.protocol is not None
         if end:
             s.remote_ended = True
