@@ -208,7 +208,8 @@ def _alias(roles: dict[bytes, int], name: bytes) -> int:
     character, so such a field would reach the app as the field the gateway checked or set,
     unchecked: one of Content-Length or Transfer-Encoding makes the framing ambiguous (refused),
     any other is removed, whoever sent it (a trusted proxy writes the ``-`` spelling)."""
-    role = roles[name.lower().replace(b"_", b"-")]
+    role = roles.get(name.lower().replace(b"_", b"-"))
+    # None: a configured name that has ``_`` in it, spelt with another mix of ``_`` and ``-``
     return _ALIAS_FRAMING if role in (_CL, _TE) else _HOP
 
 

@@ -413,6 +413,16 @@ def test_untrusted_fields_are_configurable_and_match_underscores() -> None:
     assert b"tenant" not in out.lower() and b"X-Real-IP: c\r\n" in out
 
 
+def test_a_configured_name_with_an_underscore_spelt_otherwise_is_removed() -> None:
+    """``e2b_traffic-token`` configured, ``E2B_traffic_token`` sent: a look-alike, cut (it used to
+    raise inside the data plane)."""
+    roles = FieldRoles(b"e2b_traffic-token")
+    r = analyze_request(b"GET / HTTP/1.1\r\nHost: h\r\nE2B_traffic_token: t\r\nX-Kept: 1\r\n\r\n", roles)
+    assert isinstance(r, RequestHead)
+    out = r.upstream_head(PEER)
+    assert b"traffic" not in out.lower() and b"X-Kept: 1\r\n" in out
+
+
 def test_a_repeated_routing_field_is_no_value() -> None:
     r = req(b"GET / HTTP/1.1\r\nHost: h\r\nE2b-Sandbox-Id: a\r\ne2b-sandbox-id: b\r\nE2b-Sandbox-Port: 1\r\n\r\n")
     assert (r.route_id, r.route_port) == (REPEATED, b"1")
