@@ -146,11 +146,14 @@ class Framer:
         "head",
         "keep",
         "last",
+        "last_len",
+        "last_status",
         "line",
         "max_fields",
         "max_head",
         "parser",
         "rem",
+        "replay",
         "response",
         "segments",
         "short_head",
@@ -188,9 +191,16 @@ class Framer:
         self.complete = True
         self.keep = False
         self.error: FramingError | None = None  # raised in a parser callback
-        # The previous message's head when it was a complete message by itself after which llhttp
-        # was back at the start: the same bytes again need no second parse (polling, health checks).
+        # The previous message's head when llhttp was back at the start of a message after it, the
+        # message being the head alone (``last_len`` 0: polling, health checks) or the head and a
+        # Content-Length body of ``last_len`` bytes that came in the same read (a sandbox's answer
+        # to a repeated request, the same within its Date's second). The same head again, with as
+        # much body, needs no second parse: llhttp would reach the same verdict and the same state
+        # (it counts Content-Length body bytes without looking at them).
         self.last: bytes | None = None
+        self.last_len = 0
+        self.last_status = 0
+        self.replay = False  # HEAD_BODY returned for ``last`` without llhttp: body() decides
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
         return httptools.HttpResponseParser(self) if self.response else httptools.HttpRequestParser(self)
@@ -206,8 +216,7 @@ class Framer:
 
     def on_message_complete(self) -> None:
         self.complete = True
-        if self.state == _HEAD:
-            self.keep = self.parser.should_keep_alive()
+        self.keep = self.parser.should_keep_alive()
 
     # ---- framing
 
@@ -230,10 +239,17 @@ class Framer:
             self.end = end
             last = self.last
             if last is not None and head == last:
-                # The previous message was these bytes, complete in its head, and llhttp is back
-                # at the start of a message: it would parse them to the same verdict. (``head``
-                # stays the previous object: callers comparing with it compare identities.)
-                return HEAD
+                # The previous message began with these bytes and llhttp is back at the start of a
+                # message: it would parse them to the same verdict. (``head`` stays the previous
+                # object: callers comparing with it compare identities.)
+                n = self.last_len
+                if not n:
+                    return HEAD
+                if end + n <= len(data):  # and its body is here: body() checks it is as long
+                    self.replay = True
+                    self.complete = False
+                    self.status = self.last_status
+                    return HEAD_BODY
             if head[0] in b"\r\n":  # empty lines before a head (never in ``last``)
                 return self._skip(data, pos)
             # _parse_head written out: every head comes here, and the call would cost about 300
@@ -256,6 +272,7 @@ class Framer:
             if self.complete:
                 self.began = False
                 self.last = head if self.keep else None
+                self.last_len = 0
                 return HEAD
             self.last = None
             return HEAD_BODY
@@ -297,6 +314,13 @@ class Framer:
         decided), then the next event in ``data[pos:]`` like :meth:`next` (NEED at its end)."""
         # (After a HEAD event llhttp is at the start of the next message: body bytes fed to it
         # begin one, and on_message_begin refuses that.)
+        if self.replay:  # the head is ``last``, not given to llhttp (next)
+            self.replay = False
+            self.complete = True
+            if mode == LENGTH and length == self.last_len:  # as before, and next saw it is all here
+                self.end = pos + length
+                return END
+            self._reparse()  # another framing than last time: llhttp must see the head after all
         if mode == LENGTH and length > 0:
             end = pos + length
             if end <= len(data):  # the whole body is here (small messages): frame it at once
@@ -312,6 +336,10 @@ class Framer:
                     raise FramingError(FRAMING, "llhttp expects more of the message than the gateway")
                 self.end = end
                 self.began = False
+                if self.keep:
+                    self.last = self.head
+                    self.last_len = length
+                    self.last_status = self.status
                 return END
             self.state = _LENGTH
             self.rem = length
@@ -332,6 +360,7 @@ class Framer:
         boundary the gateway knows."""
         if self.complete or not self.response:
             raise FramingError(FRAMING, "skip_body after a head without a body")
+        self.replay = False
         self.parser = self._new_parser()
         self.complete = True
         self.began = False
@@ -408,9 +437,19 @@ class Framer:
         if self.complete:
             self.began = False
             self.last = head if self.keep else None
+            self.last_len = 0
             return HEAD
         self.last = None
         return HEAD_BODY
+
+    def _reparse(self) -> None:
+        """A replayed head (``last``) turned out to frame its body otherwise: llhttp parses it now,
+        as it would have in :meth:`next` (the same head parses to HEAD_BODY again, or this raises)."""
+        head = self.head
+        self.last = None
+        self.began = False
+        if self._parse_head(head, head, len(head)) != HEAD_BODY:
+            raise FramingError(FRAMING, "llhttp framed a repeated head otherwise")
 
     def _too_large(self, allowed: bytes) -> FramingError:
         """The head passes ``max_head``; llhttp sees the bytes within the limit first, so a syntax

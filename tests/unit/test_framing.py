@@ -187,6 +187,81 @@ def test_a_repeated_head_is_not_parsed_again_but_a_changed_one_is() -> None:
         fr.next(close, 0)
 
 
+def _counting(fr: Framer) -> list[bytes]:
+    fed: list[bytes] = []
+    real = fr.parser
+
+    class Counting:
+        def feed_data(self, data: bytes) -> None:
+            fed.append(data)
+            real.feed_data(data)
+
+        def should_keep_alive(self) -> bool:
+            return real.should_keep_alive()
+
+        def get_status_code(self) -> int:
+            return real.get_status_code()  # type: ignore[union-attr]
+
+    fr.parser = Counting()  # type: ignore[assignment]
+    return fed
+
+
+def test_a_repeated_head_with_its_whole_body_is_not_parsed_again() -> None:
+    """The same response head with as long a body in the same read: llhttp would count the body's
+    bytes to the same end, so it sees the head once; anything else it sees again."""
+    fr = Framer(True, 65536, 128)
+    fed = _counting(fr)
+    head = OK[:-2]
+    data = OK * 3
+    pos = 0
+    for _ in range(3):
+        assert fr.next(data, pos) == HEAD_BODY and fr.head == head and fr.status == 200
+        assert fr.body(framing.LENGTH, 2, data, fr.end) == END and data[fr.end - 2 : fr.end] == b"ok"
+        pos = fr.end
+    assert fed == [head, b"ok"]
+    # The body not all in this read: llhttp sees everything from the head on.
+    assert fr.next(OK[:-1], 0) == HEAD_BODY
+    assert fr.body(framing.LENGTH, 2, OK[:-1], fr.end) == BODY
+    assert fr.next(b"k", 0) == END
+    assert fed[2:] == [head, b"o", b"k"]
+    # An interim response between is the message llhttp saw last: the final head is parsed again,
+    # with its own status, and is the one replayed after it.
+    hint = b"HTTP/1.1 103 Early Hints\r\n\r\n"
+    assert fr.next(OK, 0) == HEAD_BODY and fr.body(framing.LENGTH, 2, OK, fr.end) == END
+    n = len(fed)
+    assert fr.next(hint + OK, 0) == HEAD and fr.status == 103
+    assert fr.next(hint + OK, fr.end) == HEAD_BODY and fr.status == 200 and fr.head == head
+    assert fr.body(framing.LENGTH, 2, hint + OK, fr.end) == END and fed[n:] == [hint, head, b"ok"]
+    assert fr.next(OK, 0) == HEAD_BODY and fr.status == 200 and fr.body(framing.LENGTH, 2, OK, fr.end) == END
+    assert len(fed) == n + 3
+
+
+def test_a_repeated_head_framed_otherwise_is_parsed_after_all() -> None:
+    """Should the caller's analysis frame a replayed head otherwise (it cannot, for the same bytes,
+    but nothing here relies on that), llhttp parses the head and the usual agreement check runs."""
+    for mode, length in ((framing.CHUNKED, 0), (framing.NONE, 0), (framing.LENGTH, 3)):
+        fr = Framer(True, 65536, 128)
+        fed = _counting(fr)
+        data = OK + OK + b"x"
+        assert fr.next(data, 0) == HEAD_BODY and fr.body(framing.LENGTH, 2, data, fr.end) == END
+        assert fr.next(data, fr.end) == HEAD_BODY
+        with pytest.raises(FramingError):
+            fr.body(mode, length, data, fr.end)
+        assert fed[2] == OK[:-2]  # the head was given to llhttp before the verdict
+    # After a response to HEAD (no body whatever its fields say), the same head with its body.
+    fr = Framer(True, 65536, 128)
+    assert fr.next(OK, 0) == HEAD_BODY and fr.body(framing.LENGTH, 2, OK, fr.end) == END
+    assert fr.next(OK[:-2], 0) == HEAD_BODY
+    fr.skip_body()
+    assert fr.next(OK, 0) == HEAD_BODY and fr.body(framing.LENGTH, 2, OK, fr.end) == END
+    # A response that closes the connection is never replayed: llhttp refuses what follows.
+    close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    fr = Framer(True, 65536, 128)
+    assert fr.next(close * 2, 0) == HEAD_BODY and fr.body(framing.LENGTH, 2, close * 2, fr.end) == END
+    with pytest.raises(FramingError):
+        fr.next(close * 2, fr.end)
+
+
 def test_responses_without_a_body_whatever_their_fields_say() -> None:
     """RFC 9112 §6.3: 204 and 304 have no body, nor the answer to HEAD; what follows is not body."""
     no_content = b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"
