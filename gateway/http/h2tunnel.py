@@ -79,8 +79,11 @@ class H2Tunnel(asyncio.Protocol):
                 fr.feed(data)
         if s.ended:
             return
-        s.out += data
-        s.pump()  # past STREAM_BUFFER waiting for the client's window, this side stops being read
+        if s.out:
+            s.out += data
+            s.pump()  # past STREAM_BUFFER waiting for the client's window, this side stops being read
+        else:
+            s.send_now(data)  # what fits the windows goes at once, the rest waits in ``out``
         s.conn.flush_now()
 
     def eof_received(self) -> bool:

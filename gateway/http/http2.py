@@ -33,13 +33,16 @@ costs no more; a head too large for ``max_request_head_size``: 431 on that strea
 floods end at h2's 64 frames; streams the client resets (CVE-2023-44487, rapid reset) that were
 cancelled in the read that opened them cost no exchange at all, and more than twice the stream limit
 of resets in a second end the connection with GOAWAY ENHANCE_YOUR_CALM, as do more than
-:data:`CONTROL_BUDGET` PING/SETTINGS frames a second; a stream whose response cannot move
+:data:`CONTROL_BUDGET` PING/SETTINGS frames a second, connection WINDOW_UPDATEs beyond one per DATA
+frame sent counted with them (a client giving back window for what it received is never refused);
+a connection WINDOW_UPDATE resumes only the streams its window held back; a stream whose response cannot move
 (``min_body_rate``) is reset; idle connections close after ``client_idle_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
@@ -77,7 +80,8 @@ CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 #: Response bytes held per stream while the client's window is shut, before the sandbox side of
 #: that stream stops being read.
 STREAM_BUFFER: Final = 256 * 1024
-#: PING and SETTINGS frames a client may send per second (each costs an acknowledgement).
+#: PING and SETTINGS frames a client may send per second (each costs an acknowledgement), with the
+#: connection WINDOW_UPDATEs that give back no DATA frame the gateway sent.
 CONTROL_BUDGET: Final = 1000
 #: GOAWAY's last-stream-ID when it only announces a drain (RFC 9113 §6.8).
 _MAX_STREAM_ID: Final = 2**31 - 1
@@ -91,6 +95,7 @@ class H2Stream:
     protocol = H2
 
     __slots__ = (
+        "blocked",
         "bytes_mark",
         "chunked",
         "conn",
@@ -127,6 +132,7 @@ class H2Stream:
         self.paused = 0  # flow.py reason bits: request DATA is not acknowledged while any holds
         self.unacked = 0  # request DATA bytes received and not yet acknowledged
         self.holding = False  # the sandbox side is paused because ``out`` is full
+        self.blocked = False  # in conn.blocked: ``out`` waits for the connection's window
         self.touched = False  # got request DATA in the current read
         self.chunked = False  # the request body goes to the sandbox in chunked coding
         self.tunnel: H2Tunnel | None = None  # an extended CONNECT that became a tunnel (h2tunnel.py)
@@ -203,9 +209,39 @@ class H2Stream:
     def send_body(self, x: Exchange, pieces: list[bytes]) -> None:
         if self.ended:
             return
-        self._queue(pieces)
-        self.pump()
+        if self.out:  # bytes already wait for the window: these go after them
+            self._queue(pieces)
+            self.pump()
+        else:
+            self.send_now(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         self.conn.flush_now()
+
+    def send_now(self, data: bytes) -> None:
+        """Response bytes when none wait (``out`` empty): as DATA frames straight from ``data``, as
+        far as the client's windows allow (never past them: RFC 9113 §6.9), the rest into ``out``
+        for :meth:`pump` (not copied through the stream's buffer first, as send_last does)."""
+        conn = self.conn
+        h = conn.h2
+        sid = self.sid
+        n = len(data)
+        window = h.local_flow_control_window(sid)
+        frame = h.max_outbound_frame_size
+        if data.__class__ is not bytes:
+            data = bytes(data)
+        if n <= window and n <= frame:  # the common case: one frame
+            if n:
+                h.send_data(sid, data)
+                self.sent += n
+            return
+        pos = 0
+        end = min(n, window)
+        while pos < end:
+            size = min(frame, end - pos)
+            h.send_data(sid, data[pos : pos + size])
+            pos += size
+        self.sent += pos
+        self.out += data[pos:] if pos else data
+        self.pump()  # (nothing more fits: registers the wait, holds the sandbox side past STREAM_BUFFER)
 
     def send_last(self, x: Exchange, pieces: list[bytes]) -> None:
         if self.ended:
@@ -278,6 +314,11 @@ class H2Stream:
         while out:
             window = h.local_flow_control_window(sid)
             if window <= 0:
+                if not self.blocked and h.outbound_flow_control_window <= 0:
+                    # the connection's window is the one shut: resumed by the connection's
+                    # WINDOW_UPDATE (H2Connection._connection_window), with the others it holds
+                    self.blocked = True
+                    conn.blocked.append(self)
                 break
             size = min(window, h.max_outbound_frame_size, len(out))
             if size == len(out):
@@ -313,6 +354,12 @@ class H2Stream:
         if self.ended:
             self._finish()
 
+    def unblock(self) -> None:
+        """No longer waiting for the connection's window (the stream ended)."""
+        if self.blocked:
+            self.blocked = False
+            self.conn.blocked.remove(self)  # (at most the connection's streams long)
+
     def acknowledge(self) -> None:
         """Give the client back the window of the request bytes passed on (WINDOW_UPDATE)."""
         n = self.unacked
@@ -324,6 +371,7 @@ class H2Stream:
         if not self.ended:
             self.ended = True
             self.out.clear()
+            self.unblock()
             try:
                 self.conn.h2.reset_stream(self.sid, code)
             except h2.exceptions.StreamClosedError:
@@ -342,6 +390,7 @@ class H2Stream:
         conn = self.conn
         if conn.streams.pop(self.sid, None) is None:
             return
+        self.unblock()
         conn.h2.forget(self.sid)
         if not self.remote_ended and not (self.tunnel is not None and self.tunnel.away):
             # (A WebSocket the drain closed: the client ends its side after its Close frame.)
@@ -359,9 +408,11 @@ class H2Connection(asyncio.Protocol):
 
     __slots__ = (
         "accepted",
+        "blocked",
         "closing",
         "conn_unacked",
         "control",
+        "credited",
         "ctx",
         "flush_queued",
         "goaway",
@@ -411,6 +462,8 @@ class H2Connection(asyncio.Protocol):
         )
         self.streams: dict[int, H2Stream] = {}
         self.touched: list[H2Stream] = []
+        self.blocked: collections.deque[H2Stream] = collections.deque()  # waiting for the connection's window
+        self.credited = 0  # connection WINDOW_UPDATEs taken as giving back window for DATA sent
         self.heads: dict[tuple[bytes, bool], Any] = {}  # response heads mapped (per connection: HPACK is)
         self.requests: dict[tuple[int, bool], tuple[Any, h2map.Mapped | str, RequestHead | Reason | None]] = {}
         self.in_feed = False
@@ -525,6 +578,7 @@ class H2Connection(asyncio.Protocol):
         """The connection is over (or h2 can send nothing more on it): every stream ends here."""
         streams = list(self.streams.values())
         self.streams.clear()
+        self.blocked.clear()
         for s in streams:
             s.ended = s.remote_ended = True
             if s.tunnel is not None:
@@ -569,7 +623,10 @@ class H2Connection(asyncio.Protocol):
             elif t is h2.events.StreamEnded:
                 self._ended(ev.stream_id)  # type: ignore[attr-defined]
             elif t is h2.events.WindowUpdated:
-                self._window(ev.stream_id)  # type: ignore[attr-defined]
+                if ev.stream_id:  # type: ignore[attr-defined]
+                    self._stream_window(ev.stream_id)  # type: ignore[attr-defined]
+                else:
+                    self._connection_window()
             elif t is h2.events.StreamReset:
                 self._reset_by_client(ev.stream_id)  # type: ignore[attr-defined]
             elif t is h2.events.TrailersReceived:
@@ -577,7 +634,7 @@ class H2Connection(asyncio.Protocol):
             elif t is h2.events.RemoteSettingsChanged:
                 self._control()
                 if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:  # type: ignore[attr-defined]
-                    self._window(0)
+                    self._every_window()
             elif t is h2.events.PingReceived:
                 self._control()
             elif t is h2.events.PingAckReceived:
@@ -722,21 +779,50 @@ class H2Connection(asyncio.Protocol):
             s.touched = True
             self.touched.append(s)
 
-    def _window(self, sid: int) -> None:
-        if sid:
-            s = self.streams.get(sid)
-            if s is not None and (s.out or s.end_pending):
-                s.pump()
+    def _stream_window(self, sid: int) -> None:
+        s = self.streams.get(sid)
+        if s is not None and (s.out or s.end_pending):
+            s.pump()
+            self.flush_later()
+
+    def _connection_window(self) -> None:
+        """A WINDOW_UPDATE for the connection (stream 0): the streams waiting for the connection's
+        window send, in the order they began to wait, until it is spent again; the others are not
+        looked at (a stream whose own window is shut waits for its own WINDOW_UPDATE).
+
+        A client gives back window for DATA it received, at most one WINDOW_UPDATE per DATA frame
+        (h2, nghttp2, browsers: fewer, a window's quarter or half at a time): those are free, however
+        fast a gigabyte comes. Any more (a flood of 1-byte updates for nothing received) count as
+        control frames, as PING and SETTINGS do (:meth:`_control`: GOAWAY ENHANCE_YOUR_CALM past
+        :data:`CONTROL_BUDGET` a second)."""
+        h = self.h2
+        if self.credited < h.data_frames:
+            self.credited += 1
         else:
-            for s in list(self.streams.values()):
-                if s.out:
-                    s.pump()
+            self._control()
+            if self.closing:
+                return
+        blocked = self.blocked
+        if blocked:
+            while blocked and h.outbound_flow_control_window > 0:
+                s = blocked.popleft()
+                s.blocked = False
+                s.pump()
+            self.flush_later()
+
+    def _every_window(self) -> None:
+        """SETTINGS_INITIAL_WINDOW_SIZE changed every stream's window (RFC 9113 §6.9.2); SETTINGS
+        frames count against the control budget."""
+        for s in list(self.streams.values()):
+            if s.out:
+                s.pump()
         self.flush_later()
 
     def _reset_by_client(self, sid: int) -> None:
         s = self.streams.pop(sid, None)
         if s is None:
             return
+        s.unblock()
         s.ended = s.remote_ended = True
         if s.tunnel is not None:
             s.tunnel.client_gone()

@@ -176,6 +176,28 @@ async def test_settings_and_ping_floods_end_the_connection(start_gateway: Any, c
         await still_serves(gw.port, host)
 
 
+async def test_connection_window_update_flood_ends_in_enhance_your_calm(start_gateway: Any, catalog: Catalog) -> None:
+    """WINDOW_UPDATE frames for the connection (stream 0) that give back no DATA the gateway sent
+    (1 byte each, thousands in one write) count as control frames: GOAWAY ENHANCE_YOUR_CALM, as a
+    PING flood. The same after a response: the DATA frames it took buy that many updates, no more."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("wuf", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "wuf")
+        flood = b"".join(WindowUpdateFrame(0, window_increment=1).serialize() for _ in range(5000))
+        c = await H2Client.connect(gw.port)
+        c.send_raw(flood)
+        assert await c.closed()
+        assert error_codes(c) == [CALM]
+        c = await H2Client.connect(gw.port)
+        r = await c.request(host, "/first")
+        assert r.status == 200 and r.reset is None  # (its DATA frame, acknowledged by h2's client or not)
+        c.send_raw(flood)
+        assert await c.closed()
+        assert error_codes(c) == [CALM]
+        await still_serves(gw.port, host)
+
+
 async def test_zero_window_stall_ends_the_stream_not_the_connection(start_gateway: Any, catalog: Catalog) -> None:
     """A client that lets a response fill its window and never reopens it: after min_body_rate's
     window the stream is reset and its sandbox connection closed; the connection serves on."""

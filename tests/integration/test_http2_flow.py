@@ -5,12 +5,16 @@ that stops reading one stream holds back only that stream's sandbox."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
+import h2.events
 from h2.settings import SettingCodes
+from hyperframe.frame import WindowUpdateFrame
 
 from gateway.http import flow
 from gateway.http.http2 import STREAM_WINDOW, H2Connection
+from tests import needs
 from tests.conftest import WAIT, Catalog
 from tests.h2client import H2Client
 from tests.helpers import RawUpstream, UpstreamConn, echo_handler, response, rss_kib, until_sandbox_blocked
@@ -169,4 +173,155 @@ async def test_a_client_that_stops_reading_one_stream_blocks_only_that_sandbox(
             assert r2.status == 200 and r2.reset is None and len(r2.body) == 10 << 20
         assert c.responses[sid].status == 200 and not c.responses[sid].ended.is_set()
         assert written < 64 << 20  # the stuck sandbox was held back, not read into memory
+        c.close()
+
+
+def patterned(n_blocks: int, block: int = 1 << 20) -> bytes:
+    """A body whose every ``block`` bytes differ (block numbers): bytes lost, repeated or reordered show."""
+    return b"".join((b"%07d|" % i) * (block // 8) for i in range(n_blocks))
+
+
+def serves(bodies: dict[bytes, bytes]) -> Any:
+    """A sandbox app answering ``GET /name`` with ``bodies[name]`` (Content-Length), in writes of 64 KiB."""
+
+    async def handler(c: UpstreamConn) -> None:
+        while True:
+            head, _ = await c.read_request()
+            body = bodies[head.split(b" ", 2)[1].lstrip(b"/")]
+            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+            view = memoryview(body)
+            for i in range(0, len(body), 1 << 16):
+                c.writer.write(view[i : i + (1 << 16)])
+                await c.writer.drain()
+
+    return handler
+
+
+async def test_curl_downloads_256_mib_over_one_stream(start_gateway: Any, catalog: Catalog, tmp_path: Any) -> None:
+    """A real client (curl, nghttp2) giving back the connection's window as it reads: the download
+    completes byte for byte, its WINDOW_UPDATEs never taken for a flood."""
+    curl = needs.tool("curl", "apt-get install curl")
+    body = patterned(256)
+    async with RawUpstream(serves({b"big": body})) as up:
+        catalog.put("curlbig", host="127.0.0.1")
+        gw = await start_gateway()
+        out = tmp_path / "big"
+        proc = await asyncio.create_subprocess_exec(
+            curl, "-sS", "--http2-prior-knowledge", "-o", str(out), "-w", "%{http_version} %{http_code}",
+            "-H", f"Host: {gw.host(up.port, 'curlbig')}", f"http://127.0.0.1:{gw.port}/big",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(240):
+            stdout, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr
+        assert stdout == b"2 200"
+        got = out.read_bytes()
+        assert len(got) == len(body) and hashlib.sha256(got).digest() == hashlib.sha256(body).digest()
+
+
+async def test_a_window_update_per_data_frame_is_never_a_flood(start_gateway: Any, catalog: Catalog) -> None:
+    """The chattiest legitimate client: one connection WINDOW_UPDATE per DATA frame it received, all
+    4,096+ of a 64 MiB download in one write (it acknowledged late: its window was large enough).
+    Far past the control budget in a second, and each gives back DATA the gateway sent: the
+    connection goes on."""
+    body = patterned(64)
+    big = {SettingCodes.INITIAL_WINDOW_SIZE: 1 << 27}  # (the connection's opened as far by H2Client)
+    async with RawUpstream(serves({b"big": body, b"small": b"ok"})) as up:
+        catalog.put("wupf", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "wupf")
+        c = await H2Client.connect(gw.port, auto_ack=False, settings=big)
+        sid = c.start(host, "/big")
+        r = await c.response(sid, timeout=120)
+        assert r.status == 200 and r.reset is None and bytes(r.body) == body
+        sizes = [e.flow_controlled_length for e in c.events if isinstance(e, h2.events.DataReceived)]
+        assert len(sizes) >= 4096
+        c.send_raw(b"".join(WindowUpdateFrame(0, window_increment=n).serialize() for n in sizes if n))
+        r = await c.request(host, "/small")
+        assert r.status == 200 and bytes(r.body) == b"ok"
+        assert not c.goaways and c.goaway is None and not c.lost.is_set()
+        c.close()
+
+
+async def test_a_slow_and_a_fast_stream_interleave(start_gateway: Any, catalog: Catalog) -> None:
+    """Two downloads on one connection: one whose window the client opens a few odd-sized bytes at a
+    time, one read as fast as it comes. The fast one is not held back by the slow one, which resumes
+    each time its window opens; both arrive byte for byte (what is sent straight and what waited for
+    the window, in order, never past a window: h2 on either side would fail the connection)."""
+    slow_body, fast_body = patterned(32, 1 << 16), patterned(32)
+    async with RawUpstream(serves({b"slow": slow_body, b"fast": fast_body})) as up:
+        catalog.put("sf2", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "sf2")
+        c = await H2Client.connect(gw.port)
+        slow = c.start(host, "/slow")
+        c.hold.add(slow)  # its window is opened below, by hand (the connection's as data comes)
+        rs = c.responses[slow]
+        async with asyncio.timeout(WAIT):
+            await rs.head.wait()
+        fast = c.start(host, "/fast")
+        rf = c.responses[fast]
+        given = 0
+        async with asyncio.timeout(120):
+            while not rf.ended.is_set():  # the slow stream gets 7,001 bytes of window per fast read
+                rf.data.clear()
+                await asyncio.wait([asyncio.ensure_future(rf.data.wait()), asyncio.ensure_future(rf.ended.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                if given < len(slow_body) // 2:  # (half of it at most, however many reads)
+                    c.conn.increment_flow_control_window(7001, slow)
+                    c.flush()
+                    given += 7001
+        assert rf.status == 200 and rf.reset is None and bytes(rf.body) == fast_body
+        assert not rs.ended.is_set() and 0 < len(rs.body) < len(slow_body)  # still slow
+        async with asyncio.timeout(120):
+            while not rs.ended.is_set():  # then the rest of it, a window of 5,000 bytes at a time
+                rs.data.clear()
+                c.conn.increment_flow_control_window(5000, slow)
+                c.flush()
+                await asyncio.wait([asyncio.ensure_future(rs.data.wait()), asyncio.ensure_future(rs.ended.wait())],
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        assert rs.status == 200 and rs.reset is None and bytes(rs.body) == slow_body
+        assert not c.goaways and c.goaway is None
+        c.close()
+
+
+async def test_only_streams_waiting_for_the_connection_window_are_resumed(start_gateway: Any, catalog: Catalog) -> None:
+    """The streams a connection WINDOW_UPDATE resumes are those the connection's window holds back,
+    in the order they began to wait; a stream waiting for its own window is not among them."""
+    body = patterned(2)  # 2 MiB each
+    async with RawUpstream(serves({b"a": body, b"b": body, b"c": body})) as up:
+        catalog.put("cw", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "cw")
+        # Windows of 1 MiB (each stream's, the connection's), not given back.
+        c = await H2Client.connect(gw.port, auto_ack=False, settings={SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        sids = [c.start(host, "/" + n) for n in "abc"]
+        (conn,) = [x for x in gw.gateway.ctx.connections if isinstance(x, H2Connection)]
+        async with asyncio.timeout(WAIT):  # all three wait for the connection's window, which was spent
+            while len(conn.blocked) < 3 or sum(len(c.responses[s].body) for s in sids) < 1 << 20:
+                await asyncio.sleep(0.01)
+        assert sorted(s.sid for s in conn.blocked) == sids
+        assert sum(len(c.responses[s].body) for s in sids) == 1 << 20
+        c.conn.increment_flow_control_window(3 * len(body))
+        for sid in sids:
+            c.conn.increment_flow_control_window(len(body), sid)
+        c.flush()
+        for sid in sids:
+            r = await c.response(sid)
+            assert r.status == 200 and bytes(r.body) == body
+        assert not conn.blocked
+        # Now the stream's own window is the one shut (65,535), the connection's wide open.
+        c.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+        c.conn.increment_flow_control_window(1 << 30)
+        c.flush()
+        sid = c.start(host, "/a")
+        async with asyncio.timeout(WAIT):
+            while len(c.responses[sid].body) < 65535:
+                c.changed.clear()
+                await c.changed.wait()
+        assert conn.streams[sid].out and not conn.blocked  # waits for its own window only
+        c.conn.increment_flow_control_window(len(body), sid)
+        c.flush()
+        r = await c.response(sid)
+        assert bytes(r.body) == body
         c.close()
