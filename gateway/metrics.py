@@ -55,7 +55,7 @@ Snapshot = dict[str, Any]
 _GAUGES = ("downstream_connections", "upstream_connections", "tunnels", "pool_idle", "cached_records",
            "http2_connections", "http2_streams")  # fmt: skip
 _COUNTERS = ("cache_hits", "cache_misses", "cache_stale", "redis_errors", "bytes_in", "bytes_out", "tunnels_total",
-             "worker_restarts", "worker_stalls")  # fmt: skip
+             "worker_restarts", "worker_stalls", "trailers_dropped")  # fmt: skip
 
 
 class Histogram:
@@ -78,7 +78,7 @@ class Metrics:
 
     __slots__ = (
         "bytes_in", "bytes_out", "connect", "duration", "h2_requests", "h2_sandbox_status", "loop_lag", "requests",
-        "sandbox_status", "tunnels_total",
+        "sandbox_status", "trailers_dropped", "tunnels_total",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -95,6 +95,9 @@ class Metrics:
         self.bytes_in = 0  # from clients (request heads and bodies, tunnel bytes)
         self.bytes_out = 0  # from sandboxes (responses, tunnel bytes), relayed to clients
         self.tunnels_total = 0
+        #: HTTP/2 request trailer sections with fields, not forwarded: the request had content-length
+        #: (its HTTP/1.1 body is framed by Content-Length, after which a trailer section cannot follow)
+        self.trailers_dropped = 0
 
     def snapshot(self, gauges: dict[str, float], counters: dict[str, float]) -> Snapshot:
         """Everything as JSON-able data; ``gauges``/``counters`` come from the rest of the worker."""
@@ -109,6 +112,7 @@ class Metrics:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "tunnels_total": self.tunnels_total,
+            "trailers_dropped": self.trailers_dropped,
             **counters,
             **gauges,
         }
@@ -203,6 +207,9 @@ class _Collector(Collector):
         b.add_metric(["out"], s.get("bytes_out", 0))
         yield b
         yield c("gateway_tunnels_finished", "Tunnels that have ended", s.get("tunnels_total", 0))
+        yield c("gateway_request_trailers_dropped", "HTTP/2 request trailers not forwarded: the request had "
+                "content-length, and its HTTP/1.1 body framed by Content-Length cannot carry them",
+                s.get("trailers_dropped", 0))  # fmt: skip
         yield c("gateway_worker_restarts", "Workers the supervisor restarted after they died",
                 s.get("worker_restarts", 0))  # fmt: skip
         yield c("gateway_worker_stalls", "Workers killed and replaced because their event loop stopped turning "

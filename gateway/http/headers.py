@@ -10,6 +10,16 @@ Requests (client to sandbox):
   connection that carried a trailer field is then never reused (proxy.py), because a server that
   carried trailer fields into its next request (aiohttp did) would hand one client's ``Cookie`` to
   another client's request.
+- HTTP/2 request trailers (trailing HEADERS) are forwarded as the chunked body's trailer section
+  when the request has no ``content-length`` (h2map.py frames it chunked). A request that has
+  ``content-length`` is forwarded with it (the sandbox gets the length the client declared), and
+  then its trailers are dropped: a Content-Length body ends at its last byte, no trailer section can
+  follow (RFC 9112 §6), and the head has gone before the trailers come. RFC 9110 §6.5.1 expects
+  this of intermediaries between versions ("in most cases, the trailers are simply discarded");
+  nginx does the same. Each drop is logged at info (the field names) and counted
+  (``gateway_request_trailers_dropped_total``). Re-framing such requests as chunked instead would
+  take the declared length from every one of them (``te: trailers`` does not announce request
+  trailers: RFC 9110 §10.1.4, it accepts response ones), for a case clients hardly produce.
 - Of the Upgrade's protocols those in ``upgrade_protocols`` are offered, with ``Connection:
   upgrade`` (RFC 9110 §7.8); none left, the request proceeds as plain HTTP (no h2c). A 101 must
   name one of them (:func:`upgrade_accepted`).

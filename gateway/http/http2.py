@@ -749,11 +749,21 @@ class H2Connection(asyncio.Protocol):
             s.x.abort()
             s._reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
-        if s.chunked:  # else the body has a Content-Length: HTTP/1.1 cannot carry trailers after it
+        if s.chunked:
             s.x.on_request_framing(b"0\r\n" + section)
             s.chunked = False
             if len(section) > 2:  # a field, not only the empty line
                 s.x.on_request_trailers()
+        elif ev.headers:
+            # The request had content-length: its HTTP/1.1 body is framed by Content-Length, after
+            # which no trailer section can follow (RFC 9112 §6), and the head went before the
+            # trailers came. Dropped, as the header policy says (headers.py), logged and counted.
+            self.ctx.metrics.trailers_dropped += 1
+            log.info(
+                "HTTP/2 request trailers from %s not forwarded (the request has content-length): %s",
+                self.peer.ip,
+                ", ".join(n.decode("latin-1") for n, _ in ev.headers[:16]),
+            )
 
     def _ended(self, sid: int) -> None:
         s = self.streams.get(sid)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import h2.errors
 import h2.events
+import pytest
 
 from tests import needs
 from tests.conftest import WAIT, Catalog, RunningGateway
@@ -264,6 +266,45 @@ async def test_trailers_both_ways(start_gateway: Any, catalog: Catalog) -> None:
         req = got[0]
         assert b"\r\ntransfer-encoding: chunked\r\n" in req
         assert req.endswith(b"\r\n\r\n5\r\npart1\r\n6\r\npart22\r\n0\r\nx-req-trailer: v\r\n\r\n")
+        c.close()
+
+
+async def test_trailers_after_a_content_length_body_are_dropped_logged_and_counted(
+    start_gateway: Any, catalog: Catalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request with content-length goes to the sandbox with that length (as declared), and its
+    trailing HEADERS, which a Content-Length body cannot carry, are dropped as the header policy
+    documents: logged at info (names, not values) and counted; the sandbox connection stays clean
+    for the next request."""
+    got: list[bytes] = []
+
+    async def handler(c: UpstreamConn) -> None:
+        while True:
+            head, body = await c.read_request()
+            got.append(head + body)
+            c.send(response(200, b"ok"))
+
+    async with RawUpstream(handler) as up:
+        catalog.put("trcl", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "trcl")
+        c = await H2Client.connect(gw.port)
+        with caplog.at_level(logging.INFO, logger="gateway.http2"):
+            sid = c.start(host, "/t", method="POST", headers=[("content-length", "11")], body=b"hello", end=False)
+            c.send_body(sid, b" world")
+            c.conn.send_headers(sid, [(b"x-checksum", b"secret-value")], end_stream=True)
+            c.flush()
+            r = await c.response(sid)
+        assert r.status == 200 and r.reset is None
+        assert b"\r\ncontent-length: 11\r\n" in got[0] and got[0].endswith(b"\r\n\r\nhello world")
+        assert b"x-checksum" not in got[0] and b"transfer-encoding" not in got[0]
+        dropped = [m.getMessage() for m in caplog.records if "trailers" in m.getMessage()]
+        assert len(dropped) == 1 and "x-checksum" in dropped[0] and "secret-value" not in dropped[0]
+        text = await scrape(gw.admin_port)
+        assert value(text, "gateway_request_trailers_dropped_total") == 1
+        r = await c.request(host, "/next")  # the same pooled sandbox connection: nothing carried over
+        assert r.status == 200 and len(up.conns) == 1
+        assert got[1].startswith(b"GET /next HTTP/1.1\r\n") and b"x-checksum" not in got[1]
         c.close()
 
 
