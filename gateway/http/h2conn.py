@@ -110,7 +110,14 @@ class RememberingDecoder:
         # its value, tells whether one happened: a full table's re-insertion of an equal entry evicts
         # the oldest and keeps length, size and the first entry's value.
         size, first, maxsize = len(entries), entries[0] if entries else None, t.maxsize
-        out: list[Any] = self.d.decode(data, raw=raw)  # type: ignore[assignment]  # a list, typed Iterable
+        try:
+            out: list[Any] = self.d.decode(data, raw=raw)  # type: ignore[assignment]  # a list, typed Iterable
+        except Exception:
+            # A block that fails may have changed the table before it failed (an insertion or a size
+            # update, then a bad index): what was remembered may mean something else now. (h2 ends
+            # the connection on a decoding error; a caller that goes on must not get stale lists.)
+            memo.clear()
+            raise
         if len(entries) != size or (entries[0] if entries else None) is not first or t.maxsize != maxsize:
             memo.clear()  # the table changed: what was remembered may mean something else now
         elif len(data) <= 4096:  # requests that repeat are small: a big block is not kept
