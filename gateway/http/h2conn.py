@@ -209,7 +209,6 @@ class ServerConnection(h2.connection.H2Connection):
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
-        self.data_frames = 0  # DATA frames sent (http2.py: a client's WINDOW_UPDATEs for them are free)
         self.encoder = RememberingEncoder()  # type: ignore[assignment]  # (send_headers needs its encode_with)
         # The frames of responses, reused stream after stream (hyperframe's frames are plain objects:
         # set the stream and the payload, serialise): building a frame and its flags costs more than
@@ -331,7 +330,6 @@ class ServerConnection(h2.connection.H2Connection):
     def send_data(self, stream_id: int, data: Any, end_stream: bool = False, pad_length: Any = None) -> None:
         """h2 4.4's without padding (anything else goes to h2's) and its no-op log calls."""
         stream = self.streams.get(stream_id)
-        self.data_frames += 1
         if stream is None or pad_length is not None or data.__class__ is not bytes:
             super().send_data(stream_id, data, end_stream, pad_length)
             return

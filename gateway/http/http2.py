@@ -232,6 +232,7 @@ class H2Stream:
             if n:
                 h.send_data(sid, data)
                 self.sent += n
+                conn.data_frames += 1
             return
         pos = 0
         end = min(n, window)
@@ -239,6 +240,7 @@ class H2Stream:
             size = min(frame, end - pos)
             h.send_data(sid, data[pos : pos + size])
             pos += size
+            conn.data_frames += 1
         self.sent += pos
         self.out += data[pos:] if pos else data
         self.pump()  # (nothing more fits: registers the wait, holds the sandbox side past STREAM_BUFFER)
@@ -251,13 +253,14 @@ class H2Stream:
             self.trailers = h2map.fields_of(x.trailers)
         elif not self.out and not self.holding:  # the common case: all of the rest in one DATA frame
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-            h = self.conn.h2
+            conn = self.conn
+            h = conn.h2
             n = len(data)
             if n <= h.max_outbound_frame_size and (not n or n <= h.local_flow_control_window(self.sid)):
                 h.send_data(self.sid, data if data.__class__ is bytes else bytes(data), end_stream=True)
-                self.sent += n
+                self.sent += n  # (its one frame is credited as its stream: H2Connection._connection_window)
                 self.end_pending = self.ended = True
-                self.conn.flush_later()
+                conn.flush_later()
                 self._finish()
                 return
         if pieces:
@@ -330,6 +333,7 @@ class H2Stream:
             last = self.end_pending and not out and self.trailers is None
             h.send_data(sid, data, end_stream=last)
             self.sent += size
+            conn.data_frames += 1
             if last:
                 self.ended = True
         if not out and self.end_pending and not self.ended:
@@ -390,7 +394,8 @@ class H2Stream:
         conn = self.conn
         if conn.streams.pop(self.sid, None) is None:
             return
-        self.unblock()
+        if self.blocked:
+            self.unblock()
         conn.h2.forget(self.sid)
         if not self.remote_ended and not (self.tunnel is not None and self.tunnel.away):
             # (A WebSocket the drain closed: the client ends its side after its Close frame.)
@@ -414,6 +419,7 @@ class H2Connection(asyncio.Protocol):
         "control",
         "credited",
         "ctx",
+        "data_frames",
         "flush_queued",
         "goaway",
         "goaway_at",
@@ -464,6 +470,7 @@ class H2Connection(asyncio.Protocol):
         self.touched: list[H2Stream] = []
         self.blocked: collections.deque[H2Stream] = collections.deque()  # waiting for the connection's window
         self.credited = 0  # connection WINDOW_UPDATEs taken as giving back window for DATA sent
+        self.data_frames = 0  # DATA frames sent but send_last's one-frame responses (counted in ``opened``)
         self.heads: dict[tuple[bytes, bool], Any] = {}  # response heads mapped (per connection: HPACK is)
         self.requests: dict[tuple[int, bool], tuple[Any, h2map.Mapped | str, RequestHead | Reason | None]] = {}
         self.in_feed = False
@@ -804,9 +811,11 @@ class H2Connection(asyncio.Protocol):
         (h2, nghttp2, browsers: fewer, a window's quarter or half at a time): those are free, however
         fast a gigabyte comes. Any more (a flood of 1-byte updates for nothing received) count as
         control frames, as PING and SETTINGS do (:meth:`_control`: GOAWAY ENHANCE_YOUR_CALM past
-        :data:`CONTROL_BUDGET` a second)."""
+        :data:`CONTROL_BUDGET` a second). The frames counted: ``data_frames``, and one per stream
+        opened for the response that fits one frame (H2Stream.send_last), which is thus not counted
+        on the hot path; a stream without DATA adds one free update, for the price of a request."""
         h = self.h2
-        if self.credited < h.data_frames:
+        if self.credited < self.opened + self.data_frames:
             self.credited += 1
         else:
             self._control()
