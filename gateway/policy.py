@@ -11,7 +11,7 @@
   http/admission.py).
 - The gateway never connects to its own listeners (data and admin): a record whose address is
   this machine, at one of their ports, would let a sandbox URL reach the admin app's ``/metrics``
-  or loop requests through the gateway (:func:`reaches_own_listener`, checked on every new
+  or loop requests through the gateway (:class:`OwnListeners`, parsed once, checked on every new
   connection, for any address a record may name: a name, ``0.0.0.0``, an address of this machine).
 - Direct mode (``node_port = 0``) connects to ``{address}:{port from the host label}``. Node mode
   connects every request for a sandbox to ``{address}:{node_port}`` with the Host unchanged, so a
@@ -31,7 +31,7 @@ from gateway.catalog.record import PAUSED, RUNNING, SandboxRecord
 from gateway.errors import Reason
 from gateway.hostname import Route
 
-__all__ = ["Endpoint", "Forward", "PoolKey", "check_token", "decide", "pool_key", "reaches_own_listener"]
+__all__ = ["Endpoint", "Forward", "OwnListeners", "PoolKey", "check_token", "decide", "pool_key"]
 
 #: Upstream connections are pooled per (address, port, execution_id): a sandbox that is replaced at
 #: the same address never receives a connection kept alive for its predecessor. A string, because
@@ -107,32 +107,56 @@ def _ip(text: str) -> _IP | None:
     return a
 
 
-def reaches_own_listener(peer: Endpoint, local: str, listeners: Collection[Endpoint]) -> bool:
-    """Whether a connection made from address ``local`` to ``peer`` reached one of ``listeners``
-    (the gateway's own, as bound: an address, or ``0.0.0.0``/``::`` for every address of this
-    machine in that family).
+@dataclass(frozen=True, slots=True)
+class OwnListeners:
+    """The gateway's own listeners (data and admin, as bound), parsed once (:meth:`parse`, at start
+    in server.py): checking a new upstream connection then costs a set lookup or two, not a parse
+    of every listener address.
 
-    ``peer`` is where the kernel connected (a name resolved, ``0.0.0.0`` already turned into
-    ``127.0.0.1``). An address is this machine's when it is loopback or unspecified, or when it is
-    the connection's own source address: for a destination on this machine the kernel routes
-    through its local table, whose source address is the destination itself (``ip route get``).
+    A listener is an address, or ``0.0.0.0``/``::`` for every address of this machine in that family
+    (``::`` is IPv6 only: the listeners are bound with IPV6_V6ONLY). IPv4-mapped IPv6 addresses
+    (``::ffff:a.b.c.d``) are the IPv4 address they map, on either side; an IPv6 zone (``%eth0``) is
+    not part of the address. A listener address that is not an IP never matches.
     """
-    ip = _ip(peer[0])
-    if ip is None:
-        return False
-    port = peer[1]
-    mine: bool | None = None
-    for host, lport in listeners:
-        if lport != port:
-            continue
-        h = _ip(host)
-        if h is None:
-            continue
-        if h == ip:
+
+    #: (address, port) of the listeners bound to one address.
+    exact: frozenset[tuple[_IP, int]] = frozenset()
+    #: Ports of the listeners bound to every IPv4 (``0.0.0.0``) / IPv6 (``::``) address of the machine.
+    any_v4: frozenset[int] = frozenset()
+    any_v6: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, listeners: Collection[Endpoint]) -> OwnListeners:
+        exact: set[tuple[_IP, int]] = set()
+        any_v4: set[int] = set()
+        any_v6: set[int] = set()
+        for host, port in listeners:
+            h = _ip(host)
+            if h is None:
+                continue
+            if h.is_unspecified:
+                (any_v4 if h.version == 4 else any_v6).add(port)
+            else:
+                exact.add((h, port))
+        return cls(frozenset(exact), frozenset(any_v4), frozenset(any_v6))
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.any_v4 or self.any_v6)
+
+    def reached(self, peer: Endpoint, local: str) -> bool:
+        """Whether a connection made from address ``local`` to ``peer`` reached one of them.
+
+        ``peer`` is where the kernel connected (a name resolved, ``0.0.0.0`` already turned into
+        ``127.0.0.1``). An address is this machine's when it is loopback or unspecified, or when it
+        is the connection's own source address: for a destination on this machine the kernel routes
+        through its local table, whose source address is the destination itself (``ip route get``).
+        """
+        ip = _ip(peer[0])
+        if ip is None:
+            return False
+        port = peer[1]
+        if (ip, port) in self.exact:
             return True
-        if h.is_unspecified and h.version == ip.version:
-            if mine is None:
-                mine = ip.is_loopback or ip.is_unspecified or ip == _ip(local)
-            if mine:
-                return True
-    return False
+        if port not in (self.any_v4 if ip.version == 4 else self.any_v6):
+            return False
+        return ip.is_loopback or ip.is_unspecified or ip == _ip(local)

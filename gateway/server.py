@@ -32,6 +32,7 @@ from gateway.http.http2 import H2Connection
 from gateway.http.resume import Resumer
 from gateway.http.upstream import Pool
 from gateway.metrics import Snapshot, merge, write_snapshot
+from gateway.policy import OwnListeners
 from gateway.supervisor import ADMIN_ADDR_ENV
 from gateway.tls import TlsCertificates
 from gateway.watchdog import Heartbeat
@@ -146,7 +147,7 @@ class Gateway:
         else:  # the supervisor serves the admin app, and says where (its port may have been 0)
             given = [a.rpartition(":") for a in os.environ.get(ADMIN_ADDR_ENV, "").split(",") if a]
             own += [(h, int(p)) for h, _, p in given] or [cfg.admin_addr]
-        self.pool.own = tuple(own)
+        self.pool.own = OwnListeners.parse(own)
         self._tick_handle = loop.call_later(1.0, self._tick)
         self.heartbeat = Heartbeat(ctx.metrics.loop_lag, self.worker_dir)
         self.heartbeat.start()

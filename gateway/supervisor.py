@@ -45,7 +45,7 @@ log = logging.getLogger("gateway.supervisor")
 #: Set in a worker's environment: the directory it reports to (not a setting, hence no GATEWAY_).
 WORKER_DIR_ENV = "_GATEWAY_WORKER_DIR"
 #: Set in a worker's environment: where the supervisor's admin app listens (HOST:PORT,...), so the
-#: worker never connects to it as a sandbox (policy.reaches_own_listener).
+#: worker never connects to it as a sandbox (policy.OwnListeners).
 ADMIN_ADDR_ENV = "_GATEWAY_ADMIN_ADDR"
 #: A worker whose report is older than this counts as not ready.
 STALE_REPORT = 3.0

@@ -441,8 +441,7 @@ class RequestHead:
             return b"".join((raw[:-2], peer.fwd_pre, original, b'"\r\nX-Forwarded-Host: ', original, b"\r\n\r\n"))
         cuts = self.cuts or ()
         if peer.trusted and self.untrusted is not None:
-            kept = self.untrusted
-            cuts = [c for c in cuts if c not in kept]
+            cuts = _keep(cuts, self.untrusted)
         edits = [(a, b, b"") for a, b in cuts]
         if self.http10:
             eol = raw.find(b"\r\n")
@@ -457,6 +456,21 @@ class RequestHead:
         if self.forwarding is None or not peer.trusted:
             return b"".join((raw[:-2], peer.fwd_pre, original, b'"\r\nX-Forwarded-Host: ', original, b"\r\n\r\n"))
         return raw[:-2] + _trusted_forwarding(self.forwarding, peer, original) + b"\r\n"
+
+
+def _keep(cuts: Collection[Span], kept: list[Span]) -> list[Span]:
+    """``cuts`` without the lines of ``kept`` (the untrusted_fields of a trusted peer), in one pass.
+
+    Each kept line leaves ``cuts`` once: a line cut again for another reason (a field the
+    Connection field names is hop-by-hop whoever sent it, RFC 9110 §7.6.1) stays cut."""
+    left = set(kept)
+    out = []
+    for c in cuts:
+        if c in left:
+            left.discard(c)
+        else:
+            out.append(c)
+    return out
 
 
 def _trusted_forwarding(received: list[Field], peer: Peer, host: bytes) -> bytes:

@@ -26,7 +26,7 @@ from gateway.errors import Reason
 from gateway.http import flow, framing
 from gateway.http.framing import BODY, END, HEAD, HEAD_BODY, NEED
 from gateway.http.headers import ResponseHead
-from gateway.policy import Endpoint, PoolKey, reaches_own_listener
+from gateway.policy import OwnListeners, PoolKey
 
 if TYPE_CHECKING:
     from gateway.http.proxy import Exchange
@@ -49,7 +49,7 @@ class SandboxLink(Protocol):
 
 
 class OwnListener(OSError):
-    """The connection reached one of the gateway's own listeners (policy.reaches_own_listener)."""
+    """The connection reached one of the gateway's own listeners (policy.OwnListeners)."""
 
 
 class _Invalid(Exception):
@@ -273,7 +273,7 @@ class Pool:
         self.idle_count = 0
         self.opened = 0
         self.links: dict[str, set[SandboxLink]] = {}  # sandbox ID -> its open upstream connections
-        self.own: tuple[Endpoint, ...] = ()  # the gateway's own listeners (server.py), never connected to
+        self.own = OwnListeners()  # the gateway's own listeners (server.py), never connected to
 
     def link(self, sandbox_id: str, conn: SandboxLink) -> None:
         links = self.links.get(sandbox_id)
@@ -370,7 +370,7 @@ class Pool:
             )
         peer = t.get_extra_info("peername")
         local = t.get_extra_info("sockname")
-        if self.own and peer and local and reaches_own_listener(peer[:2], local[0], self.own):
+        if self.own and peer and local and self.own.reached(peer[:2], local[0]):
             proto.close()
             raise OwnListener(f"{address}:{port} is this gateway's own listener")
         return proto

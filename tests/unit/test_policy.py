@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,7 +11,7 @@ from hypothesis import strategies as st
 from gateway import errors
 from gateway.catalog.record import SandboxRecord
 from gateway.hostname import Route
-from gateway.policy import Forward, check_token, decide, pool_key, reaches_own_listener
+from gateway.policy import Forward, OwnListeners, check_token, decide, pool_key
 
 
 def test_direct_mode_uses_the_label_port() -> None:
@@ -94,4 +96,38 @@ OWN = [("127.0.0.1", 8080), ("0.0.0.0", 8443), ("::", 9000), ("10.0.0.5", 8081),
     ],
 )
 def test_reaches_own_listener(peer: tuple[str, int], local: str, own: bool) -> None:
-    assert reaches_own_listener(peer, local, OWN) is own
+    assert OWN_PARSED.reached(peer, local) is own
+
+
+OWN_PARSED = OwnListeners.parse(OWN)
+ip = ipaddress.ip_address
+
+
+def test_own_listeners_are_parsed_once_into_sets() -> None:
+    """The parsed form: exact addresses as IP objects (IPv4-mapped ones as IPv4, zones dropped),
+    and the ports of the wildcard listeners per family."""
+    parsed = OwnListeners.parse(
+        [*OWN, ("::ffff:10.0.0.6", 8083), ("fe80::1%eth0", 8084), ("not-an-ip", 8085), ("0.0.0.0", 8080)]
+    )
+    assert parsed.exact == {
+        (ip("127.0.0.1"), 8080), (ip("10.0.0.5"), 8081), (ip("::1"), 8082), (ip("10.0.0.6"), 8083),
+        (ip("fe80::1"), 8084),
+    }  # fmt: skip
+    assert parsed.any_v4 == {8443, 8080} and parsed.any_v6 == {9000}
+    assert parsed.reached(("10.0.0.6", 8083), "10.0.0.1")  # mapped at bind, plain at connect
+    assert parsed.reached(("::ffff:10.0.0.5", 8081), "::ffff:10.0.0.1")  # and the other way round
+    assert parsed.reached(("127.0.0.9", 8080), "127.0.0.1")  # the added 0.0.0.0:8080
+    assert not parsed.reached(("10.0.0.9", 8080), "10.0.0.5")
+    assert not OwnListeners() and not OwnListeners.parse([("not-an-ip", 1)]) and parsed
+    with pytest.raises(AttributeError):
+        parsed.exact = frozenset()  # type: ignore[misc]  # frozen
+
+
+def test_own_listeners_cost_set_lookups_however_many_there_are() -> None:
+    """Many listeners: answers are those of a listener-by-listener check (the form before parsing)."""
+    many = [(f"10.1.{i // 250}.{i % 250 + 1}", 20000 + i) for i in range(2000)] + [("::", 30000), ("0.0.0.0", 30001)]
+    parsed = OwnListeners.parse(many)
+    assert len(parsed.exact) == 2000
+    assert parsed.reached(("10.1.7.200", 20000 + 7 * 250 + 199), "10.9.9.9")
+    assert not parsed.reached(("10.1.7.200", 20000 + 7 * 250 + 198), "10.9.9.9")
+    assert parsed.reached(("fd00::1", 30000), "fd00::1") and not parsed.reached(("fd00::1", 30001), "fd00::1")
