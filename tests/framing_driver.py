@@ -188,7 +188,7 @@ def responses(
                         msgs.append((fr.head, b""))
                     else:
                         interim = 0
-                        r = analyze_response(fr.head, status, method == b"HEAD", http10_client, True)
+                        r = analyze_response(fr.head, status, method == b"HEAD", http10_client, True, b"e2b_access")
                         mode, length = r[1], r[3]
                         if ev == HEAD:
                             if mode != framing.NONE and not (mode == framing.LENGTH and not length):

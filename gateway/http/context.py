@@ -56,6 +56,7 @@ class Context:
         "max_per_sandbox",
         "metrics",
         "outbox",
+        "own_cookie",
         "pool",
         "resumer",
         "rid_header",
@@ -85,6 +86,7 @@ class Context:
             [n.encode() for n in config.untrusted_fields],
         )
         self.admission = Admission(config, self.fields, self.router)  # private sandboxes only
+        self.own_cookie = config.access_cookie.encode()  # a sandbox may not set it (headers.py)
         self.metrics = Metrics()
         self.health_path = config.health_path.encode()
         self.access_log: AccessLog | None = None  # set by the server (a worker's own writer)

@@ -430,7 +430,7 @@ class ClientConnection(asyncio.Protocol):
         """The sandbox accepted the Upgrade (its 101 ``head``, then ``rest``, tunnel bytes already
         sent): pass them on and hand both transports to a byte tunnel; ``early`` is what the
         client sent after its Upgrade request."""
-        out = analyze_response(head, 101, False, False, False)[0]
+        out = analyze_response(head, 101, False, False, False, self.ctx.own_cookie)[0]
         if x.rid and self.ctx.rid_in_response.search(head) is None:
             out = b"".join((out[:-2], self.ctx.rid_header, b": ", x.rid, b"\r\n\r\n"))
         x.down_buf.append(out)
@@ -461,7 +461,7 @@ class ClientConnection(asyncio.Protocol):
     def send_interim(self, x: Exchange, head: bytes, status: int) -> None:
         """Not to HTTP/1.0 clients, which do not understand 1xx (RFC 9110 §15.2)."""
         if not x.req.http10:
-            x.down_buf.append(analyze_response(head, status, False, False, True)[0])
+            x.down_buf.append(analyze_response(head, status, False, False, True, self.ctx.own_cookie)[0])
 
     def send_head(self, x: Exchange, up: UpstreamConnection, head: bytes, status: int) -> tuple[int, int]:
         """The final response head: queue it for the client; returns (body framing, length)."""
@@ -474,7 +474,7 @@ class ClientConnection(asyncio.Protocol):
             r = last[2]
             rid_pre = last[3]
         else:
-            r = analyze_response(head, status, head_request, req.http10, keep_alive)
+            r = analyze_response(head, status, head_request, req.http10, keep_alive, self.ctx.own_cookie)
             # The client learns the request ID to quote, unless the sandbox set one itself.
             name = self.ctx.rid_header
             rid_pre = None

@@ -251,7 +251,7 @@ _RELAYING, _WANTED, _SENT = 0, 1, 2  # H2Tunnel.away, as tunnel.py's
 def start(stream: H2Stream, x: Exchange, up: UpstreamConnection, head: bytes, rest: bytes, websocket: bool) -> None:
     """The sandbox answered 101 to the stream's extended CONNECT: answer 200, join the two."""
     ctx = stream.ctx
-    fields = h2map.response_fields(analyze_response(head, 101, False, False, False)[0], tunnel=True)
+    fields = h2map.response_fields(analyze_response(head, 101, False, False, False, ctx.own_cookie)[0], tunnel=True)
     if x.rid and ctx.rid_header and ctx.rid_in_response.search(head) is None:
         fields.append((ctx.rid_header_h2, x.rid))
     t = H2Tunnel(stream, up, x)

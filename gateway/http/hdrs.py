@@ -28,6 +28,7 @@ ORIGIN: Final = b"origin"
 ACCEPT: Final = b"accept"
 USER_AGENT: Final = b"user-agent"
 SEC_FETCH_MODE: Final = b"sec-fetch-mode"
+SET_COOKIE: Final = b"set-cookie"
 
 # Written by the gateway.
 X_GATEWAY_REASON: Final = b"X-Gateway-Reason"

@@ -1,4 +1,5 @@
-"""The header policy: what is forwarded, removed and added (pure: no I/O).
+"""The header policy: what is forwarded, removed and added (pure: no I/O; one info log line when a
+sandbox tries to set the gateway's own cookie).
 
 Heads pass as the peer wrote them, byte for byte (spelling, order, duplicates, whitespace), except:
 
@@ -53,6 +54,18 @@ with the sandbox's codings before ``chunked``. Content-Length and Transfer-Encod
 and 304 responses (RFC 9110 §8.6, RFC 9112 §6.1). The status line's version becomes HTTP/1.1, code
 and reason phrase stay.
 
+A ``Set-Cookie`` field that sets the gateway's own cookie (setting ``access_cookie``) is removed from
+every response head, final, 1xx and 101, over HTTP/1.1 and HTTP/2, and logged at info: a tenant's app
+could otherwise overwrite the visitor's access cookie for its host or plant one (with ``Domain`` set to
+the parent domain, for every sandbox's host: a foreign cookie there is refused 403). The name is
+compared as a browser reads it (RFC 6265 §5.2): the bytes before the first ``=`` of the part before
+the first ``;``, with leading and trailing spaces and tabs removed, case-sensitively (``Name=`` is
+another cookie and passes; without ``=`` a field sets no cookie of that name and passes). Every other
+``Set-Cookie`` passes byte for byte, in order. A trailer section is forwarded as it is: browsers do not
+apply ``Set-Cookie`` from trailer fields (RFC 9110 §6.5.1 lets a recipient process only those it knows
+to be safe, and the Fetch standard processes none). Cost: a response whose head does not hold the
+cookie's name at all (one substring search) is never looked at further.
+
 Framing checks against request smuggling (RFC 9112 §6.1, §6.3): llhttp refuses Content-Length
 with Transfer-Encoding and repeated Content-Length; this module refuses any Transfer-Encoding but
 exactly ``chunked`` (one field: two are one list, RFC 9110 §5.3), Transfer-Encoding in HTTP/1.0, a
@@ -79,6 +92,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 import re
 from collections.abc import Callable, Collection
 from typing import Any
@@ -100,10 +114,13 @@ __all__ = [
     "edit_fields",
     "find_header",
     "first_field",
+    "own_cookie_lines",
     "raw_fields",
     "replace_target",
     "upgrade_accepted",
 ]
+
+log = logging.getLogger("gateway.headers")
 
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 # Fields a Connection header may not remove: honouring "Connection: content-length" would
@@ -615,17 +632,37 @@ def _named_by_connection(raw: bytes, conn: list[bytes], cuts: list[Span]) -> Non
 ResponseHead = tuple[bytes, int, int, int, bool, bool]
 
 
+_SET_COOKIE = _field_line(hdrs.SET_COOKIE)
+
+
+def own_cookie_lines(raw: bytes, cookie: bytes) -> list[Span]:
+    """The spans (CRLF before them included) of the ``Set-Cookie`` lines of a head that set the
+    cookie named ``cookie``, as a browser parses a set-cookie-string (RFC 6265 §5.2): the
+    name-value pair is what precedes the first ``;``; it sets no cookie without ``=``; the name is
+    what precedes the first ``=``, without leading or trailing spaces and tabs; names compare
+    case-sensitively."""
+    spans = []
+    for m in _SET_COOKIE.finditer(raw):
+        name, eq, _ = m.group(2).partition(b";")[0].partition(b"=")
+        if eq and name.strip(b" \t") == cookie:
+            spans.append((m.start(), m.end()))
+    return spans
+
+
 def analyze_response(
     raw: bytes,
     status: int,
     head_request: bool,
     client_http10: bool,
     client_keep_alive: bool,
+    own_cookie: bytes,
 ) -> ResponseHead:
     """Decide framing both ways (RFC 9112 §6.3) and the head the client gets.
 
     ``client_keep_alive`` is what the request allows; the result says whether the client
     connection stays open after this response and whether the upstream one can be reused.
+    ``own_cookie`` is the gateway's cookie name (``access_cookie``; empty: none): a ``Set-Cookie``
+    of that name is removed (:func:`own_cookie_lines`).
     Raises :class:`~gateway.http.framing.FramingError` for a Content-Length that is not one
     ``1*DIGIT`` (llhttp refuses those first), and for a Transfer-Encoding list in which chunked is
     not only the last coding (RFC 9112 §6.1: never applied twice, and last when applied).
@@ -709,6 +746,14 @@ def analyze_response(
         reusable = b"close" not in conn if upstream11 else b"keep-alive" in conn
     if conn is not None and not _CONNECTION_OPTIONS.issuperset(conn):
         _named_by_connection(raw, conn, cuts)
+    if own_cookie and own_cookie in raw:  # the name appears nowhere in almost every head
+        mine = own_cookie_lines(raw, own_cookie)
+        if mine:
+            log.info(
+                "removed %d Set-Cookie field(s) for the gateway's own cookie %r from a sandbox's %d response",
+                len(mine), own_cookie.decode("latin-1"), status,
+            )  # fmt: skip
+            cuts += mine
     if cuts:
         raw = _edit(raw, [(a, b, b"") for a, b in cuts])
     if not upstream11:

@@ -168,7 +168,7 @@ class H2Stream:
 
     def send_interim(self, x: Exchange, head: bytes, status: int) -> None:
         if not self.ended:
-            out = analyze_response(head, status, False, False, True)[0]
+            out = analyze_response(head, status, False, False, True, self.ctx.own_cookie)[0]
             self.conn.h2.send_headers(self.sid, h2map.response_fields(out))
             self.conn.flush_later()
 
@@ -181,7 +181,7 @@ class H2Stream:
         key = (head, head_request)
         got = conn.heads.get(key)
         if got is None:
-            r = analyze_response(head, status, head_request, True, True)
+            r = analyze_response(head, status, head_request, True, True, self.ctx.own_cookie)
             fields = tuple(h2map.response_fields(r[0]))
             ctx = self.ctx
             rid_name = ctx.rid_header_h2 if ctx.rid_header and ctx.rid_in_response.search(head) is None else None

@@ -35,7 +35,15 @@ import time
 
 from gateway.errors import Reason
 from gateway.http import framing, h2map, hdrs
-from gateway.http.headers import FieldRoles, Peer, RequestHead, analyze_request, analyze_response, raw_fields
+from gateway.http.headers import (
+    FieldRoles,
+    Peer,
+    RequestHead,
+    analyze_request,
+    analyze_response,
+    own_cookie_lines,
+    raw_fields,
+)
 from tests import framing_driver as drive
 
 LIMIT = 0.1  #: seconds of CPU per input
@@ -65,6 +73,7 @@ def _check_forwarded_response(out: bytes, status: int) -> None:
     assert names.count(hdrs.TRANSFER_ENCODING) <= 1, "more than one Transfer-Encoding field"
     if status < 200 or status in (204, 304):
         assert hdrs.TRANSFER_ENCODING not in names and hdrs.CONTENT_LENGTH not in names
+    assert not own_cookie_lines(out, b"e2b_access"), "a Set-Cookie of the gateway's cookie passed"
 
 
 class Slow(AssertionError):
@@ -149,7 +158,7 @@ def check(target: str, data: bytes, cpu_limit: float | None = None) -> None:
             assert list(whole.messages[:n]) == ref[:n], "a response the reference does not frame"
         for head, _body in whole.messages:
             status = int(head[9:12])
-            out = analyze_response(head, status, head_request, http10, True)[0]
+            out = analyze_response(head, status, head_request, http10, True, b"e2b_access")[0]
             assert out.endswith(b"\r\n\r\n") and out.count(b"\r\n\r\n") == 1
             _check_forwarded_response(out, status)
     took = time.thread_time() - t0

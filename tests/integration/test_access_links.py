@@ -18,6 +18,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from gateway import access
 from gateway.catalog import CatalogWriter, SandboxRecord, access_link
 from tests.conftest import WAIT, Catalog, RedisServer
+from tests.h2client import H2Client
 from tests.helpers import Client, RawUpstream, Response, echo_handler, request
 from tests.integration.test_operations import client_ctx, make_cert, tls_request
 from tests.integration.test_writer import cli
@@ -283,3 +284,104 @@ async def test_parameter_and_cookie_names_are_settings(start_gateway: Any, catal
         assert cookie.startswith("gw_pass=v1.priv.")
         r = await request(gw.port, host, "/x", headers={"Cookie": f"e2b_access=1; {cookie}"})
         assert r.status == 200 and b"\r\nCookie: e2b_access=1\r\n" in r.body  # another name is the app's
+
+
+# ---- a sandbox may not set the gateway's cookie (headers.py)
+
+#: What a tenant's app answers: the gateway's cookie name in several spellings, among its own.
+PLANTING = (
+    b"Set-Cookie: app=1; Path=/\r\n"
+    b"Set-Cookie: e2b_access=v1.planted.0.9999999999.x; Path=/; Max-Age=99999\r\n"
+    b"Set-Cookie:  e2b_access =v1.spaced; Domain=e2b.test; Path=/\r\n"
+    b"Set-Cookie: E2b_access=other-name\r\n"
+    b"Set-Cookie: e2b_access2=other-name\r\n"
+    b"Set-Cookie: app2=2\r\n"
+)
+KEPT = [b"app=1; Path=/", b"E2b_access=other-name", b"e2b_access2=other-name", b"app2=2"]
+
+
+async def planting_sandbox(c: Any) -> None:
+    """A raw-socket sandbox that tries to set the gateway's cookie on every kind of head."""
+    while True:
+        head, _ = await c.read_request()
+        path = head.split(b" ")[1]
+        if path == b"/page":
+            c.send(b"HTTP/1.1 200 OK\r\n" + PLANTING + b"Content-Length: 2\r\n\r\nok")
+        elif path == b"/hints":
+            c.send(b"HTTP/1.1 103 Early Hints\r\n" + PLANTING + b"Link: </s.css>; rel=preload\r\n\r\n")
+            c.send(b"HTTP/1.1 200 OK\r\n" + PLANTING + b"Content-Length: 2\r\n\r\nok")
+        elif path == b"/ws":
+            c.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" + PLANTING
+                   + b"Sec-WebSocket-Accept: x\r\n\r\n")  # fmt: skip
+            return
+
+
+async def test_a_sandbox_cannot_set_the_gateways_cookie_over_http11(
+    start_gateway: Any, catalog: Catalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Final, 1xx and 101 heads lose the Set-Cookie fields that name the gateway's cookie as a browser
+    reads them (`e2b_access=`, ` e2b_access =`); `E2b_access` and `e2b_access2` are other cookies and
+    pass, in order, like the app's own. Public and private sandboxes alike; logged at info."""
+    async with RawUpstream(planting_sandbox) as up:
+        catalog.put("plant", host="127.0.0.1")
+        catalog.put("plantp", host="127.0.0.1", traffic_access_token=TOKEN)
+        gw = await start_gateway()
+        with caplog.at_level("INFO", logger="gateway.headers"):
+            for sb, extra in (("plant", {}), ("plantp", {"e2b-traffic-access-token": TOKEN})):
+                host = gw.host(up.port, sb)
+                c = await Client.connect(gw.port)
+                r = await c.request(host, "/page", headers=extra)
+                assert r.status == 200 and r.body == b"ok" and r.all("Set-Cookie") == KEPT, r.raw
+                c.send(f"GET /hints HTTP/1.1\r\nHost: {host}\r\n".encode() + b"".join(
+                    f"{k}: {v}\r\n".encode() for k, v in extra.items()) + b"\r\n")  # fmt: skip
+                hints = await c.read_response(interim=True)
+                assert hints.status == 103 and hints.all("Set-Cookie") == KEPT, hints.raw
+                final = await c.read_response()
+                assert final.status == 200 and final.all("Set-Cookie") == KEPT, final.raw
+                c.send(f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n".encode()
+                       + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                       + b"".join(f"{k}: {v}\r\n".encode() for k, v in extra.items()) + b"\r\n")  # fmt: skip
+                ws = await c.read_response()
+                assert ws.status == 101 and ws.all("Set-Cookie") == KEPT, ws.raw
+                assert b"planted" not in ws.raw + final.raw + hints.raw + r.raw and b"spaced" not in r.raw
+                await c.close()
+    removed = [r.getMessage() for r in caplog.records if r.name == "gateway.headers"]
+    assert removed and all(
+        "removed 2 Set-Cookie field(s) for the gateway's own cookie 'e2b_access'" in m for m in removed
+    )
+    assert {m.rsplit(" ", 2)[1] for m in removed} == {"200", "103", "101"}
+
+
+async def test_a_sandbox_cannot_set_the_gateways_cookie_over_http2(start_gateway: Any, catalog: Catalog) -> None:
+    """The same over HTTP/2: the final and 103 HEADERS, and the 200 of an RFC 8441 WebSocket."""
+    async with RawUpstream(planting_sandbox) as up:
+        catalog.put("planth2", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "planth2")
+        c = await H2Client.connect(gw.port)
+        r = await c.request(host, "/page")
+        assert r.status == 200 and bytes(r.body) == b"ok" and r.all(b"set-cookie") == KEPT, r.headers
+        r = await c.request(host, "/hints")
+        assert [v for n, v in r.interim[0] if n == b"set-cookie"] == KEPT, r.interim
+        assert r.status == 200 and r.all(b"set-cookie") == KEPT, r.headers
+        sid = c.start(host, "/ws", method="CONNECT", extra_pseudo=[(":protocol", "websocket")],
+                      headers=[("sec-websocket-version", "13")], end=False)  # fmt: skip
+        async with asyncio.timeout(WAIT):
+            await c.responses[sid].head.wait()
+        ws = c.responses[sid]
+        assert ws.status == 200 and ws.all(b"set-cookie") == KEPT, ws.headers
+        c.close()
+
+
+async def test_the_removed_cookie_name_is_the_setting(start_gateway: Any, catalog: Catalog) -> None:
+    """With ``access_cookie = "gw_pass"``, that name is removed and ``e2b_access`` is an app's cookie."""
+
+    async def sandbox(c: Any) -> None:
+        await c.read_request()
+        c.send(b"HTTP/1.1 200 OK\r\nSet-Cookie: e2b_access=1\r\nSet-Cookie: gw_pass =2\r\nContent-Length: 0\r\n\r\n")
+
+    async with RawUpstream(sandbox) as up:
+        catalog.put("plantn", host="127.0.0.1")
+        gw = await start_gateway(access_cookie="gw_pass")
+        r = await request(gw.port, gw.host(up.port, "plantn"), "/")
+        assert r.status == 200 and r.all("Set-Cookie") == [b"e2b_access=1"]

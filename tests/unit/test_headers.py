@@ -16,6 +16,7 @@ from gateway.http.headers import (
     RequestHead,
     analyze_request,
     analyze_response,
+    own_cookie_lines,
     upgrade_accepted,
 )
 
@@ -175,8 +176,16 @@ def test_request_framing() -> None:
     assert b"Transfer-Encoding: Chunked\r\n" in chunked.upstream_head(PEER)  # same coding, passed on
 
 
-def resp(head: bytes, status: int = 200, *, head_req: bool = False, http10: bool = False, ka: bool = True):  # type: ignore[no-untyped-def]
-    return analyze_response(head, status, head_req, http10, ka)
+def resp(  # type: ignore[no-untyped-def]
+    head: bytes,
+    status: int = 200,
+    *,
+    head_req: bool = False,
+    http10: bool = False,
+    ka: bool = True,
+    cookie: bytes = b"e2b_access",
+):
+    return analyze_response(head, status, head_req, http10, ka, cookie)
 
 
 def test_response_passes_unchanged_minus_connection() -> None:
@@ -465,3 +474,72 @@ def test_no_content_responses_lose_their_framing_fields() -> None:
     assert out == b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
     out = resp(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", head_req=True)[0]
     assert out == b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"
+
+
+SET_COOKIES = (
+    b"Set-Cookie: a=1\r\n"
+    b"Set-Cookie: e2b_access=planted; Path=/; Max-Age=99999\r\n"
+    b"set-cookie:  e2b_access =spaced; Domain=e2b.dev\r\n"
+    b"SET-COOKIE: \te2b_access\t=tabbed\r\n"
+    b"Set-Cookie: E2b_access=other-name\r\n"
+    b"Set-Cookie: e2b_access2=other-name\r\n"
+    b"Set-Cookie: x=e2b_access=value-only; e2b_access=attribute\r\n"
+    b"Set-Cookie: e2b_access\r\n"
+    b"Set-Cookie: e2b_access; Path=/\r\n"
+    b"Set-Cookie: e2b_access=\r\n"
+    b"Set-Cookie: b=2\r\n"
+)
+KEPT_COOKIES = (
+    b"Set-Cookie: a=1\r\n"
+    b"Set-Cookie: E2b_access=other-name\r\n"
+    b"Set-Cookie: e2b_access2=other-name\r\n"
+    b"Set-Cookie: x=e2b_access=value-only; e2b_access=attribute\r\n"
+    b"Set-Cookie: e2b_access\r\n"
+    b"Set-Cookie: e2b_access; Path=/\r\n"
+    b"Set-Cookie: b=2\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "start", "end"),
+    [
+        (200, b"HTTP/1.1 200 OK\r\n", b"Content-Length: 0\r\n\r\n"),
+        (103, b"HTTP/1.1 103 Early Hints\r\n", b"Link: </a.css>; rel=preload\r\n\r\n"),
+        (101, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n", b"Connection: upgrade\r\n\r\n"),
+    ],
+)
+def test_a_sandbox_cannot_set_the_gateways_cookie(status: int, start: bytes, end: bytes) -> None:
+    """Set-Cookie fields naming the gateway's cookie go, from final, 1xx and 101 heads; the name as
+    a browser reads it (RFC 6265 §5.2: before the first '=' of the part before the first ';',
+    spaces and tabs trimmed, case-sensitive); without '=' a field sets no such cookie and passes."""
+    head = start + SET_COOKIES + (b"Connection: keep-alive\r\n" if status == 101 else b"") + end
+    out = resp(head, status)[0]
+    assert out == start + KEPT_COOKIES + end
+    assert resp(head, status, cookie=b"")[0] == start + SET_COOKIES + end  # no cookie configured
+    assert resp(head, status, cookie=b"a")[0] == start + SET_COOKIES[len(b"Set-Cookie: a=1\r\n") :] + end
+
+
+def test_own_cookie_lines_are_found_by_the_browsers_reading() -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + SET_COOKIES + b"\r\n"
+    lines = [head[a:b] for a, b in own_cookie_lines(head, b"e2b_access")]
+    assert lines == [
+        b"\r\nSet-Cookie: e2b_access=planted; Path=/; Max-Age=99999",
+        b"\r\nset-cookie:  e2b_access =spaced; Domain=e2b.dev",
+        b"\r\nSET-COOKIE: \te2b_access\t=tabbed",
+        b"\r\nSet-Cookie: e2b_access=",
+    ]
+    assert (
+        own_cookie_lines(
+            b"HTTP/1.1 200 OK\r\nSet-Cookie2: e2b_access=x\r\nX-Set-Cookie: e2b_access=x\r\n\r\n", b"e2b_access"
+        )
+        == []
+    )
+
+
+def test_a_removed_own_cookie_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="gateway.headers"):
+        resp(b"HTTP/1.1 200 OK\r\n" + SET_COOKIES + b"Content-Length: 0\r\n\r\n")
+        resp(b"HTTP/1.1 200 OK\r\nSet-Cookie: E2b_access=1\r\nX: e2b_access\r\nContent-Length: 0\r\n\r\n")
+    assert [r.getMessage() for r in caplog.records] == [
+        "removed 4 Set-Cookie field(s) for the gateway's own cookie 'e2b_access' from a sandbox's 200 response"
+    ]
