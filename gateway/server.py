@@ -5,18 +5,31 @@ at once so balancers stop sending new connections, the listeners stay open for `
 seconds (balancers need a few health-check intervals to notice), then close; in-flight requests get
 up to ``shutdown_timeout`` seconds to finish, idle keep-alive connections are closed, and the
 process exits 0. SIGINT (Ctrl-C) does the same without the delay.
+
+Closing a listening socket resets every connection in its accept queue: handshakes the kernel
+completed that the loop has not accepted yet (a burst, a loop busy with other connections). The
+clients of those connections had connected, sent their request and get ECONNRESET; nginx and
+Envoy lose them the same way, and Linux's ``net.ipv4.tcp_migrate_req`` only moves them to another
+listener of a SO_REUSEPORT group, which the last one to close has not. So a drain first stops new
+handshakes (a socket filter drops SYNs: the client retransmits and then finds the port closed, or,
+with workers, another worker's listener; a connection that never completed is not lost), goes on
+accepting through the usual path (TLS, PROXY protocol) until every listener's queue is empty, and
+only then closes (:meth:`Gateway.close_listeners`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import resource
 import signal
 import socket
-from typing import Any
+import struct
+import time
+from typing import Any, Final
 
 from gateway.access_log import AccessLog
 from gateway.admin import AdminServer
@@ -40,6 +53,60 @@ from gateway.watchdog import Heartbeat
 __all__ = ["Gateway"]
 
 log = logging.getLogger("gateway")
+
+#: Seconds a drain waits for its listeners' accept queues to empty before it closes them anyway.
+SETTLE_MAX: Final = 2.0
+#: Test-only hook (an environment variable, never a setting, never reachable from the network): a
+#: file path. While the file exists, a drain about to close the listeners holds its loop (as a loop
+#: busy with other work would), after creating ``{path}.held``; tests connect meanwhile.
+TEST_HOLD_ENV: Final = "_GATEWAY_TEST_HOLD_CLOSE"
+
+# A classic BPF socket filter (linux/filter.h) that drops segments with SYN set and ACK clear (new
+# handshakes) and keeps every other: the byte at offset 13 of the TCP header holds the flags.
+_DROP_SYN = struct.pack(
+    "HBBI" * 5,
+    0x30, 0, 0, 13,  # ldb [13]
+    0x54, 0, 0, 0x12,  # and #(SYN|ACK)
+    0x15, 0, 1, 0x02,  # jeq #SYN, drop, keep
+    0x06, 0, 0, 0,  # drop: ret #0
+    0x06, 0, 0, 0xFFFFFFFF,  # keep: ret #-1 (the whole segment)
+)  # fmt: skip
+_SO_ATTACH_FILTER: Final = 26
+
+
+def refuse_new_handshakes(sock: socket.socket) -> bool:
+    """Drop new SYNs to a listening socket (Linux); False where that is not possible.
+
+    Handshakes under way still complete (their last ACK passes), and the queue keeps what it holds."""
+    prog = ctypes.create_string_buffer(_DROP_SYN)
+    fprog = struct.pack("HL", len(_DROP_SYN) // 8, ctypes.addressof(prog))  # struct sock_fprog
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+    except OSError as e:
+        log.debug("cannot filter SYNs on a listener: %s", e)
+        return False
+    return True
+
+
+def accept_queue(sock: socket.socket) -> int:
+    """Connections in a listener's accept queue (TCP_INFO's ``tcpi_unacked`` of a listening socket
+    on Linux; 0 where unknown or closed)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except (OSError, AttributeError):
+        return 0
+    return int(struct.unpack_from("I", info, 24)[0]) if len(info) >= 28 else 0
+
+
+def _test_hold() -> None:
+    path = os.environ.get(TEST_HOLD_ENV)
+    if not path or not os.path.exists(path):
+        return
+    with open(path + ".held", "w"):
+        pass
+    deadline = time.monotonic() + 30.0
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.002)
 
 
 def _raise_fd_limit() -> int:
@@ -81,6 +148,7 @@ class Gateway:
         self.catalog: Catalog = None  # type: ignore[assignment]
         self.pool: Pool = None  # type: ignore[assignment]
         self.servers: list[asyncio.Server] = []
+        self.listen_socks: list[socket.socket] = []  # the data listeners, as bound
         self.ports: list[int] = []
         self.admin: AdminServer | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -116,6 +184,7 @@ class Gateway:
         for lst in cfg.listeners:
             sock = _listen_socket(lst.host, lst.port, cfg.listen_backlog, reuse_port=self.worker_dir is not None)
             real_port = sock.getsockname()[1]
+            self.listen_socks.append(sock)
             own.append((sock.getsockname()[0], real_port))
 
             def factory(p: int = real_port, tls: bool = lst.tls, proxy: str = lst.proxy) -> ClientConnection:
@@ -273,9 +342,7 @@ class Gateway:
         log.info("draining: /ready is 503; listeners close in %.1f s", delay)
         if delay > 0:
             await asyncio.sleep(delay)
-        for s in self.servers:
-            s.close()
-        self._stop_accepting()
+        await self.close_listeners()
         ctx.listening = False
         now = ctx.clock = ctx.loop.time()
         for c in list(ctx.connections):
@@ -304,6 +371,33 @@ class Gateway:
             c.reset()
         for t in list(ctx.tunnels):
             t.close()
+
+    async def close_listeners(self) -> None:
+        """Close the data listeners without resetting a connection whose handshake completed: no new
+        SYN is taken, what the accept queues hold is accepted as usual, then they close (module
+        docstring). Bounded by :data:`SETTLE_MAX`.
+
+        Left: a handshake whose SYN came before the filter and whose last ACK arrives after the
+        queues were found empty (a round trip; on loopback none). The listeners are the same
+        sockets the loop accepts on; nothing but the filter and the close is done to them."""
+        _test_hold()
+        loop = asyncio.get_running_loop()
+        socks = [s for s in self.listen_socks if s.fileno() >= 0]
+        filtered = [s for s in socks if refuse_new_handshakes(s)]
+        waiting = sum(accept_queue(s) for s in socks)
+        deadline = loop.time() + SETTLE_MAX
+        await asyncio.sleep(0)  # one turn: the loop accepts what is ready
+        while any(accept_queue(s) for s in socks) and loop.time() < deadline:  # noqa: ASYNC110  # kernel state: no event to wait on
+            await asyncio.sleep(0.005)
+        left = sum(accept_queue(s) for s in socks)
+        for s in self.servers:
+            s.close()
+        self._stop_accepting()
+        if waiting or left or len(filtered) < len(socks):
+            log.info(
+                "listeners closed: %d connections were waiting to be accepted, %d left after %.1f s%s",
+                waiting, left, SETTLE_MAX, "" if len(filtered) == len(socks) else " (SYNs not filtered)",
+            )  # fmt: skip
 
     async def stop(self) -> None:
         if self._tick_handle is not None:

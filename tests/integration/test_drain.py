@@ -27,9 +27,10 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import Close, Frame, Opcode
 
 from gateway.http.wsframes import close_frame
+from gateway.server import TEST_HOLD_ENV
 from tests.conftest import WAIT, Catalog
 from tests.h2client import H2Client, H2Response
-from tests.helpers import Client, RawUpstream, UpstreamConn, read_response, request, response
+from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, read_response, request, response
 from tests.integration.test_operations import children
 from tests.needs import tool
 
@@ -667,3 +668,51 @@ async def test_websockets_over_http2_get_1001_on_drain(start_gateway: Any, catal
         assert app.received == [1001] * 3
         assert b"m" * 1000 in app.messages  # the frame in flight arrived whole
         assert time.monotonic() - t0 < WAIT  # long before shutdown_timeout
+
+
+def accept_queued(port: int) -> int:
+    """Recv-Q of the listening sockets on ``port``: connections the kernel completed, not accepted yet."""
+    ss = tool("ss", "apt-get install iproute2")
+    out = subprocess.run([ss, "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return sum(int(line.split()[1]) for line in out.splitlines() if line.strip())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_connections_in_the_accept_queue_when_the_listeners_close_are_served(
+    gateway_process: Any, catalog: Catalog, tmp_path: Any, workers: int
+) -> None:
+    """Issue 11's last loss: closing a listener resets what its accept queue holds. The test-only hook
+    holds the loop where the drain closes the listeners (as a loop busy with other connections
+    would); 100 clients connect then (the kernel completes their handshakes: `ss` shows them queued)
+    and send a request; released, the gateway takes them before it closes. Every one is answered,
+    none is reset. With workers, each worker's own SO_REUSEPORT socket holds some of them."""
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("queued", host="127.0.0.1")
+        args = ("--workers", "2") if workers == 2 else ()
+        gw = gateway_process(*args, env={TEST_HOLD_ENV: str(hold)})
+        host = gw.host(up.port, "queued")
+        warm = await request(gw.port, host, "/warm")  # the record is cached: no Redis after the release
+        assert warm.status == 200
+        gw.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT):
+            while not (tmp_path / "hold.held").exists():
+                await asyncio.sleep(0.01)
+        clients = [await Client.connect(gw.port) for _ in range(100)]  # complete: in the kernel's queue
+        for i, c in enumerate(clients):
+            c.send(f"GET /q{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        async with asyncio.timeout(WAIT):  # every handshake completed and none accepted: all queued
+            while accept_queued(gw.port) < 100:
+                await asyncio.sleep(0.01)
+        assert accept_queued(gw.port) == 100
+        hold.unlink()  # the drain goes on: the listeners close
+        results = await asyncio.gather(*(c.read_response() for c in clients), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{len(failed)} of 100 queued connections lost: {failed[:3]}"
+        assert all(r.status == 200 and r.header("Connection") == b"close" for r in results)  # type: ignore[union-attr]
+        assert sorted(r.body.split(b" ")[1] for r in results) == sorted(f"/q{i}".encode() for i in range(100))  # type: ignore[union-attr]
+        for c in clients:
+            await c.close()
+        assert await asyncio.to_thread(gw.proc.wait, WAIT * 2) == 0
+        assert not listening(gw.port)
