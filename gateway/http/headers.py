@@ -63,8 +63,10 @@ the first ``;``, with leading and trailing spaces and tabs removed, case-sensiti
 another cookie and passes; without ``=`` a field sets no cookie of that name and passes). Every other
 ``Set-Cookie`` passes byte for byte, in order. A trailer section is forwarded as it is: browsers do not
 apply ``Set-Cookie`` from trailer fields (RFC 9110 §6.5.1 lets a recipient process only those it knows
-to be safe, and the Fetch standard processes none). Cost: a response whose head does not hold the
-cookie's name at all (one substring search) is never looked at further.
+to be safe, and the Fetch standard processes none). Cost: Set-Cookie is one more name of the one
+scan; a head without one pays nothing measurable, each one found costs a partition and a compare.
+A page's script can still set such a cookie (``document.cookie``, which no proxy sees): the
+admission takes any valid value among several (http/admission.py), so a planted one shadows nothing.
 
 Framing checks against request smuggling (RFC 9112 §6.1, §6.3): llhttp refuses Content-Length
 with Transfer-Encoding and repeated Content-Length; this module refuses any Transfer-Encoding but
@@ -127,8 +129,8 @@ _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 # desynchronise the two hops, and Host is not a hop-by-hop option.
 _NEVER_DROPPED = frozenset({hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING})
 
-_HOST, _CL, _TE, _CONN, _UPG, _HOP, _EXPECT, _FWD, _TOKEN, _SB_ID, _SB_PORT, _RID, _UNTRUSTED, _ALIAS_FRAMING = range(
-    1, 15
+_HOST, _CL, _TE, _CONN, _UPG, _HOP, _EXPECT, _FWD, _TOKEN, _SB_ID, _SB_PORT, _RID, _UNTRUSTED, _ALIAS_FRAMING, _SETC = (
+    range(1, 16)
 )
 _ROLES = {
     hdrs.HOST: _HOST,
@@ -207,19 +209,22 @@ class FieldRoles:
         request_id: bytes = b"x-request-id",
         untrusted: Collection[bytes] = hdrs.UNTRUSTED,
         underscores: bool = True,
+        set_cookie: bool = False,
     ) -> None:
         self.roles = {**_ROLES, token.lower(): _TOKEN, sandbox_id.lower(): _SB_ID, sandbox_port.lower(): _SB_PORT}
         if request_id:
             self.roles[request_id.lower()] = _RID
         for n in untrusted:
             self.roles.setdefault(n.lower().replace(b"_", b"-"), _UNTRUSTED)
+        if set_cookie:  # responses: found by the same scan, so a head without one pays nothing more
+            self.roles[hdrs.SET_COOKIE] = _SETC
         self.pattern = _fields_pattern(list(self.roles), underscores)
         # The spellings peers use, so most names need no lower-casing.
         self.spellings = {**self.roles, **{k.title(): v for k, v in self.roles.items()}, b"TE": _HOP}
         self.upgrade_protocols = frozenset(upgrade_protocols)
 
 
-RESPONSE_FIELDS = FieldRoles(request_id=b"", untrusted=(), underscores=False)
+RESPONSE_FIELDS = FieldRoles(request_id=b"", untrusted=(), underscores=False, set_cookie=True)
 
 Field = tuple[bytes, bytes]
 
@@ -635,18 +640,19 @@ ResponseHead = tuple[bytes, int, int, int, bool, bool]
 _SET_COOKIE = _field_line(hdrs.SET_COOKIE)
 
 
+def _sets_cookie(value: bytes, cookie: bytes) -> bool:
+    """Whether a ``Set-Cookie`` value sets the cookie named ``cookie``, as a browser parses a
+    set-cookie-string (RFC 6265 §5.2): the name-value pair is what precedes the first ``;``; it
+    sets no cookie of a name without ``=``; the name is what precedes the first ``=``, without
+    leading or trailing spaces and tabs; names compare case-sensitively."""
+    name, eq, _ = value.partition(b";")[0].partition(b"=")
+    return bool(eq) and name.strip(b" \t") == cookie
+
+
 def own_cookie_lines(raw: bytes, cookie: bytes) -> list[Span]:
     """The spans (CRLF before them included) of the ``Set-Cookie`` lines of a head that set the
-    cookie named ``cookie``, as a browser parses a set-cookie-string (RFC 6265 §5.2): the
-    name-value pair is what precedes the first ``;``; it sets no cookie without ``=``; the name is
-    what precedes the first ``=``, without leading or trailing spaces and tabs; names compare
-    case-sensitively."""
-    spans = []
-    for m in _SET_COOKIE.finditer(raw):
-        name, eq, _ = m.group(2).partition(b";")[0].partition(b"=")
-        if eq and name.strip(b" \t") == cookie:
-            spans.append((m.start(), m.end()))
-    return spans
+    cookie named ``cookie`` (:func:`_sets_cookie`): what :func:`analyze_response` removes."""
+    return [(m.start(), m.end()) for m in _SET_COOKIE.finditer(raw) if _sets_cookie(m.group(2), cookie)]
 
 
 def analyze_response(
@@ -678,6 +684,7 @@ def analyze_response(
     te_lines: list[Span] = []
     conn: list[bytes] | None = None
     cuts: list[Span] = []
+    mine: list[Span] | None = None  # Set-Cookie lines of the gateway's own cookie
     fields = RESPONSE_FIELDS
     for m in fields.pattern.finditer(raw):
         name, found = m.groups()
@@ -700,6 +707,10 @@ def analyze_response(
             te_lines.append(_line(m))
         elif role == _HOP or (role == _UPG and status != 101):
             cuts.append(_line(m))
+        elif role == _SETC and own_cookie and _sets_cookie(value, own_cookie):
+            if mine is None:
+                mine = []
+            mine.append(_line(m))
     # Framing (RFC 9112 §6.3): no body for HEAD, 1xx, 204, 304; chunked if it is the last coding;
     # Content-Length; else until close. Chunked goes to HTTP/1.0 clients de-chunked and
     # close-delimited; close-delimited goes to HTTP/1.1 clients chunked, so they keep the connection.
@@ -746,14 +757,12 @@ def analyze_response(
         reusable = b"close" not in conn if upstream11 else b"keep-alive" in conn
     if conn is not None and not _CONNECTION_OPTIONS.issuperset(conn):
         _named_by_connection(raw, conn, cuts)
-    if own_cookie and own_cookie in raw:  # the name appears nowhere in almost every head
-        mine = own_cookie_lines(raw, own_cookie)
-        if mine:
-            log.info(
-                "removed %d Set-Cookie field(s) for the gateway's own cookie %r from a sandbox's %d response",
-                len(mine), own_cookie.decode("latin-1"), status,
-            )  # fmt: skip
-            cuts += mine
+    if mine is not None:
+        log.info(
+            "removed %d Set-Cookie field(s) for the gateway's own cookie %r from a sandbox's %d response",
+            len(mine), own_cookie.decode("latin-1"), status,
+        )  # fmt: skip
+        cuts += mine
     if cuts:
         raw = _edit(raw, [(a, b, b"") for a, b in cuts])
     if not upstream11:

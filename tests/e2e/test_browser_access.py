@@ -168,10 +168,14 @@ async def test_link_opens_page_websocket_and_eventsource(start_gateway: Any, cat
         {"op": "eval", "js": "document.body.textContent", "name": "pub_saw"},
         {"op": "goto", "url": f"http://{a.port}-other.{domain}/", "name": "other"},
         {"op": "goto", "url": sneaky, "name": "sneaky"},
-        # Another tenant's app plants a domain cookie of the gateway's name (signed with a guess): the
-        # victim's own cookie still opens its sandbox, and neither reaches the app.
+        # Another tenant's app plants a domain cookie of the gateway's name (signed with a guess) with
+        # Set-Cookie: the gateway removes the field, the browser never gets it. Its page's script can
+        # still plant one (document.cookie, no proxy sees it): the victim's own cookie still opens its
+        # sandbox, and neither reaches the app.
         {"op": "goto", "url": f"http://{b.port}-pub.{domain}/plant?d=sandbox.localhost&v={forged}", "name": "plant"},
         {"op": "cookies", "name": "planted"},
+        {"op": "eval", "js": f"document.cookie = 'e2b_access={forged}; domain=sandbox.localhost; path=/'", "name": "js"},
+        {"op": "cookies", "name": "planted_js"},
         {"op": "goto", "url": f"{origin}/", "name": "after"},
         {"op": "wait", "js": done},
         {"op": "eval", "js": "document.getElementById('who').textContent", "name": "who_after"},
@@ -196,7 +200,9 @@ async def test_link_opens_page_websocket_and_eventsource(start_gateway: Any, cat
     assert json.loads(s["pub_saw"]) == {"cookie": None}  # not sent to another sandbox's host
     assert (s["other"]["status"], s["other"]["reason"]) == (403, "traffic_token_missing")  # nor to a private one
     assert s["sneaky"]["url"].startswith(f"{origin}/")  # the redirect never leaves the host
-    assert [c["domain"] for c in s["planted"] if c["name"] == "e2b_access"] == [
+    assert s["plant"]["status"] == 200
+    assert [c["domain"] for c in s["planted"] if c["name"] == "e2b_access"] == [f"{a.port}-priv.sandbox.localhost"]
+    assert [c["domain"] for c in s["planted_js"] if c["name"] == "e2b_access"] == [
         f"{a.port}-priv.sandbox.localhost",
         ".sandbox.localhost",  # the browser does send both to A
     ]
