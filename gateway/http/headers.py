@@ -522,7 +522,9 @@ def analyze_request(raw: bytes, fields: FieldRoles) -> RequestHead | Reason:
         # head: this head was built by a caller) is refused as well, never a method ``\rGET``.
         return errors.MALFORMED_REQUEST
     line = raw[: eol - 1].split(b" ")
-    if len(line) != 3:
+    if len(line) != 3 or not line[1]:
+        # Two spaces before the version (``CONNECT  HTTP/1.1``): llhttp skips spaces before a target
+        # and takes ``HTTP/1.1`` for it; no request-target is empty (RFC 9112 §3.2). Found by make fuzz.
         return errors.MALFORMED_REQUEST
     r = RequestHead(raw, line[0], line[1])
     if line[2] != b"HTTP/1.1":

@@ -143,6 +143,8 @@ def test_websocket_upgrade_is_kept_others_dropped() -> None:
         (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity\r\n\r\n", errors.INVALID_FRAMING),
         (b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", errors.INVALID_FRAMING),  # §6.1
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),
+        (b"CONNECT  HTTP/1.1\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),  # llhttp: target HTTP/1.1
+        (b"GET  HTTP/1.1\r\nHost: a\r\n\r\n", errors.MALFORMED_REQUEST),
         # Two Transfer-Encoding fields are one list (RFC 9110 §5.3), "x, chunked": not exactly chunked.
         (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: x\r\nTransfer-Encoding: chunked\r\n\r\n",
          errors.INVALID_FRAMING),
