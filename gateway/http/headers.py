@@ -63,8 +63,10 @@ the first ``;``, with leading and trailing spaces and tabs removed, case-sensiti
 another cookie and passes; without ``=`` a field sets no cookie of that name and passes). Every other
 ``Set-Cookie`` passes byte for byte, in order. A trailer section is forwarded as it is: browsers do not
 apply ``Set-Cookie`` from trailer fields (RFC 9110 §6.5.1 lets a recipient process only those it knows
-to be safe, and the Fetch standard processes none). Cost: Set-Cookie is one more name of the one
-scan; a head without one pays nothing measurable, each one found costs a partition and a compare.
+to be safe, and the Fetch standard processes none). Cost: one case-sensitive substring search for the
+cookie's name per analysed head (the name compares case-sensitively, so a head without it sets no such
+cookie); only a head that holds the name is scanned for its Set-Cookie lines. The name in the head
+scan's pattern instead cost every uncached head about 1.8 µs (30 %) more, cookie or not.
 A page's script can still set such a cookie (``document.cookie``, which no proxy sees): the
 admission takes any valid value among several (http/admission.py), so a planted one shadows nothing.
 
@@ -129,8 +131,8 @@ _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 # desynchronise the two hops, and Host is not a hop-by-hop option.
 _NEVER_DROPPED = frozenset({hdrs.HOST, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING})
 
-_HOST, _CL, _TE, _CONN, _UPG, _HOP, _EXPECT, _FWD, _TOKEN, _SB_ID, _SB_PORT, _RID, _UNTRUSTED, _ALIAS_FRAMING, _SETC = (
-    range(1, 16)
+_HOST, _CL, _TE, _CONN, _UPG, _HOP, _EXPECT, _FWD, _TOKEN, _SB_ID, _SB_PORT, _RID, _UNTRUSTED, _ALIAS_FRAMING = range(
+    1, 15
 )
 _ROLES = {
     hdrs.HOST: _HOST,
@@ -209,22 +211,19 @@ class FieldRoles:
         request_id: bytes = b"x-request-id",
         untrusted: Collection[bytes] = hdrs.UNTRUSTED,
         underscores: bool = True,
-        set_cookie: bool = False,
     ) -> None:
         self.roles = {**_ROLES, token.lower(): _TOKEN, sandbox_id.lower(): _SB_ID, sandbox_port.lower(): _SB_PORT}
         if request_id:
             self.roles[request_id.lower()] = _RID
         for n in untrusted:
             self.roles.setdefault(n.lower().replace(b"_", b"-"), _UNTRUSTED)
-        if set_cookie:  # responses: found by the same scan, so a head without one pays nothing more
-            self.roles[hdrs.SET_COOKIE] = _SETC
         self.pattern = _fields_pattern(list(self.roles), underscores)
         # The spellings peers use, so most names need no lower-casing.
         self.spellings = {**self.roles, **{k.title(): v for k, v in self.roles.items()}, b"TE": _HOP}
         self.upgrade_protocols = frozenset(upgrade_protocols)
 
 
-RESPONSE_FIELDS = FieldRoles(request_id=b"", untrusted=(), underscores=False, set_cookie=True)
+RESPONSE_FIELDS = FieldRoles(request_id=b"", untrusted=(), underscores=False)
 
 Field = tuple[bytes, bytes]
 
@@ -709,10 +708,6 @@ def analyze_response(
             te_lines.append(_line(m))
         elif role == _HOP or (role == _UPG and status != 101):
             cuts.append(_line(m))
-        elif role == _SETC and own_cookie and _sets_cookie(value, own_cookie):
-            if mine is None:
-                mine = []
-            mine.append(_line(m))
     # Framing (RFC 9112 §6.3): no body for HEAD, 1xx, 204, 304; chunked if it is the last coding;
     # Content-Length; else until close. Chunked goes to HTTP/1.0 clients de-chunked and
     # close-delimited; close-delimited goes to HTTP/1.1 clients chunked, so they keep the connection.
@@ -759,6 +754,8 @@ def analyze_response(
         reusable = b"close" not in conn if upstream11 else b"keep-alive" in conn
     if conn is not None and not _CONNECTION_OPTIONS.issuperset(conn):
         _named_by_connection(raw, conn, cuts)
+    if own_cookie and own_cookie in raw:  # (case-sensitive, as the name compares: RFC 6265 §5.2)
+        mine = own_cookie_lines(raw, own_cookie) or None
     if mine is not None:
         log.info(
             "removed %d Set-Cookie field(s) for the gateway's own cookie %r from a sandbox's %d response",
