@@ -39,7 +39,15 @@ import h2.exceptions
 import h2.stream
 import hpack
 from hpack import NeverIndexedHeaderTuple
-from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    ExtensionFrame,
+    HeadersFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    WindowUpdateFrame,
+)
 
 __all__ = ["RememberingDecoder", "RememberingEncoder", "ServerConnection", "server_config"]
 
@@ -209,6 +217,9 @@ class ServerConnection(h2.connection.H2Connection):
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
+        # Frames received that asked for nothing (see _receive_frame), for the caller's budget.
+        self.idle_frames = 0
+        self.stream_updates = 0  # WINDOW_UPDATE frames for a stream, open or closed
         self.encoder = RememberingEncoder()  # type: ignore[assignment]  # (send_headers needs its encode_with)
         # The frames of responses, reused stream after stream (hyperframe's frames are plain objects:
         # set the stream and the payload, serialise): building a frame and its flags costs more than
@@ -223,6 +234,10 @@ class ServerConnection(h2.connection.H2Connection):
         self._data_out[1].flags = frozenset({"END_STREAM"})  # type: ignore[assignment]
 
     _sweep_at = 64  # (see open_inbound_streams)
+
+    def queued(self) -> int:
+        """Bytes of frames waiting for ``data_to_send``."""
+        return len(self._data_to_send)
 
     def forget(self, stream_id: int) -> None:
         """A stream the gateway is done with: if closed, forgotten now as h2's count of open streams
@@ -386,7 +401,13 @@ class ServerConnection(h2.connection.H2Connection):
         return [], events + stream_events
 
     def _receive_frame(self, frame: Any) -> list[h2.events.Event]:
-        """h2 4.4's, without the ``repr`` of every frame it builds for a no-op trace log."""
+        """h2 4.4's, without the ``repr`` of every frame it builds for a no-op trace log; and counting
+        the frames that ask for nothing, which h2 processes at a cost and the caller budgets
+        (CVE-2019-9513, CVE-2019-9518): ``stream_updates`` (a client gives window back for DATA it
+        received; more is a flood), ``idle_frames``: PRIORITY frames (RFC 9113 §5.3.2 deprecates
+        them; one in a request's HEADERS is not counted), frames of an extension h2 does not know
+        (§5.5: ignored), empty DATA frames that do not end their stream, and any frame h2 took
+        without an event (a RST_STREAM or DATA for a stream that is gone, ALTSVC from a client)."""
         events: list[h2.events.Event]
         try:
             frames, events = self._frame_dispatch_table[frame.__class__](frame)
@@ -410,6 +431,19 @@ class ServerConnection(h2.connection.H2Connection):
                 raise
         else:
             self._prepare_for_sending(frames)
+        cls = frame.__class__
+        if cls is HeadersFrame and events:  # (a request: the common case)
+            return events
+        if cls is WindowUpdateFrame:
+            if frame.stream_id:
+                self.stream_updates += 1
+        elif (
+            not events
+            or cls is PriorityFrame
+            or cls is ExtensionFrame
+            or (cls is DataFrame and not frame.data and "END_STREAM" not in frame.flags)
+        ):
+            self.idle_frames += 1
         return events
 
 

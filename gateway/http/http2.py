@@ -33,10 +33,12 @@ costs no more; a head too large for ``max_request_head_size``: 431 on that strea
 floods end at h2's 64 frames; streams the client resets (CVE-2023-44487, rapid reset) that were
 cancelled in the read that opened them cost no exchange at all, and more than twice the stream limit
 of resets in a second end the connection with GOAWAY ENHANCE_YOUR_CALM, as do more than
-:data:`CONTROL_BUDGET` PING/SETTINGS frames a second, connection WINDOW_UPDATEs beyond one per DATA
-frame sent counted with them (a client giving back window for what it received is never refused);
+:data:`CONTROL_BUDGET` PING/SETTINGS frames a second, counted with them WINDOW_UPDATEs (the
+connection's, and the streams') beyond one per DATA frame sent (a client giving back window for what
+it received is never refused) and frames that ask for nothing (:meth:`H2Connection._unasked`);
 a connection WINDOW_UPDATE resumes only the streams its window held back; a stream whose response cannot move
-(``min_body_rate``) is reset; idle connections close after ``client_idle_timeout``.
+(``min_body_rate``) is reset; idle connections close after ``client_idle_timeout``; a client is not
+read while what the gateway writes it waits past the high-water mark (:meth:`H2Connection.pause_writing`).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 #: that stream stops being read.
 STREAM_BUFFER: Final = 256 * 1024
 #: PING and SETTINGS frames a client may send per second (each costs an acknowledgement), with the
-#: connection WINDOW_UPDATEs that give back no DATA frame the gateway sent.
+#: WINDOW_UPDATEs that give back no DATA frame the gateway sent and the frames that ask for nothing.
 CONTROL_BUDGET: Final = 1000
 #: GOAWAY's last-stream-ID when it only announces a drain (RFC 9113 §6.8).
 _MAX_STREAM_ID: Final = 2**31 - 1
@@ -421,6 +423,7 @@ class H2Connection(asyncio.Protocol):
         "ctx",
         "data_frames",
         "flush_queued",
+        "gate",
         "goaway",
         "goaway_at",
         "h2",
@@ -434,6 +437,7 @@ class H2Connection(asyncio.Protocol):
         "peer_gone",
         "requests",
         "resets",
+        "stream_credited",
         "streams",
         "touched",
         "transport",
@@ -444,6 +448,7 @@ class H2Connection(asyncio.Protocol):
     def __init__(self, ctx: Context, transport: asyncio.Transport, peer: Peer) -> None:
         self.ctx = ctx
         self.transport = transport
+        self.gate = flow.ReadGate(transport)
         self.peer = peer
         cfg = ctx.config
         self.max_streams = cfg.http2_max_concurrent_streams
@@ -470,6 +475,7 @@ class H2Connection(asyncio.Protocol):
         self.touched: list[H2Stream] = []
         self.blocked: collections.deque[H2Stream] = collections.deque()  # waiting for the connection's window
         self.credited = 0  # connection WINDOW_UPDATEs taken as giving back window for DATA sent
+        self.stream_credited = 0  # streams' WINDOW_UPDATEs taken so (_unasked)
         self.data_frames = 0  # DATA frames sent but send_last's one-frame responses (counted in ``opened``)
         self.heads: dict[tuple[bytes, bool], Any] = {}  # response heads mapped (per connection: HPACK is)
         self.requests: dict[tuple[int, bool], tuple[Any, h2map.Mapped | str, RequestHead | Reason | None]] = {}
@@ -536,6 +542,10 @@ class H2Connection(asyncio.Protocol):
             self._abort_streams()
             self._close_after_flush()
             return
+        h = self.h2
+        if (h.idle_frames or h.stream_updates) and self._unasked():
+            self.in_feed = False
+            return
         try:
             self._handle(events)
         except Exception:
@@ -557,7 +567,13 @@ class H2Connection(asyncio.Protocol):
         if self.conn_unacked >= CONNECTION_WINDOW // 4:
             self.h2.increment_flow_control_window(self.conn_unacked)
             self.conn_unacked = 0
-        self.flush_later()
+        if self.h2.queued() > flow.WRITE_HIGH:
+            # Answers past the high-water mark from one read (many small requests, each answered
+            # by the gateway): written now, so that a client that does not read them stops being
+            # read (pause_writing) before the loop's next read, not after a loop iteration's reads.
+            self.flush_now()
+        else:
+            self.flush_later()
 
     def eof_received(self) -> bool:
         """The client sends nothing more: streams whose request is complete may still be answered
@@ -595,7 +611,12 @@ class H2Connection(asyncio.Protocol):
                 x.abort()
 
     def pause_writing(self) -> None:
+        """The client is not reading as fast as the gateway writes: its streams' sandboxes stop
+        being read, and so does the client. Every frame it sends may make the gateway answer (an
+        error page, RST_STREAM, a PING's ACK): a client that sends without reading would otherwise
+        fill the gateway's memory, ten bytes of answer for each of request."""
         self.write_paused = True
+        self.gate.close(flow.UNREAD)
         for s in self.streams.values():
             x = s.x
             if x is not None and x.up is not None:
@@ -605,6 +626,7 @@ class H2Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.gate.open(flow.UNREAD)
         for s in list(self.streams.values()):
             x = s.x
             if x is not None and x.up is not None:
@@ -859,10 +881,31 @@ class H2Connection(asyncio.Protocol):
             log.info("HTTP/2 rapid reset from %s: %d streams reset within a second", self.peer.ip, self.resets)
             self._go_away(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
-    def _control(self) -> None:
+    def _unasked(self) -> bool:
+        """Frames that ask the gateway for nothing (ServerConnection._receive_frame names them):
+        h2 parses and processes each, so a flood of them (CVE-2019-9513's PRIORITY frames,
+        CVE-2019-9518's empty frames, RST_STREAM for streams long gone) is work without a request,
+        and counts as control frames (:meth:`_control`). A stream's WINDOW_UPDATE is free while the
+        client gives back window for DATA the gateway sent (one per DATA frame, one per stream
+        whose response was one frame), as for the connection's (:meth:`_connection_window`):
+        browsers acknowledge a stream's last DATA after it ended, every stream. True: past the
+        budget, the connection is going away."""
+        h = self.h2
+        n = h.idle_frames
+        updates = h.stream_updates
+        h.idle_frames = h.stream_updates = 0
+        if updates:
+            free = min(updates, max(0, self.opened + self.data_frames - self.stream_credited))
+            self.stream_credited += free
+            n += updates - free
+        if n:
+            self._control(n)
+        return self.closing
+
+    def _control(self, n: int = 1) -> None:
         """PING and SETTINGS each make the gateway answer: a flood of them is refused."""
         self._new_second()
-        self.control += 1
+        self.control += n
         if self.control > CONTROL_BUDGET:
             log.info("HTTP/2 control frame flood from %s", self.peer.ip)
             self._go_away(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)

@@ -1,25 +1,30 @@
 """HTTP/2 defences, each against the gateway as a client would attack it: too many streams, big and
 compressed header lists, rapid reset (CVE-2023-44487), CONTINUATION floods, SETTINGS and PING floods,
-zero-window stalls, idle connections; and a sandbox's failure resets only its own stream."""
+floods of frames that ask for nothing (CVE-2019-9513, CVE-2019-9518), a client that sends without
+reading, zero-window stalls, idle connections; and a sandbox's failure resets only its own stream."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import h2.errors
+import pytest
 from h2.settings import SettingCodes
 from hpack import Encoder
 from hyperframe.frame import (
     ContinuationFrame,
+    DataFrame,
     HeadersFrame,
     PingFrame,
+    PriorityFrame,
     RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
 )
 
-from gateway.http.http2 import H2Connection
+from gateway.http.http2 import PREFACE, H2Connection
 from tests.conftest import WAIT, Catalog
 from tests.h2client import H2Client, error_codes
 from tests.helpers import RawUpstream, UpstreamConn, echo_handler, response
@@ -196,6 +201,140 @@ async def test_connection_window_update_flood_ends_in_enhance_your_calm(start_ga
         assert await c.closed()
         assert error_codes(c) == [CALM]
         await still_serves(gw.port, host)
+
+
+def _unknown_frame(sid: int) -> bytes:
+    return b"\x00\x00\x00\x20\x00" + sid.to_bytes(4, "big")  # type 0x20: no extension the gateway knows
+
+
+# Frames that ask for nothing, 5,000 in one write; ``sid``: an open request stream (a POST whose
+# body has not ended, to a sandbox that has not answered), ``gone``: a stream that ended, ``reset``:
+# one the gateway reset (a request with a Connection field).
+UNASKED = {
+    "priority": lambda sid, gone, reset: PriorityFrame(sid + 2, depends_on=0, stream_weight=16).serialize(),
+    "empty-data": lambda sid, gone, reset: DataFrame(sid, data=b"").serialize(),
+    "stream-window-update": lambda sid, gone, reset: WindowUpdateFrame(sid, window_increment=1).serialize(),
+    "unknown-frame-type": lambda sid, gone, reset: _unknown_frame(sid),
+    "rst-stream-of-an-ended-stream": lambda sid, gone, reset: RstStreamFrame(gone, error_code=0).serialize(),
+    "data-of-a-reset-stream": lambda sid, gone, reset: DataFrame(reset, data=b"x").serialize(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNASKED))
+async def test_a_flood_of_frames_that_ask_for_nothing_ends_in_enhance_your_calm(
+    kind: str, start_gateway: Any, catalog: Catalog
+) -> None:
+    """Frames h2 must parse and process that ask the gateway for nothing: PRIORITY (CVE-2019-9513),
+    empty DATA (CVE-2019-9518), a stream's WINDOW_UPDATE for no DATA sent, an extension's frame,
+    frames for streams that are gone. Each alone is allowed; thousands a second are a flood that
+    costs the worker without a request: GOAWAY ENHANCE_YOUR_CALM, as for a PING flood, and other
+    connections are served."""
+    release = asyncio.Event()
+
+    async def holds(c: UpstreamConn) -> None:
+        head, _ = await c.read_request()
+        if b"/hold" in head:
+            await release.wait()
+        else:
+            c.send(response(200, b"ok"))
+
+    async with RawUpstream(holds) as up:
+        catalog.put("unasked", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "unasked")
+        c = await H2Client.connect(gw.port)
+        gone = c.start(host, "/done")
+        assert (await c.response(gone)).status == 200
+        reset = c.start(host, "/bad", method="POST", headers=[("connection", "x")], end=False)
+        assert (await c.response(reset)).reset == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        sid = c.start(host, "/hold", method="POST", end=False)
+        frame = UNASKED[kind](sid, gone, reset)
+        c.send_raw(frame * 5000)
+        assert await c.closed()
+        assert error_codes(c) == [CALM]
+        release.set()
+        await still_serves(gw.port, host)
+
+
+async def test_window_updates_for_data_received_are_never_a_flood(start_gateway: Any, catalog: Catalog) -> None:
+    """What browsers do: give back window for each stream's DATA after the stream ended, and the
+    connection's. 1,500 streams' worth in one write, past the control budget, and each gives back
+    what the gateway sent: the connection goes on."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("late", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "late")
+        c = await H2Client.connect(gw.port)
+        ended: list[tuple[int, int]] = []
+        for _ in range(75):
+            sids = [c.start(host, "/n") for _ in range(20)]
+            for sid in sids:
+                r = await c.response(sid)
+                assert r.status == 200 and r.reset is None
+                ended.append((sid, len(r.body)))
+        c.send_raw(b"".join(WindowUpdateFrame(sid, window_increment=n).serialize()
+                            + WindowUpdateFrame(0, window_increment=n).serialize() for sid, n in ended))  # fmt: skip
+        r = await c.request(host, "/after")
+        assert r.status == 200 and r.reset is None
+        assert not c.goaways and c.goaway is None and not c.lost.is_set()
+        c.close()
+
+
+async def test_a_client_that_sends_without_reading_stops_being_read(start_gateway: Any, catalog: Catalog) -> None:
+    """Each small request the gateway answers itself (here: a host it does not serve) is about ten
+    times its size in answer. A client that sends them and reads nothing, with windows that let
+    everything be sent, would fill the worker's memory at ten times its own upload: once what waits
+    to be written passes the high-water mark, the client is not read. What the gateway holds stays
+    near the mark, not the 10 MB of answers, and once the client reads, every request is answered."""
+    gw = await start_gateway()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", gw.port))
+    sock.setblocking(False)
+    e = Encoder()
+    n = 100_000
+    head = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x.example.org"), (b":path", b"/")]
+    first = e.encode(head)
+    again = e.encode(head)  # (the same fields, indexed: the same bytes for every request after the first)
+    out = [PREFACE, SettingsFrame(0, settings={SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1}).serialize(),
+           WindowUpdateFrame(0, window_increment=2**31 - 1 - 65535).serialize(),
+           HeadersFrame(1, data=first, flags=["END_HEADERS", "END_STREAM"]).serialize()]  # fmt: skip
+    frame = HeadersFrame(3, data=again, flags=["END_HEADERS", "END_STREAM"]).serialize()
+    out += [frame[:5] + (2 * i + 1).to_bytes(4, "big") + frame[9:] for i in range(1, n)]
+    loop = asyncio.get_running_loop()
+    sending = asyncio.ensure_future(loop.sock_sendall(sock, b"".join(out)))
+    try:
+        conn = None
+        async with asyncio.timeout(WAIT * 3):
+            while conn is None or conn.transport.is_reading():
+                await asyncio.sleep(0.01)
+                conns = [x for x in gw.gateway.ctx.connections if isinstance(x, H2Connection)]
+                conn = conns[0] if conns else None
+        held = conn.transport.get_write_buffer_size() + conn.h2.queued()
+        assert held < 4 << 20, held  # (the mark is 512 KiB; one read's answers may come on top)
+        assert conn.h2.highest_inbound_stream_id < 2 * n - 1  # (the rest waits in the kernel)
+        ended: set[int] = set()
+        buf = b""
+        async with asyncio.timeout(WAIT * 6):
+            while len(ended) < n:
+                data = await loop.sock_recv(sock, 1 << 20)
+                assert data, f"closed after {len(ended)} answers"
+                buf += data
+                pos = 0
+                while len(buf) - pos >= 9:
+                    length = int.from_bytes(buf[pos : pos + 3], "big")
+                    if len(buf) - pos < 9 + length:
+                        break
+                    kind, flags = buf[pos + 3], buf[pos + 4]
+                    if kind in (0, 1) and flags & 1:  # DATA or HEADERS with END_STREAM
+                        ended.add(int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF)
+                    pos += 9 + length
+                buf = buf[pos:]
+        assert ended == set(range(1, 2 * n, 2))
+        await sending
+    finally:
+        sending.cancel()
+        sock.close()
 
 
 async def test_zero_window_stall_ends_the_stream_not_the_connection(start_gateway: Any, catalog: Catalog) -> None:

@@ -12,7 +12,7 @@ import h2.config
 import h2.connection
 import h2.settings
 from hpack import NeverIndexedHeaderTuple
-from hyperframe.frame import DataFrame, HeadersFrame
+from hyperframe.frame import DataFrame, HeadersFrame, PriorityFrame, RstStreamFrame, WindowUpdateFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -154,3 +154,35 @@ def test_same_events_errors_and_bytes_as_h2(steps: list[Any], remembering: bool)
                 assert mine.state_machine.state == its.state_machine.state, sid
                 assert mine.outbound_flow_control_window == its.outbound_flow_control_window, sid
                 assert mine.inbound_flow_control_window == its.inbound_flow_control_window, sid
+
+
+def test_frames_that_ask_for_nothing_are_counted() -> None:
+    """What http2.H2Connection budgets (_unasked): each kind of frame that asks for nothing counted
+    once, a stream's WINDOW_UPDATE apart, and nothing a request or its body sends."""
+    c = _server(ServerConnection, True)
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False)
+    )
+    client.initiate_connection()
+    client.send_headers(1, _request(1, 0), end_stream=True)
+    client.send_headers(3, _request(3, 1), priority_weight=16)  # (priority in HEADERS: a request)
+    client.send_data(3, b"abc")
+    client.send_data(3, b"", end_stream=True)  # (an empty DATA that ends the body)
+    c.receive_data(client.data_to_send())
+    c.send_headers(1, [(b":status", b"200")], end_stream=True)
+    assert (c.idle_frames, c.stream_updates) == (0, 0)
+    for frame, idle, updates in [
+        (PriorityFrame(5, depends_on=0, stream_weight=16).serialize(), 1, 0),
+        (b"\x00\x00\x00\x20\x00\x00\x00\x00\x00", 1, 0),  # a frame of an unknown type
+        (RstStreamFrame(1, error_code=0).serialize(), 1, 0),  # stream 1 has ended both ways
+        (WindowUpdateFrame(1, window_increment=5).serialize(), 0, 1),
+        (WindowUpdateFrame(0, window_increment=5).serialize(), 0, 0),  # (http2.py credits these itself)
+    ]:
+        before = (c.idle_frames, c.stream_updates)
+        c.receive_data(frame)
+        assert (c.idle_frames - before[0], c.stream_updates - before[1]) == (idle, updates), frame
+    client.send_headers(7, _request(7, 0))
+    c.receive_data(client.data_to_send() + DataFrame(7, b"").serialize())
+    assert c.idle_frames == 4  # + the empty DATA that does not end stream 7
+    c.receive_data(DataFrame(7, b"", flags=["END_STREAM"]).serialize())
+    assert c.idle_frames == 4
