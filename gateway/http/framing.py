@@ -120,6 +120,15 @@ def _llhttp_kind(e: Exception) -> str:
     return SYNTAX
 
 
+def _bad_status(status: int) -> FramingError:
+    """llhttp takes any three digits for a status code. RFC 9110 §15: codes outside 100-599 are
+    invalid; and one below 100 is final to llhttp (a body may follow) and to a client, where the
+    gateway takes every code below 200 for an interim response: a sandbox's ``020`` went to the
+    client without its Content-Length, a response read until the connection closes, and the next
+    response was taken for the final one. Refused (502)."""
+    return FramingError(FRAMING, f"status code {status:03d} outside 100-599")
+
+
 class Framer:
     """Frames the messages of one direction of one HTTP/1.1 connection.
 
@@ -268,7 +277,9 @@ class Framer:
             if not self.began:
                 raise FramingError(FRAMING, "llhttp saw no message in the head")
             if self.response:
-                self.status = self.parser.get_status_code()  # type: ignore[union-attr]
+                status = self.status = self.parser.get_status_code()  # type: ignore[union-attr]
+                if not 100 <= status <= 599:
+                    raise _bad_status(status)
             if self.complete:
                 self.began = False
                 self.last = head if self.keep else None
@@ -433,7 +444,9 @@ class Framer:
         if not self.began:
             raise FramingError(FRAMING, "llhttp saw no message in the head")
         if self.response:
-            self.status = self.parser.get_status_code()  # type: ignore[union-attr]
+            status = self.status = self.parser.get_status_code()  # type: ignore[union-attr]
+            if not 100 <= status <= 599:
+                raise _bad_status(status)
         if self.complete:
             self.began = False
             self.last = head if self.keep else None

@@ -15,8 +15,9 @@ sandbox side):
   is built without error and still ends its head where it should; a request head forwarded for an
   untrusted peer carries none of the untrusted fields (in any ``_``/``-`` spelling), no underscore
   spelling of a field the policy acts on, one of each forwarding field, and in its Upgrade only
-  allowed protocols; a response head carries at most one Transfer-Encoding field, none on a 1xx,
-  204 or 304, where it carries no Content-Length either;
+  allowed protocols; a response head has a status code within 100-599, carries at most one
+  Transfer-Encoding field, none on a 1xx, 204 or 304, where it carries no Content-Length either,
+  and as an HTTP/2 field list passes h2's checks of a received response;
 - ``h2requests``: an HTTP/2 request's field list (the input, decoded by :func:`fields`) is written as an
   HTTP/1.1 head (gateway/http/h2map.py) or refused: a head written holds exactly one line per field,
   none with CR, LF or NUL, one end, and the header analysis takes it (no field smuggles a line, a
@@ -33,6 +34,8 @@ from __future__ import annotations
 import itertools
 import time
 
+import h2.utilities
+
 from gateway.errors import Reason
 from gateway.http import framing, h2map, hdrs
 from gateway.http.headers import (
@@ -48,6 +51,9 @@ from tests import framing_driver as drive
 
 LIMIT = 0.1  #: seconds of CPU per input
 TARGETS = ("requests", "responses", "h2requests")
+_H2_RESPONSE = h2.utilities.HeaderValidationFlags(
+    is_client=True, is_trailer=False, is_response_header=True, is_push_promise=False
+)
 _PEER = Peer.make("198.51.100.7", 443, True, ())
 _FIELDS = FieldRoles()
 _UNTRUSTED = {n.lower().replace(b"_", b"-") for n in hdrs.UNTRUSTED}
@@ -74,6 +80,15 @@ def _check_forwarded_response(out: bytes, status: int) -> None:
     if status < 200 or status in (204, 304):
         assert hdrs.TRANSFER_ENCODING not in names and hdrs.CONTENT_LENGTH not in names
     assert not own_cookie_lines(out, b"e2b_access"), "a Set-Cookie of the gateway's cookie passed"
+    # What an HTTP/2 client gets of it passes the checks a strict client makes of a response (h2's
+    # own: RFC 9113 §8.2.1 characters, §8.2.2 connection-specific fields, §8.3.2 pseudo-header
+    # fields): a field one client's connection refuses would end every stream on it, other
+    # sandboxes' too. (The trailer fields of a de-chunked body go through the same h2map.fields_of.)
+    assert 100 <= status <= 599, f"status code {status:03d} forwarded (RFC 9110 §15)"
+    for tunnel in (False, True) if status == 101 else (False,):
+        fields = h2map.response_fields(out, tunnel)
+        assert fields[0] == (b":status", b"200" if tunnel else b"%d" % status)
+        list(h2.utilities.validate_headers(fields, _H2_RESPONSE))
 
 
 class Slow(AssertionError):

@@ -268,6 +268,18 @@ def test_1xx_responses_are_capped() -> None:
     assert drive.responses([b"HTTP/1.1 101 Switching\r\n\r\n"]).end == "upstream_invalid_response"
 
 
+@pytest.mark.parametrize("status", [b"000", b"020", b"099", b"600", b"999"])
+def test_a_status_code_outside_100_599_is_refused(status: bytes) -> None:
+    """RFC 9110 §15 (llhttp takes any three digits; below 100 it would be final to llhttp and
+    interim to the gateway): refused; 100 and 599 pass."""
+    odd = b"HTTP/1.1 " + status + b" X\r\nContent-Length: 2\r\n\r\nok"
+    assert drive.responses([odd]).end == "upstream_invalid_response"
+    assert drive.responses([odd, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).messages == ()
+    for fine in (b"100", b"599"):
+        head = b"HTTP/1.1 " + fine + b" X\r\n\r\n"
+        assert drive.responses([head + OK]).messages[0][0] == head
+
+
 def test_close_delimited_and_upgrade_responses() -> None:
     head = b"HTTP/1.1 200 OK\r\n\r\n"
     assert drive.responses([head + b"abc", b"def"]) == drive.Verdict(((head, b"abcdef"),), "close")
