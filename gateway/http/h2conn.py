@@ -49,7 +49,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-__all__ = ["RememberingDecoder", "RememberingEncoder", "ServerConnection", "server_config"]
+__all__ = ["ENCODER_TABLE_SIZE", "RememberingDecoder", "RememberingEncoder", "ServerConnection", "server_config"]
 
 _SEND_HEADERS: Final = h2.connection.ConnectionInputs.SEND_HEADERS
 _SEND_DATA: Final = h2.connection.ConnectionInputs.SEND_DATA
@@ -70,6 +70,11 @@ if any(
     for i in (_SEND_HEADERS, _SEND_DATA, _RECV_HEADERS)
 ):
     raise ImportError("h2's connection states changed: review gateway.http.h2conn.ServerConnection")
+
+
+#: The most of its HPACK dynamic table the gateway's encoder uses, whatever a client allows: the
+#: protocol's default (RFC 9113 §6.5.2), as nginx and nghttp2 keep theirs.
+ENCODER_TABLE_SIZE: Final = 4096
 
 
 class RememberingDecoder:
@@ -155,7 +160,11 @@ class RememberingEncoder:
 
     @header_table_size.setter
     def header_table_size(self, v: int) -> None:
-        self.e.header_table_size = v
+        """h2 sets the client's SETTINGS_HEADER_TABLE_SIZE here: the most the client's decoder
+        holds, which the encoder may use less of (RFC 7541 §4.2, it says so in the next block).
+        Taken as it came, a client's 2^32-1 would let every response field stay in the gateway's
+        memory for as long as the connection lives: at most :data:`ENCODER_TABLE_SIZE` is used."""
+        self.e.header_table_size = min(v, ENCODER_TABLE_SIZE)
         self.memo.clear()
 
     def encode(self, headers: list[Any], huffman: bool = True) -> bytes:

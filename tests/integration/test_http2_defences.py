@@ -337,6 +337,45 @@ async def test_a_client_that_sends_without_reading_stops_being_read(start_gatewa
         sock.close()
 
 
+async def test_a_clients_header_table_size_does_not_size_the_gateways_memory(
+    start_gateway: Any, catalog: Catalog
+) -> None:
+    """SETTINGS_HEADER_TABLE_SIZE is what the client's HPACK decoder can hold; the gateway's encoder
+    indexes response fields in a table of that size, which is the gateway's memory. A client that
+    allows 1 GiB and asks for responses whose fields never repeat (its own sandbox's, here 300 of
+    8 KB) must not make the gateway keep them: its table stays at 4,096 bytes, and the client
+    decodes every response (the encoder said which size it uses, RFC 7541 §6.3)."""
+    n = 0
+
+    async def unique(c: UpstreamConn) -> None:
+        nonlocal n
+        while True:
+            await c.read_request()
+            n += 1
+            value = b"%06d" % n * 1400
+            c.send(b"HTTP/1.1 200 OK\r\nX-Unique: " + value + b"\r\nContent-Length: 2\r\n\r\nok")
+
+    async with RawUpstream(unique) as up:
+        catalog.put("hts", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "hts")
+        c = await H2Client.connect(gw.port, settings={SettingCodes.HEADER_TABLE_SIZE: 1 << 30})
+        c.conn.decoder.max_allowed_table_size = 1 << 30  # (h2 sets it on a change acknowledged, not at the start)
+        for _ in range(30):
+            sids = [c.start(host, "/u") for _ in range(10)]
+            for sid in sids:
+                r = await c.response(sid)
+                assert r.status == 200 and r.reset is None and bytes(r.body) == b"ok"
+                value = r.header(b"x-unique")
+                assert value is not None and len(value) == 8400 and value == value[:6] * 1400
+        assert len({r.header(b"x-unique") for r in c.responses.values()}) == 300
+        (conn,) = [x for x in gw.gateway.ctx.connections if isinstance(x, H2Connection)]
+        table = conn.h2.encoder.e.header_table
+        assert table.maxsize == 4096 and table._current_size <= 4096
+        assert c.goaway is None
+        c.close()
+
+
 async def test_zero_window_stall_ends_the_stream_not_the_connection(start_gateway: Any, catalog: Catalog) -> None:
     """A client that lets a response fill its window and never reopens it: after min_body_rate's
     window the stream is reset and its sandbox connection closed; the connection serves on."""
