@@ -691,6 +691,7 @@ class H2Connection(asyncio.Protocol):
             return
         if len(self.streams) >= self.max_streams:
             h.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._count_reset()  # past the limit it was told (§5.1.2), each a request for nothing
             return
         end = ev.stream_ended is not None
         headers = ev.headers
@@ -874,11 +875,15 @@ class H2Connection(asyncio.Protocol):
         self.stream_gone()
 
     def _count_reset(self) -> None:
-        """CVE-2023-44487: a client that opens and resets streams makes work it never waits for."""
+        """CVE-2023-44487: a client that opens and resets streams makes work it never waits for;
+        so does one that opens streams past the limit its SETTINGS said (each refused). A client
+        that opened streams before it saw the limit is refused that once, well within the budget."""
         self._new_second()
         self.resets += 1
         if self.resets > 2 * self.max_streams:
-            log.info("HTTP/2 rapid reset from %s: %d streams reset within a second", self.peer.ip, self.resets)
+            log.info(
+                "HTTP/2 rapid reset from %s: %d streams reset or refused within a second", self.peer.ip, self.resets
+            )
             self._go_away(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     def _unasked(self) -> bool:

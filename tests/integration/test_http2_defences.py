@@ -83,6 +83,37 @@ async def test_streams_past_the_limit_are_refused(start_gateway: Any, catalog: C
         c.close()
 
 
+async def test_a_client_that_keeps_opening_streams_past_the_limit_is_sent_away(
+    start_gateway: Any, catalog: Catalog
+) -> None:
+    """Each stream past the limit is refused, and costs the gateway a header block for nothing: a
+    client that goes on (500 more in one write while its 100 wait) gets GOAWAY ENHANCE_YOUR_CALM,
+    as for a rapid reset; other connections are served."""
+    release = asyncio.Event()
+
+    async def slow(c: UpstreamConn) -> None:
+        await c.read_request()
+        await release.wait()
+        c.send(response(200, b"late"))
+
+    async with RawUpstream(slow) as up:
+        catalog.put("lim2", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "lim2")
+        c = await H2Client.connect(gw.port)
+        sids = [c.start(host, f"/s{i}") for i in range(100)]
+        async with asyncio.timeout(WAIT):
+            while len(up.conns) < 100:
+                await asyncio.sleep(0.01)
+        block = request_block(host)
+        c.send_raw(b"".join(HeadersFrame(sids[-1] + 2 * i, data=block, flags=["END_HEADERS", "END_STREAM"]).serialize()
+                            for i in range(1, 501)))  # fmt: skip
+        assert await c.closed()
+        assert error_codes(c) == [CALM]
+        release.set()
+        await still_serves(gw.port, host)
+
+
 async def test_header_lists_are_bounded(start_gateway: Any, catalog: Catalog) -> None:
     """Past max_request_head_size: 431 on that stream. Past twice that once decoded (an HPACK
     bomb: one 4 kB table entry referenced 100 times in 100 bytes): GOAWAY ENHANCE_YOUR_CALM."""
