@@ -32,13 +32,15 @@ which clients retry); header lists bounded (HPACK's decoded size: a connection e
 costs no more; a head too large for ``max_request_head_size``: 431 on that stream); CONTINUATION
 floods end at h2's 64 frames; streams the client resets (CVE-2023-44487, rapid reset) that were
 cancelled in the read that opened them cost no exchange at all, and more than twice the stream limit
-of resets in a second end the connection with GOAWAY ENHANCE_YOUR_CALM, as do more than
-:data:`CONTROL_BUDGET` PING/SETTINGS frames a second, counted with them WINDOW_UPDATEs (the
+of resets (and of refusals past the limit) in a second end the connection with GOAWAY
+ENHANCE_YOUR_CALM, as do more than :data:`CONTROL_BUDGET` PING/SETTINGS frames a second, counted
+with them WINDOW_UPDATEs (the
 connection's, and the streams') beyond one per DATA frame sent (a client giving back window for what
 it received is never refused) and frames that ask for nothing (:meth:`H2Connection._unasked`);
 a connection WINDOW_UPDATE resumes only the streams its window held back; a stream whose response cannot move
 (``min_body_rate``) is reset; idle connections close after ``client_idle_timeout``; a client is not
-read while what the gateway writes it waits past the high-water mark (:meth:`H2Connection.pause_writing`).
+read while what the gateway writes it waits past the high-water mark (:meth:`H2Connection.pause_writing`);
+the gateway's HPACK encoder uses at most 4,096 bytes of table, whatever the client allows.
 """
 
 from __future__ import annotations
