@@ -46,15 +46,22 @@ async def still_serves(port: int, authority: str) -> None:
     c.close()
 
 
-async def test_streams_past_the_limit_are_refused(start_gateway: Any, catalog: Catalog) -> None:
-    """At most http2_max_concurrent_streams streams (default 100, as E2B): one more is refused
-    (REFUSED_STREAM, which a client may retry) and the connection goes on."""
-    release = asyncio.Event()
+def answers_when(release: asyncio.Event) -> Any:
+    """A sandbox that reads a request, and answers it once ``release`` is set."""
 
     async def slow(c: UpstreamConn) -> None:
         await c.read_request()
         await release.wait()
         c.send(response(200, b"late"))
+
+    return slow
+
+
+async def test_streams_past_the_limit_are_refused(start_gateway: Any, catalog: Catalog) -> None:
+    """At most http2_max_concurrent_streams streams (default 100, as E2B): one more is refused
+    (REFUSED_STREAM, which a client may retry) and the connection goes on."""
+    release = asyncio.Event()
+    slow = answers_when(release)
 
     async with RawUpstream(slow) as up:
         catalog.put("lim", host="127.0.0.1")
@@ -90,11 +97,7 @@ async def test_a_client_that_keeps_opening_streams_past_the_limit_is_sent_away(
     client that goes on (500 more in one write while its 100 wait) gets GOAWAY ENHANCE_YOUR_CALM,
     as for a rapid reset; other connections are served."""
     release = asyncio.Event()
-
-    async def slow(c: UpstreamConn) -> None:
-        await c.read_request()
-        await release.wait()
-        c.send(response(200, b"late"))
+    slow = answers_when(release)
 
     async with RawUpstream(slow) as up:
         catalog.put("lim2", host="127.0.0.1")
