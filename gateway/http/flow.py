@@ -23,7 +23,7 @@ import socket
 import struct
 from typing import Final
 
-__all__ = ["BUFFERING", "PEER_BUSY", "QUEUED", "UNREAD", "UPGRADING", "WINDOW", "Outbox", "ReadGate", "reset", "tune"]
+__all__ = ["BUFFERING", "PEER_BUSY", "QUEUED", "UPGRADING", "WINDOW", "Outbox", "ReadGate", "reset", "tune"]
 
 PEER_BUSY: Final = 1  #: the transport we write this side's data to is full
 QUEUED: Final = 2  #: pipelined requests wait for the one in progress
@@ -31,8 +31,6 @@ BUFFERING: Final = 4  #: a request body is held while the upstream connection is
 UPGRADING: Final = 8  #: an Upgrade request waits for the sandbox's answer
 #: an HTTP/2 stream holds as many response bytes as it may while the client's window is shut
 WINDOW: Final = 16
-#: an HTTP/2 client does not read what the gateway answers (its own transport is full)
-UNREAD: Final = 32
 
 # Bytes buffered per transport before pause_writing: a few large reads' worth, so a fast
 # sender is not stopped for every read, and bounded, so a slow reader costs little memory.

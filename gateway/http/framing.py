@@ -121,12 +121,13 @@ def _llhttp_kind(e: Exception) -> str:
 
 
 def _bad_status(status: int) -> FramingError:
-    """llhttp takes any three digits for a status code. RFC 9110 §15: codes outside 100-599 are
-    invalid; and one below 100 is final to llhttp (a body may follow) and to a client, where the
-    gateway takes every code below 200 for an interim response: a sandbox's ``020`` went to the
-    client without its Content-Length, a response read until the connection closes, and the next
-    response was taken for the final one. Refused (502)."""
-    return FramingError(FRAMING, f"status code {status:03d} outside 100-599")
+    """llhttp takes any three digits for a status code. One below 100 (RFC 9110 §15: invalid) is
+    final to llhttp (a body may follow) and to a client, where the gateway takes every code below
+    200 for an interim response: a sandbox's ``020`` went to the client without its
+    Content-Length, a response read until the connection closes, and the next response was taken
+    for the final one. Refused (502). 600-999, also invalid, are final to all three and are
+    forwarded, as by h11, hyper and Go (§15: a client takes them as 5xx)."""
+    return FramingError(FRAMING, f"status code {status:03d} below 100")
 
 
 class Framer:
@@ -278,7 +279,7 @@ class Framer:
                 raise FramingError(FRAMING, "llhttp saw no message in the head")
             if self.response:
                 status = self.status = self.parser.get_status_code()  # type: ignore[union-attr]
-                if not 100 <= status <= 599:
+                if status < 100:
                     raise _bad_status(status)
             if self.complete:
                 self.began = False
@@ -445,7 +446,7 @@ class Framer:
             raise FramingError(FRAMING, "llhttp saw no message in the head")
         if self.response:
             status = self.status = self.parser.get_status_code()  # type: ignore[union-attr]
-            if not 100 <= status <= 599:
+            if status < 100:
                 raise _bad_status(status)
         if self.complete:
             self.began = False

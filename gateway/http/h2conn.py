@@ -229,6 +229,7 @@ class ServerConnection(h2.connection.H2Connection):
         # Frames received that asked for nothing (see _receive_frame), for the caller's budget.
         self.idle_frames = 0
         self.stream_updates = 0  # WINDOW_UPDATE frames for a stream, open or closed
+        self.gone_data = 0  # DATA frames with a payload for a stream that is gone
         self.encoder = RememberingEncoder()  # type: ignore[assignment]  # (send_headers needs its encode_with)
         # The frames of responses, reused stream after stream (hyperframe's frames are plain objects:
         # set the stream and the payload, serialise): building a frame and its flags costs more than
@@ -413,10 +414,12 @@ class ServerConnection(h2.connection.H2Connection):
         """h2 4.4's, without the ``repr`` of every frame it builds for a no-op trace log; and counting
         the frames that ask for nothing, which h2 processes at a cost and the caller budgets
         (CVE-2019-9513, CVE-2019-9518): ``stream_updates`` (a client gives window back for DATA it
-        received; more is a flood), ``idle_frames``: PRIORITY frames (RFC 9113 §5.3.2 deprecates
-        them; one in a request's HEADERS is not counted), frames of an extension h2 does not know
-        (§5.5: ignored), empty DATA frames that do not end their stream, and any frame h2 took
-        without an event (a RST_STREAM or DATA for a stream that is gone, ALTSVC from a client)."""
+        received; more is a flood), ``gone_data`` (DATA the client sent before it learnt that the
+        gateway had ended the stream, RFC 9113 §5.1: expected, up to a point), ``idle_frames``:
+        PRIORITY frames (§5.3.2 deprecates them; one in a request's HEADERS is not counted), frames
+        of an extension h2 does not know (§5.5: ignored), empty DATA frames that do not end their
+        stream, and any other frame h2 took without an event (a RST_STREAM for a stream that is
+        gone, ALTSVC from a client)."""
         events: list[h2.events.Event]
         try:
             frames, events = self._frame_dispatch_table[frame.__class__](frame)
@@ -443,15 +446,16 @@ class ServerConnection(h2.connection.H2Connection):
         cls = frame.__class__
         if cls is HeadersFrame and events:  # (a request: the common case)
             return events
-        if cls is WindowUpdateFrame:
+        if cls is DataFrame:
+            if not frame.data:
+                if "END_STREAM" not in frame.flags:
+                    self.idle_frames += 1
+            elif not events:
+                self.gone_data += 1
+        elif cls is WindowUpdateFrame:
             if frame.stream_id:
                 self.stream_updates += 1
-        elif (
-            not events
-            or cls is PriorityFrame
-            or cls is ExtensionFrame
-            or (cls is DataFrame and not frame.data and "END_STREAM" not in frame.flags)
-        ):
+        elif not events or cls is PriorityFrame or cls is ExtensionFrame:
             self.idle_frames += 1
         return events
 

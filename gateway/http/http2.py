@@ -34,13 +34,12 @@ floods end at h2's 64 frames; streams the client resets (CVE-2023-44487, rapid r
 cancelled in the read that opened them cost no exchange at all, and more than twice the stream limit
 of resets (and of refusals past the limit) in a second end the connection with GOAWAY
 ENHANCE_YOUR_CALM, as do more than :data:`CONTROL_BUDGET` PING/SETTINGS frames a second, counted
-with them WINDOW_UPDATEs (the
-connection's, and the streams') beyond one per DATA frame sent (a client giving back window for what
-it received is never refused) and frames that ask for nothing (:meth:`H2Connection._unasked`);
-a connection WINDOW_UPDATE resumes only the streams its window held back; a stream whose response cannot move
-(``min_body_rate``) is reset; idle connections close after ``client_idle_timeout``; a client is not
-read while what the gateway writes it waits past the high-water mark (:meth:`H2Connection.pause_writing`);
-the gateway's HPACK encoder uses at most 4,096 bytes of table, whatever the client allows.
+with them WINDOW_UPDATEs beyond what the client earned by what it received, unsolicited
+acknowledgements and frames that ask for nothing (:meth:`H2Connection._unasked`); a connection
+WINDOW_UPDATE resumes only the streams its window held back; a stream whose response cannot move
+(``min_body_rate``) is reset; idle connections close after ``client_idle_timeout``; a client that
+sends without reading what it is answered is reset (:meth:`H2Connection._unread`); the gateway's
+HPACK encoder uses at most 4,096 bytes of table, whatever the client allows.
 """
 
 from __future__ import annotations
@@ -84,6 +83,13 @@ CONNECTION_WINDOW: Final = 16 * 1024 * 1024
 #: Response bytes held per stream while the client's window is shut, before the sandbox side of
 #: that stream stops being read.
 STREAM_BUFFER: Final = 256 * 1024
+#: Unused free WINDOW_UPDATEs a connection keeps, of each kind (H2Connection._earned).
+WINDOW_CREDIT_CAP: Final = 64 * 1000
+#: DATA frames per stream a client may send after the gateway ended the stream, for free.
+GONE_DATA: Final = 64
+#: Bytes the gateway may answer a client with (to its own frames) while the client's transport is
+#: full, before the connection is reset: a client must read what it asks for.
+UNREAD_LIMIT: Final = 1024 * 1024
 #: PING and SETTINGS frames a client may send per second (each costs an acknowledgement), with the
 #: WINDOW_UPDATEs that give back no DATA frame the gateway sent and the frames that ask for nothing.
 CONTROL_BUDGET: Final = 1000
@@ -91,6 +97,26 @@ CONTROL_BUDGET: Final = 1000
 _MAX_STREAM_ID: Final = 2**31 - 1
 
 _OPEN, _NOTICE, _FINAL = 0, 1, 2  # H2Connection.goaway
+
+
+class _Allowance:
+    """Frames a client may send for free, earned by what the gateway did for it (streams opened,
+    DATA sent) and kept up to ``cap``; the rest count against the control budget."""
+
+    __slots__ = ("balance", "cap", "seen")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.balance = 0
+        self.seen = 0  # what had been earned when last looked at
+
+    def spend(self, earned: int, n: int) -> int:
+        """``n`` frames, ``earned`` the running total earned: how many were not free."""
+        balance = min(self.balance + earned - self.seen, self.cap)
+        self.seen = earned
+        free = min(n, balance)
+        self.balance = balance - free
+        return n - free
 
 
 class H2Stream:
@@ -421,16 +447,16 @@ class H2Connection(asyncio.Protocol):
         "closing",
         "conn_unacked",
         "control",
-        "credited",
         "ctx",
         "data_frames",
         "flush_queued",
-        "gate",
         "goaway",
         "goaway_at",
+        "gone_credit",
         "h2",
         "heads",
         "in_feed",
+        "increments",
         "last_active",
         "last_stream",
         "max_streams",
@@ -439,10 +465,12 @@ class H2Connection(asyncio.Protocol):
         "peer_gone",
         "requests",
         "resets",
-        "stream_credited",
+        "stream_credit",
         "streams",
         "touched",
         "transport",
+        "unread",
+        "window_credit",
         "window_start",
         "write_paused",
     )
@@ -450,7 +478,6 @@ class H2Connection(asyncio.Protocol):
     def __init__(self, ctx: Context, transport: asyncio.Transport, peer: Peer) -> None:
         self.ctx = ctx
         self.transport = transport
-        self.gate = flow.ReadGate(transport)
         self.peer = peer
         cfg = ctx.config
         self.max_streams = cfg.http2_max_concurrent_streams
@@ -476,13 +503,17 @@ class H2Connection(asyncio.Protocol):
         self.streams: dict[int, H2Stream] = {}
         self.touched: list[H2Stream] = []
         self.blocked: collections.deque[H2Stream] = collections.deque()  # waiting for the connection's window
-        self.credited = 0  # connection WINDOW_UPDATEs taken as giving back window for DATA sent
-        self.stream_credited = 0  # streams' WINDOW_UPDATEs taken so (_unasked)
+        # Frames a client may send without counting against CONTROL_BUDGET (_earned, _unasked).
+        self.window_credit = _Allowance(WINDOW_CREDIT_CAP)  # connection WINDOW_UPDATEs
+        self.stream_credit = _Allowance(WINDOW_CREDIT_CAP)  # streams' WINDOW_UPDATEs
+        self.gone_credit = _Allowance(GONE_DATA * self.max_streams)  # DATA for streams that are gone
+        self.increments = 0  # the client's connection WINDOW_UPDATEs, summed
         self.data_frames = 0  # DATA frames sent but send_last's one-frame responses (counted in ``opened``)
         self.heads: dict[tuple[bytes, bool], Any] = {}  # response heads mapped (per connection: HPACK is)
         self.requests: dict[tuple[int, bool], tuple[Any, h2map.Mapped | str, RequestHead | Reason | None]] = {}
         self.in_feed = False
         self.write_paused = False
+        self.unread = 0  # bytes answered to the client's frames while its transport was full
         self.closing = False
         self.flush_queued = False
         self.peer_gone = False  # the client sent GOAWAY
@@ -534,6 +565,7 @@ class H2Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        held = self.transport.get_write_buffer_size() + self.h2.queued() if self.write_paused else -1
         self.in_feed = True
         try:
             events = self.h2.receive_data(data)
@@ -544,10 +576,6 @@ class H2Connection(asyncio.Protocol):
             self._abort_streams()
             self._close_after_flush()
             return
-        h = self.h2
-        if (h.idle_frames or h.stream_updates) and self._unasked():
-            self.in_feed = False
-            return
         try:
             self._handle(events)
         except Exception:
@@ -556,6 +584,9 @@ class H2Connection(asyncio.Protocol):
             self._go_away(h2.errors.ErrorCodes.INTERNAL_ERROR)
             return
         self.in_feed = False
+        h = self.h2
+        if (h.idle_frames or h.stream_updates or h.gone_data) and self._unasked():
+            return
         touched = self.touched
         if touched:
             self.touched = []
@@ -569,13 +600,30 @@ class H2Connection(asyncio.Protocol):
         if self.conn_unacked >= CONNECTION_WINDOW // 4:
             self.h2.increment_flow_control_window(self.conn_unacked)
             self.conn_unacked = 0
+        if held >= 0 and self._unread(held):
+            return
         if self.h2.queued() > flow.WRITE_HIGH:
             # Answers past the high-water mark from one read (many small requests, each answered
-            # by the gateway): written now, so that a client that does not read them stops being
-            # read (pause_writing) before the loop's next read, not after a loop iteration's reads.
+            # by the gateway): written now, so that pause_writing tells within this batch of reads
+            # that the client does not read them (_unread), not after a loop iteration's reads.
             self.flush_now()
         else:
             self.flush_later()
+
+    def _unread(self, held: int) -> bool:
+        """A read handled while the client's transport was full: what it made the gateway answer
+        (an error page, RST_STREAM, a PING's ACK...) waits in memory, not in the kernel. A client
+        that sends without reading would make it grow, ten bytes of answer for each byte of
+        request; past :data:`UNREAD_LIMIT` the connection is reset (the GOAWAY could not be read).
+        The sandboxes' DATA is not counted: it stops at the high-water mark (pause_writing).
+        True: the connection is gone."""
+        self.unread += self.transport.get_write_buffer_size() + self.h2.queued() - held
+        if self.unread <= UNREAD_LIMIT:
+            return False
+        log.info("HTTP/2 client %s sends without reading what it is answered: reset", self.peer.ip)
+        self._go_away(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        flow.reset(self.transport)
+        return True
 
     def eof_received(self) -> bool:
         """The client sends nothing more: streams whose request is complete may still be answered
@@ -614,11 +662,11 @@ class H2Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The client is not reading as fast as the gateway writes: its streams' sandboxes stop
-        being read, and so does the client. Every frame it sends may make the gateway answer (an
-        error page, RST_STREAM, a PING's ACK): a client that sends without reading would otherwise
-        fill the gateway's memory, ten bytes of answer for each of request."""
+        being read (the client still is: its uploads, WINDOW_UPDATEs and resets go on, and some
+        clients read only once their writer has made progress; what the gateway answers it
+        meanwhile is capped, see :data:`UNREAD_LIMIT`)."""
         self.write_paused = True
-        self.gate.close(flow.UNREAD)
+        self.unread = 0
         for s in self.streams.values():
             x = s.x
             if x is not None and x.up is not None:
@@ -628,7 +676,6 @@ class H2Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.gate.open(flow.UNREAD)
         for s in list(self.streams.values()):
             x = s.x
             if x is not None and x.up is not None:
@@ -657,7 +704,7 @@ class H2Connection(asyncio.Protocol):
                 if ev.stream_id:  # type: ignore[attr-defined]
                     self._stream_window(ev.stream_id)  # type: ignore[attr-defined]
                 else:
-                    self._connection_window()
+                    self._connection_window(ev.delta)  # type: ignore[attr-defined]
             elif t is h2.events.StreamReset:
                 self._reset_by_client(ev.stream_id)  # type: ignore[attr-defined]
             elif t is h2.events.TrailersReceived:
@@ -669,8 +716,11 @@ class H2Connection(asyncio.Protocol):
             elif t is h2.events.PingReceived:
                 self._control()
             elif t is h2.events.PingAckReceived:
+                self._control()  # (the gateway sends one PING, at a drain: the others ask for nothing)
                 if self.goaway == _NOTICE and not self.ctx.listening:
                     self._final_goaway()
+            elif t is h2.events.SettingsAcknowledged:
+                self._control()  # (the gateway sends its SETTINGS once)
             elif t is h2.events.ConnectionTerminated:
                 # h2 sends nothing after a GOAWAY either way (python-hyper/h2#1181): what the
                 # client still waits for cannot be answered; it ends here.
@@ -827,22 +877,17 @@ class H2Connection(asyncio.Protocol):
             s.pump()
             self.flush_later()
 
-    def _connection_window(self) -> None:
+    def _connection_window(self, delta: int) -> None:
         """A WINDOW_UPDATE for the connection (stream 0): the streams waiting for the connection's
         window send, in the order they began to wait, until it is spent again; the others are not
         looked at (a stream whose own window is shut waits for its own WINDOW_UPDATE).
 
-        A client gives back window for DATA it received, at most one WINDOW_UPDATE per DATA frame
-        (h2, nghttp2, browsers: fewer, a window's quarter or half at a time): those are free, however
-        fast a gigabyte comes. Any more (a flood of 1-byte updates for nothing received) count as
-        control frames, as PING and SETTINGS do (:meth:`_control`: GOAWAY ENHANCE_YOUR_CALM past
-        :data:`CONTROL_BUDGET` a second). The frames counted: ``data_frames``, and one per stream
-        opened for the response that fits one frame (H2Stream.send_last), which is thus not counted
-        on the hot path; a stream without DATA adds one free update, for the price of a request."""
+        A client gives back window for DATA it received: those updates are free (:meth:`_earned`),
+        however fast a gigabyte comes; any more (a flood of 1-byte updates for nothing received)
+        count as control frames, as PING and SETTINGS do (:meth:`_control`)."""
         h = self.h2
-        if self.credited < self.opened + self.data_frames:
-            self.credited += 1
-        else:
+        self.increments += delta
+        if self.window_credit.spend(self._earned(), 1):
             self._control()
             if self.closing:
                 return
@@ -888,23 +933,32 @@ class H2Connection(asyncio.Protocol):
             )
             self._go_away(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
+    def _earned(self) -> int:
+        """WINDOW_UPDATEs (of each kind: the connection's, the streams') a client has earned by
+        what it received: one per stream, one per DATA frame (counted off the hot path: a response
+        in one frame is counted as its stream), and one per 4 KiB of DATA. Clients give window
+        back at thresholds: browsers, nghttp2 and h2 at a quarter or half of a window, .NET every
+        8 KiB, Go every 4 KiB its application reads (so up to four of each kind per 16 KiB frame)."""
+        sent = 65535 + self.increments - self.h2.outbound_flow_control_window  # (§6.9.2: 65,535 to begin)
+        return self.opened + self.data_frames + max(0, sent) // 4096
+
     def _unasked(self) -> bool:
         """Frames that ask the gateway for nothing (ServerConnection._receive_frame names them):
         h2 parses and processes each, so a flood of them (CVE-2019-9513's PRIORITY frames,
         CVE-2019-9518's empty frames, RST_STREAM for streams long gone) is work without a request,
-        and counts as control frames (:meth:`_control`). A stream's WINDOW_UPDATE is free while the
-        client gives back window for DATA the gateway sent (one per DATA frame, one per stream
-        whose response was one frame), as for the connection's (:meth:`_connection_window`):
-        browsers acknowledge a stream's last DATA after it ended, every stream. True: past the
-        budget, the connection is going away."""
+        and counts as control frames (:meth:`_control`). Free: a stream's WINDOW_UPDATE as the
+        connection's (:meth:`_earned`), and :data:`GONE_DATA` DATA frames per stream, which a
+        client sent before it learnt that the gateway had ended the stream (an early 401 or 413
+        while the body is on its way; RFC 9113 §5.1). What is earned and not used is kept up to a
+        cap, so that a long connection does not bank a flood. True: past the budget, the
+        connection is going away."""
         h = self.h2
         n = h.idle_frames
-        updates = h.stream_updates
-        h.idle_frames = h.stream_updates = 0
-        if updates:
-            free = min(updates, max(0, self.opened + self.data_frames - self.stream_credited))
-            self.stream_credited += free
-            n += updates - free
+        if h.stream_updates:
+            n += self.stream_credit.spend(self._earned(), h.stream_updates)
+        if h.gone_data:
+            n += self.gone_credit.spend(GONE_DATA * self.opened, h.gone_data)
+        h.idle_frames = h.stream_updates = h.gone_data = 0
         if n:
             self._control(n)
         return self.closing

@@ -6,6 +6,7 @@ reading, zero-window stalls, idle connections; and a sandbox's failure resets on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
@@ -251,6 +252,8 @@ UNASKED = {
     "unknown-frame-type": lambda sid, gone, reset: _unknown_frame(sid),
     "rst-stream-of-an-ended-stream": lambda sid, gone, reset: RstStreamFrame(gone, error_code=0).serialize(),
     "data-of-a-reset-stream": lambda sid, gone, reset: DataFrame(reset, data=b"x").serialize(),
+    "unsolicited-ping-ack": lambda sid, gone, reset: PingFrame(0, flags=["ACK"], opaque_data=b"12345678").serialize(),
+    "unsolicited-settings-ack": lambda sid, gone, reset: SettingsFrame(0, flags=["ACK"]).serialize(),
 }
 
 
@@ -290,6 +293,40 @@ async def test_a_flood_of_frames_that_ask_for_nothing_ends_in_enhance_your_calm(
         await still_serves(gw.port, host)
 
 
+async def test_data_on_its_way_when_the_gateway_ends_a_stream_is_never_a_flood(
+    start_gateway: Any, catalog: Catalog
+) -> None:
+    """A balancer's connection carries uploads an app refuses at once (401 before the body): the
+    gateway ends each stream, and DATA the client had sent meanwhile arrives for a stream that is
+    gone (RFC 9113 §5.1: to be expected). 1,500 such streams, and a frame on its way for each, all
+    in one read: the connection goes on."""
+
+    async def refuses(c: UpstreamConn) -> None:
+        while True:
+            await c.read_head()
+            c.send(response(401, b"no"))
+
+    async with RawUpstream(refuses) as up:
+        catalog.put("early", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "early")
+        c = await H2Client.connect(gw.port)
+        ended: list[int] = []
+        for _ in range(75):
+            sids = [c.start(host, "/up", method="POST", headers=[("content-length", "5000")], end=False)
+                    for _ in range(20)]  # fmt: skip
+            for sid in sids:
+                r = await c.response(sid)
+                assert r.status == 401
+            ended += sids
+        # What was on its way for all of them, arriving together (a balancer's burst):
+        c.send_raw(b"".join(DataFrame(sid, data=b"d" * 1000).serialize() for sid in ended))
+        r = await c.request(host, "/after")
+        assert r.status == 401 and r.reset is None
+        assert not c.goaways and c.goaway is None and not c.lost.is_set()
+        c.close()
+
+
 async def test_window_updates_for_data_received_are_never_a_flood(start_gateway: Any, catalog: Catalog) -> None:
     """What browsers do: give back window for each stream's DATA after the stream ended, and the
     connection's. 1,500 streams' worth in one write, past the control budget, and each gives back
@@ -314,20 +351,23 @@ async def test_window_updates_for_data_received_are_never_a_flood(start_gateway:
         c.close()
 
 
-async def test_a_client_that_sends_without_reading_stops_being_read(start_gateway: Any, catalog: Catalog) -> None:
-    """Each small request the gateway answers itself (here: a host it does not serve) is about ten
-    times its size in answer. A client that sends them and reads nothing, with windows that let
-    everything be sent, would fill the worker's memory at ten times its own upload: once what waits
-    to be written passes the high-water mark, the client is not read. What the gateway holds stays
-    near the mark, not the 10 MB of answers, and once the client reads, every request is answered."""
+async def test_a_client_that_sends_without_reading_is_reset(start_gateway: Any, catalog: Catalog) -> None:
+    """Each small request the gateway answers itself (here: a host it does not serve, asked for
+    as a page) is a hundred times its size in answer. A client that sends them and reads nothing,
+    with windows that let everything be sent, would fill the worker's memory at that rate: once
+    the client's transport is full, what the gateway answers it is counted, and past 1 MiB the
+    connection is reset (requests ~40 bytes each, pages ~4 KB: 30,000 of them would be 120 MB).
+    The client is still read meanwhile (some clients read only once their writer progresses);
+    another connection is served."""
     gw = await start_gateway()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", gw.port))
     sock.setblocking(False)
     e = Encoder()
-    n = 100_000
-    head = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x.example.org"), (b":path", b"/")]
+    n = 30_000
+    head = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"x.example.org"), (b":path", b"/"),
+            (b"accept", b"text/html"), (b"sec-fetch-mode", b"navigate")]  # fmt: skip
     first = e.encode(head)
     again = e.encode(head)  # (the same fields, indexed: the same bytes for every request after the first)
     out = [PREFACE, SettingsFrame(0, settings={SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1}).serialize(),
@@ -338,37 +378,23 @@ async def test_a_client_that_sends_without_reading_stops_being_read(start_gatewa
     loop = asyncio.get_running_loop()
     sending = asyncio.ensure_future(loop.sock_sendall(sock, b"".join(out)))
     try:
-        conn = None
-        async with asyncio.timeout(WAIT * 3):
-            while conn is None or conn.transport.is_reading():
+        async with asyncio.timeout(WAIT * 3):  # until the gateway has let the connection go
+            while not [x for x in gw.gateway.ctx.connections if isinstance(x, H2Connection)]:
                 await asyncio.sleep(0.01)
-                conns = [x for x in gw.gateway.ctx.connections if isinstance(x, H2Connection)]
-                conn = conns[0] if conns else None
-        held = conn.transport.get_write_buffer_size() + conn.h2.queued()
-        assert held < 4 << 20, held  # (the mark is 512 KiB; one read's answers may come on top)
-        assert conn.h2.highest_inbound_stream_id < 2 * n - 1  # (the rest waits in the kernel)
-        ended: set[int] = set()
-        buf = b""
-        async with asyncio.timeout(WAIT * 6):
-            while len(ended) < n:
-                data = await loop.sock_recv(sock, 1 << 20)
-                assert data, f"closed after {len(ended)} answers"
-                buf += data
-                pos = 0
-                while len(buf) - pos >= 9:
-                    length = int.from_bytes(buf[pos : pos + 3], "big")
-                    if len(buf) - pos < 9 + length:
-                        break
-                    kind, flags = buf[pos + 3], buf[pos + 4]
-                    if kind in (0, 1) and flags & 1:  # DATA or HEADERS with END_STREAM
-                        ended.add(int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF)
-                    pos += 9 + length
-                buf = buf[pos:]
-        assert ended == set(range(1, 2 * n, 2))
-        await sending
+            while [x for x in gw.gateway.ctx.connections if isinstance(x, H2Connection)]:
+                await asyncio.sleep(0.01)
+        answered = 0
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            async with asyncio.timeout(WAIT):
+                while data := await loop.sock_recv(sock, 1 << 20):
+                    answered += data.count(b"<!doctype html>")  # (a page split over two reads: missed)
+        assert 0 < answered < n // 2
     finally:
         sending.cancel()
         sock.close()
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("unread", host="127.0.0.1")
+        await still_serves(gw.port, gw.host(up.port, "unread"))
 
 
 async def test_a_clients_header_table_size_does_not_size_the_gateways_memory(
