@@ -38,11 +38,11 @@ from gateway.catalog.cache import CatalogCache
 from gateway.catalog.invalidation import InvalidationListener
 from gateway.catalog.reader import Catalog
 from gateway.config import Config
-from gateway.http import proxy_tls
 from gateway.http.context import Context
 from gateway.http.downstream import ClientConnection
 from gateway.http.http2 import H2Connection
 from gateway.http.resume import Resumer
+from gateway.http.tls_accept import Acceptor
 from gateway.http.upstream import Pool
 from gateway.metrics import Snapshot, merge, write_snapshot
 from gateway.policy import OwnListeners
@@ -143,7 +143,7 @@ class Gateway:
         #: instead of serving on unsupervised, unseen by /ready and /metrics, holding the port.
         self.parent = os.getppid() if worker_dir is not None else 0
         self.tls: TlsCertificates | None = None
-        self._accept_tasks: list[asyncio.Task[None]] = []
+        self.acceptors: list[Acceptor] = []  # the TLS listeners' (tls_accept.py)
         self.ctx: Context = None  # type: ignore[assignment]
         self.catalog: Catalog = None  # type: ignore[assignment]
         self.pool: Pool = None  # type: ignore[assignment]
@@ -186,28 +186,21 @@ class Gateway:
             real_port = sock.getsockname()[1]
             self.listen_socks.append(sock)
             own.append((sock.getsockname()[0], real_port))
-
-            def factory(p: int = real_port, tls: bool = lst.tls, proxy: str = lst.proxy) -> ClientConnection:
-                return ClientConnection(ctx, p, tls, proxy)
-
-            ssl_ctx = self.tls.listener_context() if lst.tls and self.tls is not None else None
             self.ports.append(real_port)
-            if ssl_ctx is not None and lst.proxy != "off":
-                # The PROXY header comes before the TLS handshake, in clear: read it off the raw
-                # socket first (proxy_tls.py), then hand the socket to TLS and the protocol.
-                self._accept_tasks.append(
-                    loop.create_task(proxy_tls.accept_loop(ctx, sock, real_port, lst.proxy, ssl_ctx))
-                )
+            if lst.tls and self.tls is not None:
+                # The gateway accepts TLS connections itself, so that a drain sees those still in
+                # their handshake (or their PROXY header, read in clear before it): tls_accept.py.
+                acceptor = Acceptor(ctx, sock, real_port, lst.proxy, self.tls.listener_context())
+                acceptor.start()
+                self.acceptors.append(acceptor)
                 continue
+
+            def factory(p: int = real_port, proxy: str = lst.proxy) -> ClientConnection:
+                return ClientConnection(ctx, p, False, proxy)
+
             # backlog again: create_server(sock=...) calls listen() itself, with its own default
             # (100), which would silently shrink the queue the socket was created with.
-            server = await loop.create_server(
-                factory,
-                sock=sock,
-                backlog=cfg.listen_backlog,
-                ssl=ssl_ctx,
-                ssl_handshake_timeout=cfg.request_head_timeout if ssl_ctx else None,
-            )
+            server = await loop.create_server(factory, sock=sock, backlog=cfg.listen_backlog)
             self.servers.append(server)
         if self.worker_dir is None:
             self.admin = AdminServer(self.status, lambda: merge([(self.snapshot(), True)]))
@@ -292,11 +285,6 @@ class Gateway:
         snap["status"] = body
         return snap
 
-    def _stop_accepting(self) -> None:
-        for t in self._accept_tasks:
-            t.cancel()
-        self._accept_tasks.clear()
-
     def reload_tls(self) -> None:
         """SIGHUP: read the certificates again; new handshakes use them, open connections go on."""
         if self.tls is None:
@@ -355,8 +343,9 @@ class Gateway:
             except Exception:  # one odd tunnel must not cut the drain short for everyone else
                 log.exception("closing a tunnel with 1001 failed; it ends at shutdown_timeout")
         log.info(
-            "listeners closed: %d connections, %d tunnels (%d closing with 1001) get up to %.0f s",
-            len(ctx.connections), tunnels, going, self.config.shutdown_timeout,
+            "listeners closed: %d connections (%d more in a TLS handshake), %d tunnels (%d closing with 1001) "
+            "get up to %.0f s",
+            len(ctx.connections), ctx.opening, tunnels, going, self.config.shutdown_timeout,
         )  # fmt: skip
         ctx.closed_one()  # maybe nothing is open already
         try:
@@ -364,9 +353,11 @@ class Gateway:
                 await ctx.drained.wait()
         except TimeoutError:
             pass
-        left = len(ctx.connections) + len(ctx.tunnels)
+        left = len(ctx.connections) + len(ctx.tunnels) + ctx.opening
         if left:
             log.warning("shutdown timeout: closing %d connections still open", left)
+        for a in self.acceptors:
+            a.abort()
         for c in list(ctx.connections):
             c.reset()
         for t in list(ctx.tunnels):
@@ -392,7 +383,8 @@ class Gateway:
         left = sum(accept_queue(s) for s in socks)
         for s in self.servers:
             s.close()
-        self._stop_accepting()
+        for a in self.acceptors:
+            a.stop_accepting()  # connections in their PROXY header or TLS handshake go on
         if waiting or left or len(filtered) < len(socks):
             log.info(
                 "listeners closed: %d connections were waiting to be accepted, %d left after %.1f s%s",
@@ -413,7 +405,8 @@ class Gateway:
                         await task
         for s in self.servers:
             s.close()
-        self._stop_accepting()
+        for a in self.acceptors:
+            await a.close()  # what is still in its PROXY header or TLS handshake ends too
         if self.ctx is not None:
             for c in list(self.ctx.connections):
                 c.reset()

@@ -55,6 +55,7 @@ class Context:
         "max_head",
         "max_per_sandbox",
         "metrics",
+        "opening",
         "outbox",
         "own_cookie",
         "pool",
@@ -100,6 +101,7 @@ class Context:
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies)
         self.connections: set[ClientConnection | H2Connection] = set()
         self.tunnels: set[TunnelEnd | H2Tunnel] = set()  # client ends of open tunnels
+        self.opening = 0  # accepted, not yet a connection: PROXY header or TLS handshake (tls_accept.py)
         self.resumer: Resumer | None = None
         self.clock = self.loop.time()
         self.draining = False  # SIGTERM came: /ready is 503, responses say Connection: close
@@ -111,11 +113,13 @@ class Context:
         return self.rid_prefix + b"%x" % self.rid_n
 
     def closed_one(self) -> None:
-        """A client connection or tunnel ended; once the listeners are closed, note when none is left.
+        """A client connection or tunnel ended, or an opening one became a connection or ended; once
+        the listeners are closed, note when none is left.
 
         Not before: while ``drain_delay`` runs the listeners still accept, and a connection that
-        arrives after a moment with none open must still get its ``shutdown_timeout``."""
-        if not self.listening and not self.connections and not self.tunnels:
+        arrives after a moment with none open must still get its ``shutdown_timeout``. A connection
+        still in its TLS handshake counts (``opening``): it was accepted, and is served."""
+        if not self.listening and not self.connections and not self.tunnels and not self.opening:
             self.drained.set()
 
     def sandbox_changed(self, sandbox_id: str) -> None:

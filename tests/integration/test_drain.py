@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -28,10 +29,10 @@ from websockets.frames import Close, Frame, Opcode
 
 from gateway.http.wsframes import close_frame
 from gateway.server import TEST_HOLD_ENV
-from tests.conftest import WAIT, Catalog
+from tests.conftest import WAIT, Catalog, free_port
 from tests.h2client import H2Client, H2Response
 from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, read_response, request, response
-from tests.integration.test_operations import children
+from tests.integration.test_operations import children, client_ctx, make_cert, proxy_v2
 from tests.needs import tool
 
 #: How long the clients go on after they first see /ready 503 (a balancer's probe interval times
@@ -716,3 +717,282 @@ async def test_connections_in_the_accept_queue_when_the_listeners_close_are_serv
             await c.close()
         assert await asyncio.to_thread(gw.proc.wait, WAIT * 2) == 0
         assert not listening(gw.port)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("kind", ["tls", "tls proxy"])
+async def test_tls_connections_in_the_accept_queue_when_the_listeners_close_are_served(
+    gateway_process: Any, catalog: Catalog, tmp_path: Any, workers: int, kind: str
+) -> None:
+    """The same over TLS, and over PROXY+TLS (the header in clear, then the handshake: the gateway's
+    own accept loop, proxy_tls.py): 100 clients connect while the loop is held, send their PROXY
+    header and their ClientHello; released, the gateway accepts them, reads each header, completes
+    each handshake after the listener has closed, and answers every request, none reset."""
+    cert, key = make_cert(tmp_path, "q", "*.sandbox.test")
+    tls = client_ctx(cert)
+    hold = tmp_path / "hold"
+    hold.write_text("")
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("queued", host="127.0.0.1")
+        port = free_port()
+        args = ["--listen", f"127.0.0.1:{port} {kind}", "--domain", "sandbox.test"]
+        args += ["--workers", "2"] if workers == 2 else []
+        gw = gateway_process(*args, env={TEST_HOLD_ENV: str(hold), "GATEWAY_TLS_CERTIFICATES": f"{cert}:{key}"})
+        host = f"{up.port}-queued.sandbox.test"
+        assert (await request(gw.port, host, "/warm")).status == 200
+        gw.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT):
+            while not (tmp_path / "hold.held").exists():
+                await asyncio.sleep(0.01)
+        socks = []
+        for i in range(100):  # the kernel completes each handshake: in the queue
+            s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+            if kind == "tls proxy":
+                s.sendall(f"PROXY TCP4 203.0.113.{i} 10.0.0.1 {4000 + i} 443\r\n".encode())
+            s.setblocking(False)
+            socks.append(s)
+
+        async def client(i: int, s: socket.socket) -> Any:
+            r, w = await asyncio.open_connection(sock=s, ssl=tls, server_hostname=host)  # sends its ClientHello
+            try:
+                w.write(f"GET /q{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                return await read_response(r)
+            finally:
+                w.close()
+
+        clients = [asyncio.create_task(client(i, s)) for i, s in enumerate(socks)]
+        async with asyncio.timeout(WAIT):
+            while accept_queued(port) < 100:
+                await asyncio.sleep(0.01)
+        assert accept_queued(port) == 100
+        hold.unlink()
+        async with asyncio.timeout(WAIT * 3):
+            results = await asyncio.gather(*clients, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{len(failed)} of 100 queued connections lost: {failed[:3]}"
+        for i, r in enumerate(results):
+            assert r.status == 200 and r.header("Connection") == b"close"  # type: ignore[union-attr]
+            assert f"GET /q{i} HTTP/1.1\r\n".encode() in r.body  # type: ignore[union-attr]
+            if kind == "tls proxy":  # the header was read, and it is this connection's
+                assert f"X-Forwarded-For: 203.0.113.{i}\r\n".encode() in r.body  # type: ignore[union-attr]
+        assert await asyncio.to_thread(gw.proc.wait, WAIT * 2) == 0
+        assert not listening(port)
+
+
+# ---- TLS listeners: connections still opening (PROXY header, TLS handshake) when the drain comes
+
+
+class PausedTls:
+    """A TLS client driven by hand (ssl.MemoryBIO over a real socket), to stop inside its handshake."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, host: str) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.inc, self.out, server_hostname=host)
+
+    async def _send(self) -> None:
+        if data := self.out.read():
+            await self.loop.sock_sendall(self.sock, data)
+
+    async def _receive(self) -> bool:
+        async with asyncio.timeout(WAIT):
+            data = await self.loop.sock_recv(self.sock, 65536)
+        if data:
+            self.inc.write(data)
+        else:
+            self.inc.write_eof()
+        return bool(data)
+
+    async def hello(self) -> None:
+        """ClientHello out, and the server's first flight in: the server now waits for the client's
+        Finished, in the middle of its handshake."""
+        with pytest.raises(ssl.SSLWantReadError):
+            self.tls.do_handshake()
+        await self._send()
+        assert await self._receive()
+
+    async def finish(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._send()
+                if not await self._receive():
+                    raise ConnectionError("closed in the handshake") from None
+        await self._send()
+
+    async def request(self, data: bytes) -> Any:
+        """Send ``data``; read until the server closes; the response parsed."""
+        self.tls.write(data)
+        await self._send()
+        got = bytearray()
+        while True:
+            try:
+                data = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                if not await self._receive():
+                    break
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+            if not data:
+                break
+            got += data
+        r = asyncio.StreamReader()
+        r.feed_data(bytes(got))
+        r.feed_eof()
+        return await read_response(r)
+
+
+class H2FirstRequest(H2Client):
+    """An HTTP/2 client that sends its first request with its preface, as the handshake completes:
+    before anything the server sends after the handshake (a drain's GOAWAY and PING) is read."""
+
+    def __init__(self, authority: str) -> None:
+        super().__init__(drain_aware=True)
+        self.authority = authority
+        self.sid = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.sid = self.start(self.authority, "/h2", scheme="https")
+
+
+async def tls_proxy_gateway(start_gateway: Any, tmp_path: Any, **settings: Any) -> tuple[Any, ssl.SSLContext]:
+    cert, key = make_cert(tmp_path, "open", "*.sandbox.test")
+    gw = await start_gateway(listen=["127.0.0.1:0 tls proxy"], domains=["sandbox.test"],
+                             tls_certificates=[f"{cert}:{key}"], **settings)  # fmt: skip
+    return gw, client_ctx(cert)
+
+
+async def opening(gw: Any, n: int) -> None:
+    """Until the gateway holds ``n`` connections it accepted that are not connections yet."""
+    async with asyncio.timeout(WAIT):
+        while gw.gateway.ctx.opening < n:
+            await asyncio.sleep(0.01)
+    assert gw.gateway.ctx.opening == n
+
+
+async def test_tls_proxy_connections_opening_when_the_listeners_close_are_served(
+    start_gateway: Any, catalog: Catalog, tmp_path: Any
+) -> None:
+    """A drain only stops the accepting on a PROXY+TLS listener: a connection still sending its PROXY
+    header (the rest comes after the listener closed), one in the middle of its TLS handshake (the
+    server's flight sent, the client's Finished not yet), and one whose ClientHello is still to
+    come (HTTP/2 by ALPN) are each served after the listeners closed, as connections accepted
+    before the drain are: `Connection: close`, and GOAWAY for HTTP/2. The drain waits for them."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("opening", host="127.0.0.1")
+        gw, tls = await tls_proxy_gateway(start_gateway, tmp_path, shutdown_timeout=20)
+        host = f"{up.port}-opening.sandbox.test"
+        ctx = gw.gateway.ctx
+        header = b"PROXY TCP4 203.0.113.7 10.0.0.1 4444 443\r\n"
+        split = socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT)
+        split.sendall(header[:25])  # the header's first piece
+        mid = socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT)
+        mid.sendall(proxy_v2("198.51.100.4", "10.0.0.1", 4444, 443))
+        paused = PausedTls(mid, tls, host)
+        await paused.hello()
+        h2s = socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT)
+        h2s.sendall(b"PROXY TCP4 192.0.2.8 10.0.0.1 4444 443\r\n")
+        await opening(gw, 3)
+        drain = asyncio.create_task(gw.gateway.drain(0.0))
+        async with asyncio.timeout(WAIT):
+            while ctx.listening:
+                await asyncio.sleep(0.01)
+        assert not listening(gw.port)  # the accepting has stopped
+        assert ctx.opening == 3 and not ctx.connections and not drain.done()
+
+        split.sendall(header[25:])  # the rest of the header, after the listener closed
+        split.setblocking(False)
+        async with asyncio.timeout(WAIT):
+            r, w = await asyncio.open_connection(sock=split, ssl=tls, server_hostname=host)
+        w.write(f"GET /split HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        got = await read_response(r)
+        assert got.status == 200 and got.header("Connection") == b"close"
+        assert b"GET /split HTTP/1.1\r\n" in got.body and b"X-Forwarded-For: 203.0.113.7\r\n" in got.body
+        w.close()
+
+        await paused.finish()
+        got = await paused.request(f"GET /mid HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert got.status == 200 and got.header("Connection") == b"close"
+        assert b"GET /mid HTTP/1.1\r\n" in got.body and b"X-Forwarded-For: 198.51.100.4\r\n" in got.body
+        mid.close()
+
+        assert not drain.done()  # the HTTP/2 client has not even begun its handshake
+        h2ctx = client_ctx(tmp_path / "open.pem")
+        h2ctx.set_alpn_protocols(["h2"])
+        c = H2FirstRequest(host)
+        h2s.setblocking(False)
+        async with asyncio.timeout(WAIT):
+            await asyncio.get_running_loop().create_connection(lambda: c, sock=h2s, ssl=h2ctx, server_hostname=host)
+        h2r = await c.response(c.sid)
+        assert h2r.status == 200 and h2r.reset is None
+        assert b"X-Forwarded-For: 192.0.2.8\r\n" in h2r.body
+        assert await c.closed()
+        assert c.goaways[0] == 2**31 - 1 and c.goaways[-1] == c.sid  # the drain's two GOAWAYs
+        await asyncio.wait_for(drain, WAIT)
+        assert ctx.opening == 0 and not ctx.connections
+
+
+async def ended(sock: socket.socket) -> bool:
+    """True once the gateway closed a raw connection: EOF, or RST (it closes with the unread PROXY
+    header's bytes in its receive buffer, which makes the kernel reset)."""
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(WAIT):
+            assert await asyncio.get_running_loop().sock_recv(sock, 10) == b""
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def opening_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if "Acceptor._open" in repr(t.get_coro())]
+
+
+async def test_stop_ends_tls_proxy_connections_still_opening(
+    start_gateway: Any, catalog: Catalog, tmp_path: Any
+) -> None:
+    """What a drain leaves alone a stop ends: a connection in its PROXY header and one in its TLS
+    handshake are closed by Gateway.stop at once (not at request_head_timeout, a minute here),
+    and no task of theirs is left behind. The drain's end (shutdown_timeout) ends them too."""
+    async with RawUpstream(echo_handler) as up:
+        catalog.put("stop", host="127.0.0.1")
+        gw, tls = await tls_proxy_gateway(start_gateway, tmp_path, request_head_timeout=60, shutdown_timeout=0.5)
+        ctx = gw.gateway.ctx
+        # the drain: shutdown_timeout passes while a connection is still in its PROXY header
+        stuck = socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT)
+        stuck.sendall(b"PROXY TCP4 203.0.113.7 ")
+        await opening(gw, 1)
+        await asyncio.wait_for(gw.gateway.drain(0.0), WAIT)
+        assert await ended(stuck)
+        async with asyncio.timeout(WAIT):
+            while ctx.opening:
+                await asyncio.sleep(0.01)
+        stuck.close()
+
+    async with RawUpstream(echo_handler) as up:
+        gw, tls = await tls_proxy_gateway(start_gateway, tmp_path, request_head_timeout=60)
+        host = f"{up.port}-stop.sandbox.test"
+        header = socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT)
+        header.sendall(b"PROXY TCP4 203.0.113.7 ")
+        mid = socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT)
+        mid.sendall(b"PROXY TCP4 203.0.113.8 10.0.0.1 4444 443\r\n")
+        paused = PausedTls(mid, tls, host)
+        await paused.hello()
+        await opening(gw, 2)
+        assert len(opening_tasks()) == 2
+        t0 = time.monotonic()
+        await asyncio.wait_for(gw.gateway.stop(), WAIT)
+        assert gw.gateway.ctx.opening == 0 and not opening_tasks()  # ended and awaited, not left pending
+        assert await ended(header)
+        with pytest.raises((ConnectionError, ssl.SSLError, asyncio.IncompleteReadError)):  # no answer
+            await paused.finish()  # (a TLS 1.3 client completes its side alone)
+            await paused.request(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert time.monotonic() - t0 < 60  # the stop, not request_head_timeout
+        header.close()
+        mid.close()
