@@ -14,7 +14,10 @@ listener of a SO_REUSEPORT group, which the last one to close has not. So a drai
 handshakes (a socket filter drops SYNs: the client retransmits and then finds the port closed, or,
 with workers, another worker's listener; a connection that never completed is not lost), goes on
 accepting through the usual path (TLS, PROXY protocol) until every listener's queue is empty, and
-only then closes (:meth:`Gateway.close_listeners`).
+only then closes (:meth:`Gateway.close_listeners`). On TLS listeners the handshakes (and PROXY
+headers) of what was accepted are still to come then: the gateway accepts those connections itself
+and counts them until TLS hands them over (http/tls_accept.py), so closing stops the accepting only
+and the drain waits for them as for open connections.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ log = logging.getLogger("gateway")
 SETTLE_MAX: Final = 2.0
 #: Test-only hook (an environment variable, never a setting, never reachable from the network): a
 #: file path. While the file exists, a drain about to close the listeners holds its loop (as a loop
-#: busy with other work would), after creating ``{path}.held``; tests connect meanwhile.
+#: busy with other work would), after creating ``{path}.held.{pid}``; tests connect once every worker
+#: holds.
 TEST_HOLD_ENV: Final = "_GATEWAY_TEST_HOLD_CLOSE"
 
 # A classic BPF socket filter (linux/filter.h) that drops segments with SYN set and ACK clear (new
@@ -102,7 +106,7 @@ def _test_hold() -> None:
     path = os.environ.get(TEST_HOLD_ENV)
     if not path or not os.path.exists(path):
         return
-    with open(path + ".held", "w"):
+    with open(f"{path}.held.{os.getpid()}", "w"):
         pass
     deadline = time.monotonic() + 30.0
     while os.path.exists(path) and time.monotonic() < deadline:
