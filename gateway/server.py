@@ -347,8 +347,8 @@ class Gateway:
             except Exception:  # one odd tunnel must not cut the drain short for everyone else
                 log.exception("closing a tunnel with 1001 failed; it ends at shutdown_timeout")
         log.info(
-            "listeners closed: %d connections (%d more in a TLS handshake), %d tunnels (%d closing with 1001) "
-            "get up to %.0f s",
+            "listeners closed: %d connections (and %d in their PROXY header or TLS handshake), %d tunnels "
+            "(%d closing with 1001) get up to %.0f s",
             len(ctx.connections), ctx.opening, tunnels, going, self.config.shutdown_timeout,
         )  # fmt: skip
         ctx.closed_one()  # maybe nothing is open already
