@@ -40,13 +40,16 @@ class H2Response:
 
 class H2Client(asyncio.Protocol):
     def __init__(
-        self, auto_ack: bool = True, settings: dict[int, int] | None = None, drain_aware: bool = False
-    ) -> None:
+        self, auto_ack: bool = True, settings: dict[int, int] | None = None, drain_aware: bool = False,
+        strict: bool = False,
+    ) -> None:  # fmt: skip
         """``drain_aware``: GOAWAY frames are kept from h2 (which would refuse every frame after one,
-        python-hyper/h2#1181) and noted in ``goaways``: in-flight streams complete, as with browsers."""
+        python-hyper/h2#1181) and noted in ``goaways``: in-flight streams complete, as with browsers.
+        ``strict``: h2 validates what it receives, as httpx's HTTP/2 does (RFC 9113 §8.2, §8.3; a
+        field it refuses is a connection error there, ending every stream on the connection)."""
         self.drain_aware = drain_aware
         cfg = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
-                                        normalize_outbound_headers=False, validate_inbound_headers=False)  # fmt: skip
+                                        normalize_outbound_headers=False, validate_inbound_headers=strict)  # fmt: skip
         self.conn = h2.connection.H2Connection(cfg)
         self.window = 0  # connection window to open beyond 65,535 at the start
         if settings:
@@ -62,6 +65,8 @@ class H2Client(asyncio.Protocol):
         self.lost = asyncio.Event()
         self.events: list[h2.events.Event] = []
         self.received = 0  # bytes from the server
+        #: Every frame received, as (type, flags, stream ID, payload length), read from the raw bytes.
+        self.frames: list[tuple[int, int, int, int]] = []
         self.changed = asyncio.Event()  # set on every read
 
     @classmethod
@@ -96,6 +101,8 @@ class H2Client(asyncio.Protocol):
         self.changed.set()
         if self.drain_aware:
             data = self._without_goaways(data)
+        else:
+            self._scan_goaways(data)
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:  # type: ignore[attr-defined]
@@ -129,8 +136,6 @@ class H2Client(asyncio.Protocol):
                 r.head.set()
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.goaway = self.goaway or ev
-        if not self.drain_aware:
-            self._scan_goaways(data)
         self.flush()
 
     def _without_goaways(self, data: bytes) -> bytes:
@@ -140,6 +145,7 @@ class H2Client(asyncio.Protocol):
             length = int.from_bytes(buf[:3], "big")
             if len(buf) < 9 + length:
                 break
+            self.frames.append((buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, length))
             if buf[3] == 7:
                 self.goaways.append(int.from_bytes(buf[9:13], "big") & 0x7FFFFFFF)
             else:
@@ -149,12 +155,14 @@ class H2Client(asyncio.Protocol):
         return b"".join(out)
 
     def _scan_goaways(self, data: bytes) -> None:
-        """h2 closes its state machine at the first GOAWAY; a drain sends two: read frames raw too."""
+        """h2 closes its state machine at the first GOAWAY; a drain sends two: read frames raw too
+        (and noted in ``frames``, even those h2 refuses)."""
         buf = getattr(self, "_raw", b"") + data
         while len(buf) >= 9:
             length = int.from_bytes(buf[:3], "big")
             if len(buf) < 9 + length:
                 break
+            self.frames.append((buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, length))
             if buf[3] == 7:  # GOAWAY
                 self.goaways.append(int.from_bytes(buf[9:13], "big") & 0x7FFFFFFF)
             buf = buf[9 + length :]
