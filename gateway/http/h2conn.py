@@ -39,6 +39,7 @@ import h2.exceptions
 import h2.stream
 import hpack
 from hpack import NeverIndexedHeaderTuple
+from hpack.hpack import INDEX_INCREMENTAL, encode_integer
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -49,7 +50,14 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-__all__ = ["ENCODER_TABLE_SIZE", "RememberingDecoder", "RememberingEncoder", "ServerConnection", "server_config"]
+__all__ = [
+    "ENCODER_TABLE_SIZE",
+    "RememberingDecoder",
+    "RememberingEncoder",
+    "ServerConnection",
+    "ShortestEncoder",
+    "server_config",
+]
 
 _SEND_HEADERS: Final = h2.connection.ConnectionInputs.SEND_HEADERS
 _SEND_DATA: Final = h2.connection.ConnectionInputs.SEND_DATA
@@ -140,9 +148,41 @@ class RememberingDecoder:
         return out
 
 
+class ShortestEncoder(hpack.Encoder):
+    """hpack's encoder, each string literal Huffman-coded only when that makes it shorter (RFC 7541
+    §5.2 leaves the choice to the encoder; nghttp2's and Go's encoders choose so too).
+
+    hpack codes every literal: a byte whose Huffman code is long (obs-text, 0x80-0xff, takes 20 to 30
+    bits; ``\\`` 19, ``{`` 15) grows up to 3.75 times. A sandbox's field value of 30,000 such bytes
+    then became a 97,500-byte string, past the 65,536 bytes that nghttp2 (curl, Node.js, nghttp)
+    decodes (NGHTTP2_HD_MAX_NV): a COMPRESSION_ERROR, GOAWAY, every stream of that client connection
+    ended, other sandboxes' too; and a 64 KiB head made more than the 8 CONTINUATION frames nghttp2
+    takes (CVE-2024-28182's limit). Coded the shorter way, a string is never longer than its bytes."""
+
+    def _string(self, s: bytes) -> bytes:
+        coded = self.huffman_coder.encode(s)
+        if len(coded) < len(s):
+            n = encode_integer(len(coded), 7)
+            n[0] |= 0x80  # H: Huffman-coded
+            return bytes(n) + coded
+        return bytes(encode_integer(len(s), 7)) + s
+
+    def _encode_literal(self, name: bytes, value: bytes, indexbit: bytes, huffman: bool = False) -> bytes:
+        if not huffman:
+            return super()._encode_literal(name, value, indexbit, huffman)
+        return b"".join((indexbit, self._string(name), self._string(value)))
+
+    def _encode_indexed_literal(self, index: int, value: bytes, indexbit: bytes, huffman: bool = False) -> bytes:
+        if not huffman:
+            return super()._encode_indexed_literal(index, value, indexbit, huffman)
+        prefix = encode_integer(index, 4 if indexbit != INDEX_INCREMENTAL else 6)
+        prefix[0] |= ord(indexbit)
+        return bytes(prefix) + self._string(value)
+
+
 class RememberingEncoder:
-    """hpack's encoder, with the field lists that repeat while the dynamic table is unchanged
-    encoded once (the same response within a second: its Date is the same).
+    """hpack's encoder (:class:`ShortestEncoder`), with the field lists that repeat while the dynamic
+    table is unchanged encoded once (the same response within a second: its Date is the same).
 
     A last field that is never indexed (the request ID: a new value per response, which would
     otherwise churn the dynamic table, so that nothing repeats and every lookup scans a full table)
@@ -151,7 +191,7 @@ class RememberingEncoder:
     __slots__ = ("e", "memo")
 
     def __init__(self) -> None:
-        self.e = hpack.Encoder()
+        self.e = ShortestEncoder()
         self.memo: dict[tuple[Any, ...], bytes] = {}
 
     @property
