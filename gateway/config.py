@@ -330,7 +330,7 @@ class Config:
     access_log_query: bool = _s(False, "keep the query string in logged paths (it often carries tokens)")
     request_id_header: str = _s(
         "X-Request-ID",
-        "request ID field: kept from trusted proxies, else generated; sent upstream and back; empty: off",
+        "request ID field: kept from trusted proxies (up to 200 bytes), else made; sent upstream and back; empty: off",
         _request_id_header,
     )
     demo_port: int = _s(3000, "embedded mode: port of the demo app (0: any free port)", _port_or_zero)

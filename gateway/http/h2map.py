@@ -25,6 +25,14 @@ while the head is built), which saves most of its per-request cost.
 
 Responses (§8.3.2): ``:status`` from the status line; every field but the connection-specific ones,
 names in lower case (HTTP/2 field names are, and a peer must treat upper case as malformed).
+
+One client connection carries many sandboxes' streams, so a header block the client cannot take must
+never be sent: what clients do then ends the connection, every stream on it. python-hyper's h2 (httpx)
+treats a field section over its SETTINGS_MAX_HEADER_LIST_SIZE (64 KiB by default) as a connection
+error; nghttp2 (curl, Node.js) does a name or value over 65,536 bytes and more than 8 CONTINUATION
+frames after a HEADERS frame. :func:`section_size` measures a field list as §6.5.2 counts it, and the
+stream compares it with what the client takes (http2.py) before anything is encoded: a block
+encoded and not sent would leave the two HPACK tables apart (RFC 7541 §2.2), itself a connection error.
 """
 
 from __future__ import annotations
@@ -42,9 +50,18 @@ __all__ = [
     "fields_of",
     "request_head",
     "response_fields",
+    "section_size",
     "trailer_section",
 ]
 
+#: The longest name or value nghttp2 decodes (NGHTTP2_HD_MAX_NV, its encoded length): past it, curl,
+#: Node.js and nghttp end the connection with COMPRESSION_ERROR.
+MAX_STRING: Final = 65536
+#: CONTINUATION frames nghttp2 takes after a HEADERS frame (nghttp2 1.61, and the distributions'
+#: patched 1.5x, for CVE-2024-28182); past them it ends the connection. A block that fits (1 + this)
+#: frames needs no more: a field list's size (§6.5.2) is larger than its HPACK block, whose strings
+#: are never longer than their bytes (h2conn.ShortestEncoder).
+MAX_CONTINUATIONS: Final = 8
 #: Fields that make a message malformed in HTTP/2 (RFC 9113 §8.2.2); dropped from responses.
 CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
@@ -229,6 +246,18 @@ def fields_of(lines: list[bytes] | bytes) -> list[tuple[bytes, bytes]]:
             continue
         out.append((name, value.strip(b" \t")))
     return out
+
+
+def section_size(fields: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...]) -> int:
+    """A field list's size as SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2: each field's
+    name and value in octets plus 32); -1 when a name or value is longer than :data:`MAX_STRING`,
+    which no size makes acceptable."""
+    size = 0
+    for name, value in fields:
+        if len(value) > MAX_STRING or len(name) > MAX_STRING:
+            return -1
+        size += len(name) + len(value) + 32
+    return size
 
 
 def response_fields(head: bytes, tunnel: bool = False) -> list[tuple[bytes, bytes]]:

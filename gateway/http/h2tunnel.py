@@ -24,6 +24,7 @@ HTTP/2.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 import h2.errors
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from gateway.http.upstream import UpstreamConnection
 
 __all__ = ["H2Tunnel", "start"]
+
+log = logging.getLogger("gateway.http2")
 
 
 class H2Tunnel(asyncio.Protocol):
@@ -254,6 +257,12 @@ def start(stream: H2Stream, x: Exchange, up: UpstreamConnection, head: bytes, re
     fields = h2map.response_fields(analyze_response(head, 101, False, False, False, ctx.own_cookie)[0], tunnel=True)
     if x.rid and ctx.rid_header and ctx.rid_in_response.search(head) is None:
         fields.append((ctx.rid_header_h2, x.rid))
+    size = h2map.section_size(fields)
+    if not 0 <= size <= stream.conn.max_list:  # (never sent: other streams share the connection, h2map.py)
+        log.info("%s from %s: the stream is reset", stream._too_large(size, "101 head"), up.address)
+        up.close()
+        stream._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        return
     t = H2Tunnel(stream, up, x)
     if websocket:
         t.from_the_client = FrameTracker(masked=True)  # RFC 6455 §5.3: a client masks every frame

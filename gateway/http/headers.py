@@ -107,6 +107,7 @@ from gateway.hostname import authority_matches
 from gateway.http import framing, hdrs
 
 __all__ = [
+    "MAX_REQUEST_ID",
     "REPEATED",
     "RESPONSE_FIELDS",
     "FieldRoles",
@@ -125,6 +126,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("gateway.headers")
+
+#: The longest received request ID that is kept (from a trusted peer; Heroku's router keeps 20 to
+#: 200 characters): a longer one is replaced by one the gateway makes. The ID goes back in every
+#: response head, where over HTTP/2 it must fit what the client takes with the sandbox's fields
+#: (http2.py measures a head with room for this many bytes of ID, once per head, not per response).
+MAX_REQUEST_ID = 200
 
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade"})
 # Fields a Connection header may not remove: honouring "Connection: content-length" would
@@ -194,7 +201,8 @@ class FieldRoles:
     ``token`` names the traffic-token field, ``sandbox_id``/``sandbox_port`` the routing fields of
     shared hosts; ``upgrade_protocols`` the Upgrade tokens that may be tunnelled; ``request_id`` the
     request ID field (empty: none). A received request ID is always cut from the head: the proxy
-    appends the one it uses (the received one only from a trusted peer). ``untrusted`` names the
+    appends the one it uses (the received one only from a trusted peer, and only up to
+    :data:`MAX_REQUEST_ID` bytes). ``untrusted`` names the
     client-identity and URL-override fields removed from requests of untrusted peers (a name the
     policy already acts on keeps its role). ``underscores``: a field spelled with ``_`` where one of
     these names has ``-`` is found too (requests only; see :func:`analyze_request`).
@@ -581,7 +589,7 @@ def analyze_request(raw: bytes, fields: FieldRoles) -> RequestHead | Reason:
                 r.token = value
             cuts.append(_line(m))
         elif role == _RID:
-            if r.request_id is None:
+            if r.request_id is None and len(value) <= MAX_REQUEST_ID:
                 r.request_id = value
             cuts.append(_line(m))
         elif role == _SB_ID:

@@ -61,7 +61,7 @@ from gateway.errors import Reason
 from gateway.http import flow, framing, h2map
 from gateway.http.client import H2
 from gateway.http.h2conn import RememberingDecoder, ServerConnection, server_config
-from gateway.http.headers import Peer, RequestHead, analyze_request, analyze_response
+from gateway.http.headers import MAX_REQUEST_ID, Peer, RequestHead, analyze_request, analyze_response
 from gateway.http.proxy import Exchange
 
 if TYPE_CHECKING:
@@ -97,6 +97,8 @@ CONTROL_BUDGET: Final = 1000
 _MAX_STREAM_ID: Final = 2**31 - 1
 
 _OPEN, _NOTICE, _FINAL = 0, 1, 2  # H2Connection.goaway
+#: The client's settings that change what header blocks it takes (H2Connection._limits).
+_SIZES: Final = frozenset((h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE, h2.settings.SettingCodes.MAX_FRAME_SIZE))
 
 
 class _Allowance:
@@ -199,7 +201,11 @@ class H2Stream:
     def send_interim(self, x: Exchange, head: bytes, status: int) -> None:
         if not self.ended:
             out = analyze_response(head, status, False, False, True, self.ctx.own_cookie)[0]
-            self.conn.h2.send_headers(self.sid, h2map.response_fields(out))
+            fields = h2map.response_fields(out)
+            size = h2map.section_size(fields)
+            if not 0 <= size <= self.conn.max_list:
+                raise self._too_large(size, "1xx head")
+            self.conn.h2.send_headers(self.sid, fields)
             self.conn.flush_later()
 
     def send_head(self, x: Exchange, up: UpstreamConnection, head: bytes, status: int) -> tuple[int, int]:
@@ -215,6 +221,13 @@ class H2Stream:
             fields = tuple(h2map.response_fields(r[0]))
             ctx = self.ctx
             rid_name = ctx.rid_header_h2 if ctx.rid_header and ctx.rid_in_response.search(head) is None else None
+            # The head must fit what the client takes with any request ID the gateway sends (at most
+            # MAX_REQUEST_ID bytes): measured here, once per head, and refused before HPACK sees it.
+            size = h2map.section_size(fields)
+            if rid_name is not None and size >= 0:
+                size += 32 + len(rid_name) + MAX_REQUEST_ID
+            if not 0 <= size <= conn.max_list:
+                raise self._too_large(size, "response head")
             if len(conn.heads) >= 32:
                 conn.heads.clear()
             conn.heads[key] = got = (r, fields, rid_name)
@@ -235,6 +248,18 @@ class H2Stream:
             self.end_pending = True
             self.ended = True
         return body_in, length
+
+    def _too_large(self, size: int, what: str) -> framing.FramingError:
+        """A header block this client does not take (h2map.py): never sent; the exchange fails with
+        502 if nothing of the response was sent yet, else the stream is reset."""
+        if size < 0:
+            return framing.FramingError(
+                framing.TOO_LARGE, f"{what} with a field name or value over {h2map.MAX_STRING} bytes"
+            )
+        return framing.FramingError(
+            framing.TOO_LARGE,
+            f"{what} of {size} bytes (RFC 9113 §6.5.2) is more than this client takes ({self.conn.max_list})",
+        )
 
     def send_body(self, x: Exchange, pieces: list[bytes]) -> None:
         if self.ended:
@@ -280,7 +305,14 @@ class H2Stream:
             self._finish()
             return
         if x.trailers:
-            self.trailers = h2map.fields_of(x.trailers)
+            trailers = h2map.fields_of(x.trailers)
+            size = h2map.section_size(trailers)
+            if not 0 <= size <= self.conn.max_list:  # (the body went: the stream cannot end well)
+                where = x.fwd.address if x.fwd else "?"
+                log.info("%s from %s: the stream is reset", self._too_large(size, "trailer section"), where)
+                self.reset()
+                return
+            self.trailers = trailers
         elif not self.out and not self.holding:  # the common case: all of the rest in one DATA frame
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             conn = self.conn
@@ -459,6 +491,7 @@ class H2Connection(asyncio.Protocol):
         "increments",
         "last_active",
         "last_stream",
+        "max_list",
         "max_streams",
         "opened",
         "peer",
@@ -526,6 +559,8 @@ class H2Connection(asyncio.Protocol):
         self.window_start = ctx.clock
         self.resets = 0  # streams the client reset before their response ended, this second
         self.control = 0  # PING and SETTINGS frames this second
+        self.max_list = 0  # the largest field section the client takes (_limits)
+        self._limits()
 
     def start(self, data: bytes) -> None:
         """Take over the transport (its protocol until now saw ``data`` and nothing else)."""
@@ -711,8 +746,11 @@ class H2Connection(asyncio.Protocol):
                 self._trailers(ev)  # type: ignore[arg-type]
             elif t is h2.events.RemoteSettingsChanged:
                 self._control()
-                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:  # type: ignore[attr-defined]
+                changed = ev.changed_settings  # type: ignore[attr-defined]
+                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in changed:
                     self._every_window()
+                if _SIZES & changed.keys():
+                    self._limits()
             elif t is h2.events.PingReceived:
                 self._control()
             elif t is h2.events.PingAckReceived:
@@ -898,6 +936,18 @@ class H2Connection(asyncio.Protocol):
                 s.blocked = False
                 s.pump()
             self.flush_later()
+
+    def _limits(self) -> None:
+        """The largest field section (RFC 9113 §6.5.2) this client takes: its
+        SETTINGS_MAX_HEADER_LIST_SIZE (advisory, §6.5.2, but python-hyper's h2 ends the connection
+        past it, and sends 64 KiB), and at most what fits a HEADERS frame and the CONTINUATION
+        frames nghttp2 takes (h2map.MAX_CONTINUATIONS). Response heads were measured against the old
+        limit: measured again."""
+        h = self.h2
+        advertised = h.remote_settings.max_header_list_size
+        frames = (1 + h2map.MAX_CONTINUATIONS) * h.max_outbound_frame_size
+        self.max_list = frames if advertised is None else min(advertised, frames)
+        self.heads.clear()
 
     def _every_window(self) -> None:
         """SETTINGS_INITIAL_WINDOW_SIZE changed every stream's window (RFC 9113 §6.9.2); SETTINGS

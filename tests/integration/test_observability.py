@@ -177,6 +177,12 @@ async def test_request_ids(start_gateway: Any, catalog: Catalog) -> None:
         assert seen[-1].count(b"lb-1234") == 1 and b"X-Request-ID: lb-1234\r\n" in seen[-1]
         r = await request(trusted.port, untrusted.host(3000, "nosuch"), headers={"X-Request-ID": "lb-5"})
         assert r.status == 502 and r.header("X-Request-ID") == b"lb-5"  # the gateway's own answers too
+        # Kept up to MAX_REQUEST_ID (200) bytes; a longer one is replaced (it goes back in every
+        # response head, which over HTTP/2 must fit what the client takes: http2.py)
+        r = await request(trusted.port, host, headers={"x-request-id": "a" * 200})
+        assert r.header("X-Request-ID") == b"a" * 200
+        r = await request(trusted.port, host, headers={"x-request-id": "a" * 201})
+        assert r.header("X-Request-ID") not in (None, b"a" * 201) and b"a" * 201 not in seen[-1]
         off = await start_gateway(request_id_header="")
         r = await request(off.port, host)
         assert r.header("X-Request-ID") is None and b"X-Request-ID" not in seen[-1]

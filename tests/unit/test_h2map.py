@@ -126,3 +126,13 @@ def test_every_gateway_answer_is_the_same_over_http2(reason: errors.Reason, html
     assert all(n == n.lower() for n, _ in fields)
     if reason.status != 204:
         assert int(d[b"content-length"]) == len(out[i:])
+
+
+def test_a_field_section_is_measured_as_settings_max_header_list_size_counts_it() -> None:
+    """RFC 9113 §6.5.2: each field's name and value in octets, plus 32; a name or value past what
+    nghttp2 decodes (h2map.MAX_STRING) fits no limit."""
+    assert h2map.section_size([]) == 0
+    assert h2map.section_size([(b":status", b"200"), (b"x-a", b"")]) == (7 + 3 + 32) + (3 + 0 + 32)
+    assert h2map.section_size([(b"x", b"v" * h2map.MAX_STRING)]) == 1 + h2map.MAX_STRING + 32
+    assert h2map.section_size([(b"x", b"v" * (h2map.MAX_STRING + 1))]) == -1
+    assert h2map.section_size([(b"x" * (h2map.MAX_STRING + 1), b"")]) == -1
