@@ -76,6 +76,7 @@ class Exchange:
     admitted: RequestHead | None = None  # the head sent to a private sandbox, when admission cut from it
     trailers: list[bytes] | None = None  # a de-chunked response's trailer lines (for an HTTP/2 client)
     interim = 0  # 1xx responses received
+    interim_bytes = 0  # their heads' bytes
     req_end = 0.0  # monotonic() when a request body ended (a request without one ends at t0)
     ended = False  # counted and logged (the tunnel it may become is counted again when it closes)
     # For the access log and metrics:

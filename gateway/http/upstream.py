@@ -6,7 +6,8 @@ follow, a sandbox's must too), and feeds llhttp exactly each message's bytes, so
 llhttp would frame differently is refused (502, or a reset once the response has begun) instead of
 desynchronising a pooled connection. Response heads are capped in size and field count like
 request heads, and a response may bring at most :data:`MAX_INTERIM` 1xx heads before its final
-one (each costs an analysis; an endless stream of them would hold the client forever).
+one, of :data:`MAX_INTERIM_BYTES` together (each costs an analysis; an endless stream of them would
+hold the client forever; and clients count them with the final head: see MAX_INTERIM_BYTES).
 
 Idle connections wait in the :class:`Pool`, keyed by (address, port, execution_id), for at most
 ``upstream_idle_timeout`` seconds: shorter than the keep-alive timeout of common app servers
@@ -31,12 +32,26 @@ from gateway.policy import OwnListeners, PoolKey
 if TYPE_CHECKING:
     from gateway.http.proxy import Exchange
 
-__all__ = ["MAX_INTERIM", "OwnListener", "Pool", "SandboxLink", "UpstreamConnection", "connect_failure"]
+__all__ = [
+    "MAX_INTERIM",
+    "MAX_INTERIM_BYTES",
+    "OwnListener",
+    "Pool",
+    "SandboxLink",
+    "UpstreamConnection",
+    "connect_failure",
+]
 
 log = logging.getLogger("gateway.upstream")
 
 #: 1xx responses (100 Continue, 103 Early Hints...) accepted before the final response head.
 MAX_INTERIM = 16
+#: Bytes of those 1xx heads together. Clients count a response's 1xx heads with its final head:
+#: curl (7.88, Debian 12's) fails a transfer whose heads pass 128 KiB, and over HTTP/2 it fails the
+#: connection with it (nghttp2's callback failure), every stream on it. Sixteen 1xx heads of up to
+#: ``max_response_head_size`` each were 1 MiB; these and a final head of 64 KiB stay under 128 KiB.
+#: (Early Hints are a few Link fields: browsers use the first 103 only.)
+MAX_INTERIM_BYTES = 16384
 
 
 class SandboxLink(Protocol):
@@ -139,8 +154,11 @@ class UpstreamConnection(asyncio.Protocol):
                         if ev == HEAD_BODY or status == 101:  # a 101 llhttp did not take for an upgrade
                             raise _Invalid("1xx response with a body, or 101 without Connection: upgrade")
                         x.interim += 1
+                        x.interim_bytes += len(head)
                         if x.interim > MAX_INTERIM:
                             raise _Invalid(f"more than {MAX_INTERIM} 1xx responses")
+                        if x.interim_bytes > MAX_INTERIM_BYTES:
+                            raise _Invalid(f"1xx heads of more than {MAX_INTERIM_BYTES} bytes together")
                         x.on_interim(head, status)
                         ev = fr.next(data, pos) if pos < n else NEED
                         continue
