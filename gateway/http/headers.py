@@ -75,7 +75,9 @@ with Transfer-Encoding and repeated Content-Length; this module refuses any Tran
 exactly ``chunked`` (one field: two are one list, RFC 9110 §5.3), Transfer-Encoding in HTTP/1.0, a
 Content-Length that is not ``1*DIGIT``, and more than one Host (RFC 9112 §3.2). A response's
 Transfer-Encoding fields are likewise one list, whose last coding decides (RFC 9112 §6.3), and in
-which ``chunked`` may only be last (RFC 9112 §6.1: applied once, last).
+which ``chunked`` may only be last (RFC 9112 §6.1: applied once, last). A coding other than chunked
+(``gzip``) goes to an HTTP/1.1 client as sent; an HTTP/1.0 or HTTP/2 client, which has no transfer
+codings, would get the body still coded with nothing saying so: refused (502, as nginx refuses any).
 
 The method, target and version are taken from the head's first line, which is the request line
 llhttp parsed: the framer hands over a head from its first byte that is not CR or LF (llhttp skips
@@ -730,6 +732,11 @@ def analyze_response(
             body_in = body_out = framing.NONE
         elif b"chunked" in te[:-1]:
             raise framing.FramingError(framing.FRAMING, "chunked is not only the last transfer coding")
+        elif client_http10 and te != [b"chunked"]:
+            # An HTTP/1.0 client has no transfer codings (RFC 9112 §6.1), an HTTP/2 client neither
+            # (RFC 9113 §8.2.2); the gateway takes chunked off and decodes no other coding: the body
+            # would reach the client still coded, and nothing would say so.
+            raise framing.FramingError(framing.FRAMING, "a transfer coding other than chunked, to a client without any")
         elif te[-1] != b"chunked":
             body_in = framing.CLOSE
             body_out = framing.CLOSE if client_http10 else framing.CHUNKED
