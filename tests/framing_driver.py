@@ -27,7 +27,7 @@ from gateway.errors import Reason
 from gateway.http import framing
 from gateway.http.framing import BODY, END, HEAD, HEAD_BODY, NEED, UPGRADE, Framer, FramingError
 from gateway.http.headers import FieldRoles, RequestHead, analyze_request, analyze_response
-from gateway.http.upstream import MAX_INTERIM
+from gateway.http.upstream import MAX_INTERIM, MAX_INTERIM_BYTES
 
 REQUEST_REASONS = {
     framing.TOO_LARGE: errors.HEAD_TOO_LARGE.code,
@@ -51,6 +51,9 @@ class Verdict:
     #: Requests: the indexes of the messages whose trailer section had a field (forwarded; the
     #: sandbox connection that carried one is closed after its response, never pooled again).
     trailer_fields: tuple[int, ...] = ()
+    #: Responses de-chunked (for an HTTP/1.0 or HTTP/2 client): the trailer field lines of every
+    #: complete one, in order (an HTTP/2 client gets them as trailing HEADERS).
+    trailer_lines: tuple[bytes, ...] = ()
 
 
 class Spinning(AssertionError):
@@ -166,7 +169,8 @@ def responses(
     head: bytes | None = None
     body = bytearray()
     close_delimited = False
-    interim = 0
+    interim = interim_bytes = 0
+    trailer_lines: list[bytes] = []
     try:
         for data in chunks:
             n = len(data)
@@ -183,11 +187,12 @@ def responses(
                         if ev == HEAD_BODY or status == 101:
                             raise _Refused(INVALID_RESPONSE)
                         interim += 1
-                        if interim > MAX_INTERIM:
+                        interim_bytes += len(fr.head)
+                        if interim > MAX_INTERIM or interim_bytes > MAX_INTERIM_BYTES:
                             raise _Refused(INVALID_RESPONSE)
                         msgs.append((fr.head, b""))
                     else:
-                        interim = 0
+                        interim = interim_bytes = 0
                         r = analyze_response(fr.head, status, method == b"HEAD", http10_client, True, b"e2b_access")
                         mode, length = r[1], r[3]
                         if ev == HEAD:
@@ -223,20 +228,24 @@ def responses(
                         msgs.append((head, bytes(body)))
                         head = None
                         fr.segments = None
+                        if fr.trailers is not None:  # (what an HTTP/2 client gets as trailing HEADERS)
+                            trailer_lines += fr.trailers
+                            fr.trailers = None
                     ev = fr.next(data, pos) if pos < n else NEED
                     if ev:
                         progress.step(ev, pos, fr)
                     continue
                 assert ev == UPGRADE
                 msgs.append((fr.head, b""))
-                return Verdict(tuple(msgs), "upgrade")
+                return Verdict(tuple(msgs), "upgrade", trailer_lines=tuple(trailer_lines))
     except FramingError:
-        return Verdict(tuple(msgs), INVALID_RESPONSE)
+        return Verdict(tuple(msgs), INVALID_RESPONSE, trailer_lines=tuple(trailer_lines))
     except _Refused as e:
-        return Verdict(tuple(msgs), e.reason)
+        return Verdict(tuple(msgs), e.reason, trailer_lines=tuple(trailer_lines))
     if head is not None and close_delimited:
-        return Verdict((*msgs, (head, bytes(body))), "close")
-    return Verdict(tuple(msgs), "partial" if head is not None or fr.acc is not None else "idle")
+        return Verdict((*msgs, (head, bytes(body))), "close", trailer_lines=tuple(trailer_lines))
+    end = "partial" if head is not None or fr.acc is not None else "idle"
+    return Verdict(tuple(msgs), end, trailer_lines=tuple(trailer_lines))
 
 
 class _LineParsed:

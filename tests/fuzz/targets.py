@@ -17,7 +17,8 @@ sandbox side):
   spelling of a field the policy acts on, one of each forwarding field, and in its Upgrade only
   allowed protocols; a response head has a status code of 100 or more, carries at most one
   Transfer-Encoding field, none on a 1xx, 204 or 304, where it carries no Content-Length either,
-  and as an HTTP/2 field list passes h2's checks of a received response;
+  and as an HTTP/2 field list passes h2's checks of a received response, as do the trailer fields of
+  a de-chunked body (HTTP/1.0 and HTTP/2 clients) as trailing HEADERS;
 - ``h2requests``: an HTTP/2 request's field list (the input, decoded by :func:`fields`) is written as an
   HTTP/1.1 head (gateway/http/h2map.py) or refused: a head written holds exactly one line per field,
   none with CR, LF or NUL, one end, and the header analysis takes it (no field smuggles a line, a
@@ -53,6 +54,9 @@ LIMIT = 0.1  #: seconds of CPU per input
 TARGETS = ("requests", "responses", "h2requests")
 _H2_RESPONSE = h2.utilities.HeaderValidationFlags(
     is_client=True, is_trailer=False, is_response_header=True, is_push_promise=False
+)
+_H2_TRAILERS = h2.utilities.HeaderValidationFlags(
+    is_client=True, is_trailer=True, is_response_header=False, is_push_promise=False
 )
 _PEER = Peer.make("198.51.100.7", 443, True, ())
 _FIELDS = FieldRoles()
@@ -176,6 +180,9 @@ def check(target: str, data: bytes, cpu_limit: float | None = None) -> None:
             out = analyze_response(head, status, head_request, http10, True, b"e2b_access")[0]
             assert out.endswith(b"\r\n\r\n") and out.count(b"\r\n\r\n") == 1
             _check_forwarded_response(out, status)
+        # The trailer fields of de-chunked bodies, as an HTTP/2 client gets them (h2map.fields_of):
+        # what a strict client takes in trailers (no pseudo-header or connection-specific field).
+        list(h2.utilities.validate_headers(h2map.fields_of(list(whole.trailer_lines)), _H2_TRAILERS))
     took = time.thread_time() - t0
     if cpu_limit is not None and took > cpu_limit:
         raise Slow(f"{took * 1000:.0f} ms of CPU (limit {cpu_limit * 1000:.0f} ms)")

@@ -81,7 +81,7 @@ def test_any_split(cuts: list[int]) -> None:
 
 def test_dechunked_for_an_http10_client() -> None:
     v = drive.responses([CHUNKED_RESPONSE + BODY_BYTES], http10_client=True)
-    assert v == drive.Verdict(((CHUNKED_RESPONSE, b"hello world"),), "idle")
+    assert v == drive.Verdict(((CHUNKED_RESPONSE, b"hello world"),), "idle", trailer_lines=(b"X-Trailer: yes",))
 
 
 def test_events_and_offsets() -> None:
