@@ -312,6 +312,13 @@ class Framer:
                     raise FramingError(FRAMING, "llhttp expects more of the message than the gateway")
                 self.state = _HEAD
                 self.began = False
+                if self.trailer and not self.keep:
+                    # llhttp read a Connection field in the trailer section as the connection's, and
+                    # would refuse the next message ("Data after Connection: close"), though whether
+                    # the connection goes on was decided from the head (headers.py; RFC 9110 §6.5.1:
+                    # a trailer field does not control the connection). A parser that has not seen
+                    # it takes the next message, as after any other.
+                    self.parser = self._new_parser()
                 return END
             if self.complete:
                 raise FramingError(FRAMING, "llhttp ended the chunked body before the gateway did")

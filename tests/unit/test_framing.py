@@ -79,6 +79,20 @@ def test_any_split(cuts: list[int]) -> None:
     assert drive.requests(chunks) == drive.Verdict(((POST_CHUNKED, BODY_BYTES), (GET, b"")), "idle", (0,))
 
 
+def test_a_connection_field_in_trailers_does_not_end_the_connection() -> None:
+    """llhttp reads ``Connection: close`` in a trailer section as the connection's and refused the
+    next message ("Data after Connection: close"), though the head (which the gateway decides from,
+    RFC 9110 §6.5.1) kept the connection: a sandbox's next response on the pooled connection was a
+    502, a client's next request a 400. Both directions, however the bytes are split."""
+    trailed = b"5\r\nhello\r\n0\r\nConnection: close\r\n\r\n"
+    for chunks in ([CHUNKED_RESPONSE + trailed + OK], [CHUNKED_RESPONSE + trailed, OK]):
+        v = drive.responses(chunks)
+        assert v == drive.Verdict(((CHUNKED_RESPONSE, trailed), (OK[:-2], b"ok")), "idle"), v
+    for chunks in ([POST_CHUNKED + trailed + GET], [POST_CHUNKED + trailed, GET]):
+        v = drive.requests(chunks)
+        assert v == drive.Verdict(((POST_CHUNKED, trailed), (GET, b"")), "idle", (0,)), v
+
+
 def test_dechunked_for_an_http10_client() -> None:
     v = drive.responses([CHUNKED_RESPONSE + BODY_BYTES], http10_client=True)
     assert v == drive.Verdict(((CHUNKED_RESPONSE, b"hello world"),), "idle", trailer_lines=(b"X-Trailer: yes",))
