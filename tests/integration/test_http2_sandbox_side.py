@@ -93,6 +93,16 @@ def fields(n: int, size: int, name: bytes = b"X-F") -> bytes:
     return b"".join(b"%s%03d: %s\r\n" % (name, i, (b"%d" % i * size)[:size]) for i in range(n))
 
 
+async def curl_h2c(url: str, host: str) -> subprocess.CompletedProcess[bytes]:
+    """curl over h2c with prior knowledge (a real client's HTTP/2 stack: nghttp2): its status code."""
+    curl = needs.tool("curl", "apt-get install curl")
+    return await asyncio.to_thread(
+        subprocess.run, [curl, "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
+                         "-H", f"Host: {host}", url],
+        capture_output=True, timeout=WAIT, check=False,
+    )  # fmt: skip
+
+
 @contextlib.asynccontextmanager
 async def two_sandboxes(
     start_gateway: Any, catalog: Catalog, table: dict[bytes, bytes]
@@ -196,12 +206,7 @@ async def test_strings_huffman_coding_would_lengthen_go_uncoded(start_gateway: A
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr
         assert out.stdout.count(b":status: 200") == 2 and b"COMPRESSION_ERROR" not in out.stdout
-        curl = needs.tool("curl", "apt-get install curl")
-        out = await asyncio.to_thread(
-            subprocess.run, [curl, "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
-                             "-H", f"Host: {host}", f"{url}/obs"],
-            capture_output=True, timeout=WAIT, check=False,
-        )  # fmt: skip
+        out = await curl_h2c(f"{url}/obs", host)
         assert (out.returncode, out.stdout) == (0, b"200"), out.stderr
 
 
@@ -226,12 +231,7 @@ async def test_1xx_heads_share_one_budget(start_gateway: Any, catalog: Catalog) 
             502, b"upstream_invalid_response"
         )  # fmt: skip
         await h1.close()
-        curl = needs.tool("curl", "apt-get install curl")
-        out = await asyncio.to_thread(
-            subprocess.run, [curl, "-sS", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}",
-                             "-H", f"Host: {host}", f"http://127.0.0.1:{gw.port}/hints"],
-            capture_output=True, timeout=WAIT, check=False,
-        )  # fmt: skip
+        out = await curl_h2c(f"http://127.0.0.1:{gw.port}/hints", host)
         assert (out.returncode, out.stdout) == (0, b"502"), out.stderr
 
 
