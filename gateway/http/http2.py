@@ -459,6 +459,7 @@ class H2Stream:
         if self.blocked:
             self.unblock()
         conn.h2.forget(self.sid)
+        self.x = None  # (the exchange refers to its stream: no cycle left for the collector)
         if not self.remote_ended and not (self.tunnel is not None and self.tunnel.away):
             # (A WebSocket the drain closed: the client ends its side after its Close frame.)
             self.remote_ended = True
@@ -969,6 +970,7 @@ class H2Connection(asyncio.Protocol):
         if x is not None and not x.done:
             x.abort()
             self._count_reset()
+        s.x = None
         self.stream_gone()
 
     def _count_reset(self) -> None:
