@@ -73,7 +73,9 @@ class ClientSide(Protocol):
 
     def send_body(self, x: Exchange, pieces: list[bytes]) -> None: ...
 
-    def send_last(self, x: Exchange, pieces: list[bytes]) -> None: ...
+    def send_last(self, x: Exchange, pieces: list[bytes]) -> None:
+        """The end of the response. Raises framing.FramingError, having sent nothing, when the end
+        cannot reach this client as the sandbox sent it (trailers past an HTTP/2 client's limit)."""
 
     def answer(self, x: Exchange, out: bytes, keep_alive: bool) -> None: ...
 

@@ -307,11 +307,8 @@ class H2Stream:
         if x.trailers:
             trailers = h2map.fields_of(x.trailers)
             size = h2map.section_size(trailers)
-            if not 0 <= size <= self.conn.max_list:  # (the body went: the stream cannot end well)
-                where = x.fwd.address if x.fwd else "?"
-                log.info("%s from %s: the stream is reset", self._too_large(size, "trailer section"), where)
-                self.reset()
-                return
+            if not 0 <= size <= self.conn.max_list:  # (the body went: the exchange resets the stream)
+                raise self._too_large(size, "trailer section")
             self.trailers = trailers
         elif not self.out and not self.holding:  # the common case: all of the rest in one DATA frame
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)

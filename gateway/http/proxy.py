@@ -478,7 +478,11 @@ class Exchange:
         if self.body_out == framing.CHUNKED and self.body_in != framing.CHUNKED:
             buf.append(framing.LAST_CHUNK)
         self.done = True
-        self.client.send_last(self, buf)
+        try:
+            self.client.send_last(self, buf)
+        except framing.FramingError as e:  # its end cannot reach this client: the response is cut
+            self.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, str(e))
+            return
         self.down_buf = []
         self.up = None
         up.exchange = None

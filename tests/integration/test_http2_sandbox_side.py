@@ -35,6 +35,7 @@ from tests.helpers import (
     until_sandbox_blocked,
 )
 from tests.integration.test_http2_websocket import connect_ws
+from tests.integration.test_observability import scrape, value
 
 HEADERS, CONTINUATION, DATA, GOAWAY = 1, 9, 0, 7
 OK = response(200, b"ok")
@@ -170,6 +171,9 @@ async def test_every_header_block_fits_the_clients_limit_even_once_lowered(
             assert r.interim == [], path
         r = await beside(c, beside_host, host, "/trailers")
         assert r.reset == h2.errors.ErrorCodes.INTERNAL_ERROR and r.trailers is None
+        # Counted (and logged) as the response cut short that it is, not as the sandbox's 200.
+        text = await scrape(gw.admin_port)
+        assert value(text, "gateway_requests_total", code="2xx", reason="upstream_invalid_response", protocol="h2") == 1
         r = await beside(c, beside_host, host, "/ws", ws=True)  # the 101 that would be a 200 (RFC 8441)
         assert r.reset == h2.errors.ErrorCodes.INTERNAL_ERROR and r.status == 0
         r = await beside(c, beside_host, host, "/small")
