@@ -52,8 +52,8 @@ _HISTOGRAMS = ("duration", "connect", "loop_lag")
 Snapshot = dict[str, Any]
 
 #: Snapshot keys that are gauges (a dead worker's are dropped when merging).
-_GAUGES = ("downstream_connections", "upstream_connections", "tunnels", "pool_idle", "cached_records",
-           "http2_connections", "http2_streams")  # fmt: skip
+_GAUGES = ("downstream_connections", "downstream_opening", "upstream_connections", "tunnels", "pool_idle",
+           "cached_records", "http2_connections", "http2_streams")  # fmt: skip
 _COUNTERS = ("cache_hits", "cache_misses", "cache_stale", "redis_errors", "bytes_in", "bytes_out", "tunnels_total",
              "worker_restarts", "worker_stalls", "trailers_dropped")  # fmt: skip
 
@@ -183,6 +183,9 @@ class _Collector(Collector):
                     LAG_BUCKETS, s.get("loop_lag") or {})  # fmt: skip
         g = GaugeMetricFamily
         yield g("gateway_downstream_connections", "Open client connections", s.get("downstream_connections", 0))
+        yield g("gateway_downstream_connections_opening", "Accepted client connections still in their PROXY "
+                "header or TLS handshake (served once open, waited for by a drain)",
+                s.get("downstream_opening", 0))  # fmt: skip
         yield g("gateway_upstream_connections", "Open connections to sandboxes (busy and idle, not tunnels)",
                 s.get("upstream_connections", 0))  # fmt: skip
         yield g("gateway_tunnels", "Open WebSocket/upgrade tunnels", s.get("tunnels", 0))

@@ -270,6 +270,7 @@ class Gateway:
         snap = ctx.metrics.snapshot(
             gauges={
                 "downstream_connections": len(ctx.connections),
+                "downstream_opening": ctx.opening,
                 "http2_connections": len(h2),
                 "http2_streams": sum(len(c.streams) for c in h2),
                 "upstream_connections": pool.opened,

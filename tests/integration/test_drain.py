@@ -32,6 +32,7 @@ from gateway.server import TEST_HOLD_ENV
 from tests.conftest import WAIT, Catalog, free_port
 from tests.h2client import H2Client, H2Response
 from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, read_response, request, response
+from tests.integration.test_observability import scrape, value
 from tests.integration.test_operations import children, client_ctx, make_cert, proxy_v2
 from tests.needs import tool
 
@@ -904,6 +905,7 @@ async def test_tls_proxy_connections_opening_when_the_listeners_close_are_served
         h2s = socket.create_connection(("127.0.0.1", gw.port), timeout=WAIT)
         h2s.sendall(b"PROXY TCP4 192.0.2.8 10.0.0.1 4444 443\r\n")
         await opening(gw, 3)
+        assert value(await scrape(gw.admin_port), "gateway_downstream_connections_opening") == 3
         drain = asyncio.create_task(gw.gateway.drain(0.0))
         async with asyncio.timeout(WAIT):
             while ctx.listening:
