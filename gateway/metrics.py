@@ -47,7 +47,8 @@ CONNECT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 #: Event loop lag buckets (seconds), sampled by the watchdog's heartbeat: a busy loop's
 #: milliseconds to a stall.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_HISTOGRAMS = ("duration", "connect", "loop_lag")
+GC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_HISTOGRAMS = ("duration", "connect", "loop_lag", "gc_pause")
 
 Snapshot = dict[str, Any]
 
@@ -77,8 +78,8 @@ class Metrics:
     """One worker's numbers. The data plane updates the attributes directly."""
 
     __slots__ = (
-        "bytes_in", "bytes_out", "connect", "duration", "h2_requests", "h2_sandbox_status", "loop_lag", "requests",
-        "sandbox_status", "trailers_dropped", "tunnels_total",
+        "bytes_in", "bytes_out", "connect", "duration", "gc_pause", "h2_requests", "h2_sandbox_status", "loop_lag",
+        "requests", "sandbox_status", "trailers_dropped", "tunnels_total",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -92,6 +93,7 @@ class Metrics:
         self.duration = Histogram(DURATION_BUCKETS)
         self.connect = Histogram(CONNECT_BUCKETS)
         self.loop_lag = Histogram(LAG_BUCKETS)  # observed by the watchdog's heartbeat
+        self.gc_pause = Histogram(GC_BUCKETS)  # observed by collector.PauseClock
         self.bytes_in = 0  # from clients (request heads and bodies, tunnel bytes)
         self.bytes_out = 0  # from sandboxes (responses, tunnel bytes), relayed to clients
         self.tunnels_total = 0
@@ -109,6 +111,7 @@ class Metrics:
             "duration": {"counts": list(self.duration.counts), "sum": self.duration.sum},
             "connect": {"counts": list(self.connect.counts), "sum": self.connect.sum},
             "loop_lag": {"counts": list(self.loop_lag.counts), "sum": self.loop_lag.sum},
+            "gc_pause": {"counts": list(self.gc_pause.counts), "sum": self.gc_pause.sum},
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "tunnels_total": self.tunnels_total,
@@ -135,7 +138,7 @@ def _add_hist(into: dict[str, Any], h: dict[str, Any]) -> None:
 
 def merge(snapshots: Iterable[tuple[Snapshot, bool]]) -> Snapshot:
     """Sum worker snapshots; ``(snapshot, alive)``: a dead worker's gauges are left out."""
-    out: Snapshot = {"requests": {}, "duration": {}, "connect": {}, "loop_lag": {}, "workers": 0}
+    out: Snapshot = {"requests": {}, "duration": {}, "connect": {}, "loop_lag": {}, "gc_pause": {}, "workers": 0}
     for snap, alive in snapshots:
         for entry in snap.get("requests", ()):
             c, r, p, n = entry if len(entry) == 4 else (entry[0], entry[1], "http/1.1", entry[2])
@@ -181,6 +184,8 @@ class _Collector(Collector):
                     CONNECT_BUCKETS, s["connect"])  # fmt: skip
         yield _hist("gateway_event_loop_lag_seconds", "How late a worker's event loop ran a timer (sampled 4/s)",
                     LAG_BUCKETS, s.get("loop_lag") or {})  # fmt: skip
+        yield _hist("gateway_gc_pause_seconds", "How long Python's cycle collector stopped a worker, each time it ran",
+                    GC_BUCKETS, s.get("gc_pause") or {})  # fmt: skip
         g = GaugeMetricFamily
         yield g("gateway_downstream_connections", "Open client connections", s.get("downstream_connections", 0))
         yield g("gateway_downstream_connections_opening", "Accepted client connections still in their PROXY "

@@ -4,13 +4,16 @@ health answer on the serving port."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import WAIT, Catalog
 from tests.helpers import Client, RawUpstream, UpstreamConn, echo_handler, request
@@ -201,3 +204,33 @@ async def test_health_on_the_serving_port(start_gateway: Any) -> None:
     gw.gateway.ctx.draining = True
     r = await request(gw.port, "127.0.0.1", "/health")
     assert r.status == 503 and r.json() == {"status": "draining"}
+
+
+async def test_collector_pauses_are_measured(start_gateway: Any) -> None:
+    """Every run of Python's cycle collector stops the worker: each is observed into
+    gateway_gc_pause_seconds (collector.PauseClock), from start to stop, and only then."""
+    gw = await start_gateway()
+    before = await scrape(gw.admin_port)
+    gc.collect()  # a full collection, as the collector would run one
+    after = await scrape(gw.admin_port)
+    count = "gateway_gc_pause_seconds_count"
+    assert value(after, count) >= value(before, count) + 1
+    assert value(after, "gateway_gc_pause_seconds_sum") > value(before, "gateway_gc_pause_seconds_sum")
+    await gw.gateway.stop()
+    assert not [c for c in gc.callbacks if type(c).__name__ == "PauseClock"]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_the_startup_heap_is_left_out_of_collections(gateway_process: Any, workers: str) -> None:
+    """A serving process (each worker) freezes what startup built once it listens (collector.settle),
+    and says so: tens of thousands of objects a full collection no longer walks. That collection is
+    the first pause the metric shows, per worker."""
+    gw = gateway_process("--workers", workers)
+    async with asyncio.timeout(WAIT):  # (workers report their metrics each second)
+        while value(await scrape(gw.admin_port), "gateway_gc_pause_seconds_count") < int(workers):
+            await asyncio.sleep(0.1)
+    gw.proc.send_signal(signal.SIGTERM)
+    out = await asyncio.to_thread(gw.proc.communicate, timeout=WAIT * 3)
+    frozen = [int(n) for n in re.findall(r"startup heap frozen: (\d+) objects", out[0])]
+    assert len(frozen) == int(workers), out[0][-2000:]
+    assert all(n > 10_000 for n in frozen), frozen
