@@ -9,13 +9,11 @@ import argparse
 import logging
 import os
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
 import uvloop
 
-from gateway import collector
 from gateway.catalog import command as catalog_command
 from gateway.config import Config, ConfigError, example_toml, load_config
 from gateway.embedded import Embedded
@@ -106,20 +104,11 @@ async def _started(gw: Gateway, failure: str) -> bool:
     return True
 
 
-def _settle() -> None:
-    """Startup's heap out of the collector's way (collector.py): in the serving process only (an
-    in-process gateway in tests leaves its host's heap alone)."""
-    t = time.perf_counter()
-    n = collector.settle()
-    log.info("startup heap frozen: %d objects left out of collections (%.0f ms)", n, 1000 * (time.perf_counter() - t))
-
-
 async def _serve_worker(cfg: Config, worker_dir: str) -> int:
     """One of several workers: serve until the supervisor passes a signal on."""
-    gw = Gateway(cfg, worker_dir=worker_dir)
+    gw = Gateway(cfg, worker_dir=worker_dir, settle=True)
     if not await _started(gw, "gateway: worker cannot listen"):
         return 1
-    _settle()
     await gw.serve_until_signalled()
     return 0
 
@@ -145,11 +134,10 @@ async def _serve(cfg: Config, argv: list[str]) -> int:
         finally:
             if embedded is not None:
                 await embedded.stop()
-    gw = Gateway(cfg)
+    gw = Gateway(cfg, settle=True)
     try:
         if not await _started(gw, "gateway: cannot listen"):
             return 1
-        _settle()
         if cfg.loop_stall_timeout and gw.heartbeat is not None:  # no supervisor: a thread judges the loop
             LoopWatchdog(gw.heartbeat, cfg.loop_stall_timeout).start()
         if embedded is not None:

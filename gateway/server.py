@@ -34,6 +34,7 @@ import struct
 import time
 from typing import Any, Final
 
+from gateway import collector
 from gateway.access_log import AccessLog
 from gateway.admin import AdminServer
 from gateway.catalog import connection
@@ -138,12 +139,15 @@ def _listen_socket(host: str, port: int, backlog: int, reuse_port: bool = False)
 class Gateway:
     """One serving process: call :meth:`start`, then :meth:`serve_until_signalled` or :meth:`stop`."""
 
-    def __init__(self, config: Config, worker_dir: str | None = None) -> None:
+    def __init__(self, config: Config, worker_dir: str | None = None, settle: bool = False) -> None:
         """``worker_dir``: this process is one of several workers under a supervisor, which serves
         the admin app; the worker shares its listeners (SO_REUSEPORT) and writes its metrics and
-        readiness to a file there every second."""
+        readiness to a file there every second. ``settle``: this gateway is the process (the CLI's),
+        so startup's heap is frozen before it listens (collector.py; not for an in-process gateway
+        in tests, whose host's objects it would freeze)."""
         self.config = config
         self.worker_dir = worker_dir
+        self.settle = settle
         #: A worker's supervisor: when it is gone (SIGKILL, OOM killer) the worker drains and exits
         #: instead of serving on unsupervised, unseen by /ready and /metrics, holding the port.
         self.parent = os.getppid() if worker_dir is not None else 0
@@ -186,6 +190,11 @@ class Gateway:
         ctx.access_log = AccessLog.open(cfg.access_log, cfg.access_log_query)
         if cfg.tls_certificates:
             self.tls = TlsCertificates(cfg.tls_certificates, cfg.tls_min_version, cfg.http2)
+        if self.settle:  # before the first connection: none of them is frozen, none waits for this
+            t = time.perf_counter()
+            n = collector.settle()
+            log.info("startup heap frozen: %d objects left out of collections (%.0f ms)", n,
+                     1000 * (time.perf_counter() - t))  # fmt: skip
         own: list[tuple[str, int]] = []  # every address the gateway listens on, never a sandbox's
         for lst in cfg.listeners:
             sock = _listen_socket(lst.host, lst.port, cfg.listen_backlog, reuse_port=self.worker_dir is not None)

@@ -692,6 +692,7 @@ class H2Connection(asyncio.Protocol):
             x = s.x
             if x is not None:
                 x.abort()
+                s.x = None  # (as _finish: no cycle left)
 
     def pause_writing(self) -> None:
         """The client is not reading as fast as the gateway writes: its streams' sandboxes stop

@@ -481,6 +481,8 @@ class Exchange:
         try:
             self.client.send_last(self, buf)
         except framing.FramingError as e:  # its end cannot reach this client: the response is cut
+            self.done = False  # (not over: it fails now, with nothing more of it sent)
+            self.down_buf = []
             self.on_upstream_error(errors.UPSTREAM_INVALID_RESPONSE, str(e))
             return
         self.down_buf = []

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import pytest
 
 from gateway.http.http2 import H2Stream
 from gateway.http.proxy import Exchange
@@ -72,6 +76,35 @@ async def test_http2_requests_leave_no_cycles(start_gateway: Any, catalog: Catal
             c.flush()
             after = await c.request(gw.host(up.port, "gca"), "/after")  # the reset was handled by then
             assert after.status == 200
+        c.close()
+    assert found == []
+
+
+@pytest.mark.parametrize("end", ["client_resets", "connection_error"])
+async def test_http2_connections_ending_with_streams_in_flight_leave_no_cycles(
+    start_gateway: Any, catalog: Catalog, end: str
+) -> None:
+    """Streams still waiting for their sandboxes when the connection ends (the client resets it, or
+    breaks the protocol: a DATA frame on stream 0, RFC 9113 §6.1) are ended with it, and freed."""
+    async with RawUpstream(_held) as slow:
+        catalog.put("gcc", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await H2Client.connect(gw.port)
+        with cycles_found() as found:
+            for i in range(3):
+                c.start(gw.host(slow.port, "gcc"), f"/held{i}")
+            async with asyncio.timeout(WAIT):
+                while len(slow.conns) < 3 or slow.received.count(b"GET /held") < 3:
+                    await asyncio.sleep(0.01)
+            if end == "client_resets":  # (after a FIN alone the gateway would still answer them)
+                sock = c.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.transport.abort()
+            else:
+                c.send_raw(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00x")
+            async with asyncio.timeout(WAIT):
+                while gw.gateway.ctx.connections:  # (the gateway has ended the connection)
+                    await asyncio.sleep(0.01)
         c.close()
     assert found == []
 
