@@ -114,7 +114,9 @@ class H2Tunnel(asyncio.Protocol):
                 s.end_pending = True
                 s.pump()
             s.conn.flush_later()
-        s._finish()
+        if s.ended:
+            s._finish()
+        # else: what the sandbox sent waits for the client's window; pump() ends the stream then
         x = self.exchange
         if x is not None:
             self.exchange = None

@@ -151,3 +151,49 @@ async def test_private_sandbox_token_subprotocol_over_h2(
     assert echo.subprotocols == ["chat.v1"]  # the token never reached the app
     assert r.header(b"sec-websocket-protocol") == b"chat.v1"
     c.close()
+
+
+async def test_what_the_sandbox_sent_before_closing_waits_for_the_clients_window(
+    start_gateway: Any, catalog: Catalog
+) -> None:
+    """The client has ended its side of a WebSocket over HTTP/2 (END_STREAM: its Close was sent); the
+    sandbox, seeing that, sends more than the client's stream window lets through and closes (its
+    Close frame last). The client reads slowly: the rest waits at the gateway for the window after
+    the sandbox's connection is gone, and the stream then ends with END_STREAM, all of it delivered.
+    (It used to be dropped when the sandbox's connection closed: the client never saw the end.)"""
+    payload = bytes(range(256)) * 400  # 102,400 bytes: past the 65,535 of the stream's window
+    close = Frame(Opcode.CLOSE, Close(1000, "bye").serialize()).serialize(mask=False, extensions=[])
+
+    async def ws_server(c: UpstreamConn) -> None:
+        await c.read_head()
+        c.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+               b"Sec-WebSocket-Accept: x\r\n\r\n")  # fmt: skip
+        async with asyncio.timeout(WAIT):
+            while await c.reader.read(65536):  # until the client's side ends (the gateway's FIN)
+                pass
+        c.send(payload + close)
+        await c.writer.drain()
+        c.writer.close()
+
+    async with RawUpstream(ws_server) as up:
+        catalog.put("wsw", host="127.0.0.1")
+        gw = await start_gateway()
+        c = await H2Client.connect(gw.port)
+        sid = connect_ws(c, gw.host(up.port, "wsw"))
+        c.hold.add(sid)  # the stream's window is not given back (the connection's is)
+        r = c.responses[sid]
+        async with asyncio.timeout(WAIT):
+            await r.head.wait()
+        assert r.status == 200
+        c.send_body(sid, b"", end=True)
+        async with asyncio.timeout(WAIT):
+            # (the window's worth came, after the tunnel began; then the sandbox's connection closed)
+            while gw.gateway.ctx.tunnels or len(r.body) < 65_535:
+                await asyncio.sleep(0.01)
+        assert len(r.body) == 65_535 and r.reset is None and not r.ended.is_set()
+        c.hold.discard(sid)
+        c.conn.increment_flow_control_window(len(payload), sid)  # the client reads on
+        c.flush()
+        await c.response(sid)
+        assert r.reset is None and bytes(r.body) == payload + close
+        c.close()
