@@ -121,6 +121,15 @@ class _Allowance:
         return n - free
 
 
+def _held(conn: H2Connection) -> int:
+    """Bytes in memory for a client: written and not yet taken by the kernel, queued in h2, waiting
+    in its streams for its windows (only while its transport is full: H2Connection._unread)."""
+    n = conn.transport.get_write_buffer_size() + conn.h2.queued()
+    for s in conn.streams.values():
+        n += len(s.out)
+    return n
+
+
 class H2Stream:
     """One stream of an HTTP/2 connection: the client side of one exchange (client.py)."""
 
@@ -598,7 +607,7 @@ class H2Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        held = self.transport.get_write_buffer_size() + self.h2.queued() if self.write_paused else -1
+        held = _held(self) if self.write_paused else -1
         self.in_feed = True
         try:
             events = self.h2.receive_data(data)
@@ -648,9 +657,11 @@ class H2Connection(asyncio.Protocol):
         (an error page, RST_STREAM, a PING's ACK...) waits in memory, not in the kernel. A client
         that sends without reading would make it grow, ten bytes of answer for each byte of
         request; past :data:`UNREAD_LIMIT` the connection is reset (the GOAWAY could not be read).
-        The sandboxes' DATA is not counted: it stops at the high-water mark (pause_writing).
-        True: the connection is gone."""
-        self.unread += self.transport.get_write_buffer_size() + self.h2.queued() - held
+        The sandboxes' DATA is not counted: it stops at the high-water mark (pause_writing), and
+        what the streams held for the client's windows (``out``) is in :func:`_held` before and
+        after, so a WINDOW_UPDATE that sends megabytes of it (httpx gives the connection's window
+        back 8 MiB at a time) moves bytes, it adds none. True: the connection is gone."""
+        self.unread += _held(self) - held
         if self.unread <= UNREAD_LIMIT:
             return False
         log.info("HTTP/2 client %s sends without reading what it is answered: reset", self.peer.ip)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from typing import Any
 
 import h2.events
@@ -13,10 +14,10 @@ from h2.settings import SettingCodes
 from hyperframe.frame import WindowUpdateFrame
 
 from gateway.http import flow
-from gateway.http.http2 import STREAM_WINDOW, H2Connection
+from gateway.http.http2 import STREAM_WINDOW, UNREAD_LIMIT, H2Connection
 from tests import needs
 from tests.conftest import WAIT, Catalog
-from tests.h2client import H2Client
+from tests.h2client import H2Client, error_codes
 from tests.helpers import RawUpstream, UpstreamConn, echo_handler, response, rss_kib, until_sandbox_blocked
 
 GIB = 1 << 30
@@ -329,4 +330,71 @@ async def test_only_streams_waiting_for_the_connection_window_are_resumed(start_
         c.flush()
         r = await c.response(sid)
         assert bytes(r.body) == body
+        c.close()
+
+
+async def test_data_a_client_asked_for_is_not_counted_as_unread(start_gateway: Any, catalog: Catalog) -> None:
+    """A client that reads, more slowly than the gateway writes, and gives back the connection's
+    window in large steps (httpx: 8 MiB at a time) makes the gateway send, in the read of that one
+    WINDOW_UPDATE, what its streams held for the window: megabytes, while its transport is full.
+    That is DATA the client asked for, held in memory already (the streams' buffers, which the
+    sandboxes stop filling while the transport is full), not an answer that grows with what the
+    client sends: it is not counted against the limit for a client that sends without reading
+    (UNREAD_LIMIT), and the connection is not reset. Here, step by step: every stream holds
+    STREAM_BUFFER for the connection's window, the client stops reading and gives back window until
+    the gateway's transport is full (the sandboxes refill the streams meanwhile), then gives back
+    4 MiB at once; the downloads all complete byte for byte."""
+    n = 16
+    body = patterned(8)
+    async with RawUpstream(serves({b"big": body})) as up:
+        catalog.put("slowread", host="127.0.0.1")
+        gw = await start_gateway()
+        host = gw.host(up.port, "slowread")
+        loop = asyncio.get_running_loop()
+        # Streams' windows wide open, the connection's 65,535 bytes and given back only below.
+        c = H2Client(auto_ack=False, settings={SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        c.window = 0
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # (before connect: little in the kernel)
+        sock.setblocking(False)
+        async with asyncio.timeout(WAIT):
+            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+            await loop.create_connection(lambda: c, sock=sock)
+        sids = [c.start(host, "/big") for _ in range(n)]
+        (conn,) = [x for x in gw.gateway.ctx.connections if isinstance(x, H2Connection)]
+
+        async def until(what: Any, why: str) -> None:
+            async with asyncio.timeout(WAIT * 3):
+                while not what():
+                    assert not c.lost.is_set(), f"connection lost while waiting until {why}"
+                    await asyncio.sleep(0.01)
+
+        def all_held() -> bool:  # every stream waits for the connection's window with STREAM_BUFFER
+            streams = [conn.streams.get(sid) for sid in sids]
+            return all(s is not None and s.holding for s in streams) and len(conn.blocked) == n
+
+        await until(all_held, "every stream holds STREAM_BUFFER")
+        c.transport.pause_reading()  # the client reads no more for now
+        given = 0
+        while not conn.write_paused:  # window back, a MiB at a time, until the gateway's transport is full
+            assert given < 256 << 20
+            c.conn.increment_flow_control_window(1 << 20)
+            c.flush()
+            given += 1 << 20
+            await until(lambda g=given: conn.increments >= g, "the gateway has the window")
+            await until(lambda: conn.write_paused or all_held(), "the streams hold again")
+        held = sum(len(conn.streams[sid].out) for sid in sids)
+        assert held >= 2 * UNREAD_LIMIT, held  # (the sandboxes are not read while the transport is full)
+        c.conn.increment_flow_control_window(4 << 20)  # at once, as httpx does
+        c.flush()
+        await until(lambda: conn.increments >= given + (4 << 20), "the gateway has the window")
+        c.transport.resume_reading()
+        c.conn.increment_flow_control_window(n * len(body))
+        c.flush()
+        for sid in sids:
+            await c.response(sid, timeout=WAIT * 3)
+        assert not c.lost.is_set() and c.goaway is None, f"the connection ended (GOAWAY {error_codes(c)})"
+        for sid in sids:
+            r = c.responses[sid]
+            assert r.status == 200 and r.reset is None and bytes(r.body) == body
         c.close()
