@@ -10,6 +10,7 @@ import socket
 from typing import Any
 
 import h2.events
+import pytest
 from h2.settings import SettingCodes
 from hyperframe.frame import WindowUpdateFrame
 
@@ -398,3 +399,57 @@ async def test_data_a_client_asked_for_is_not_counted_as_unread(start_gateway: A
             r = c.responses[sid]
             assert r.status == 200 and r.reset is None and bytes(r.body) == body
         c.close()
+
+
+async def test_httpx_uploads_beside_downloads_on_one_connection(gateway_process: Any, catalog: Catalog) -> None:
+    """httpx (httpcore's HTTP/2, one connection, prior knowledge) uploading on 8 streams while it
+    downloads on 40: everything arrives. httpx reads as its tasks get to it, more slowly than the
+    gateway writes, and gives the connection's window back 8 MiB at a time; the gateway took the
+    DATA that released for answers the client did not read and reset the connection (ReadError
+    on every stream, before _unread measured what is held for the client: http2._held). The uploads have no content-length (chunked to the sandbox, which answers
+    after the last chunk): an answer that came before httpx's END_STREAM would make httpcore
+    discard it (docs/operations.md, "HTTP/2 clients"), which is not what is tested here."""
+    httpx = pytest.importorskip("httpx")
+    up_size, down_size = 4 << 20, 8 << 20
+
+    async def sink(c: UpstreamConn) -> None:
+        while True:
+            head, body = await c.read_request()
+            assert b"transfer-encoding: chunked" in head.lower()
+            n = pos = 0
+            while size := int(body[pos : body.index(b"\r\n", pos)], 16):  # the chunks' sizes, summed
+                n += size
+                pos = body.index(b"\r\n", pos) + 2 + size + 2
+            c.send(response(200, b"got %d" % n))
+
+    down = b"d" * down_size
+    async with RawUpstream(sink) as ups, RawUpstream(serves({b"d": down})) as downs:
+        catalog.put("hxup", host="127.0.0.1")
+        catalog.put("hxdown", host="127.0.0.1")
+        gw = gateway_process()
+        base = f"http://127.0.0.1:{gw.port}"
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=WAIT * 6, limits=limits) as client:
+
+            async def chunks() -> Any:
+                for _ in range(up_size >> 16):
+                    yield b"u" * (1 << 16)
+
+            async def upload() -> None:
+                r = await client.post(base + "/up", content=chunks(), headers={"host": gw.host(ups.port, "hxup")})
+                assert r.status_code == 200 and r.content == b"got %d" % up_size
+
+            async def download() -> None:
+                n = 0
+                async with client.stream("GET", base + "/d", headers={"host": gw.host(downs.port, "hxdown")}) as r:
+                    assert r.status_code == 200
+                    async for chunk in r.aiter_raw():
+                        n += len(chunk)
+                assert n == down_size
+
+            r = await client.get(base + "/d", headers={"host": gw.host(downs.port, "hxdown")})
+            assert r.http_version == "HTTP/2" and len(r.content) == down_size
+            async with asyncio.timeout(WAIT * 12):
+                await asyncio.gather(*[upload() for _ in range(8)], *[download() for _ in range(40)])
+            pool = client._transport._pool  # type: ignore[attr-defined]
+            assert len(pool.connections) == 1  # all on one connection
