@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import h2.errors
 
-from gateway.http import flow, h2map
+from gateway.http import flow, framing, h2map
 from gateway.http.headers import analyze_response
 from gateway.http.wsframes import FrameTracker, close_frame
 
@@ -259,9 +259,10 @@ def start(stream: H2Stream, x: Exchange, up: UpstreamConnection, head: bytes, re
     fields = h2map.response_fields(analyze_response(head, 101, False, False, False, ctx.own_cookie)[0], tunnel=True)
     if x.rid and ctx.rid_header and ctx.rid_in_response.search(head) is None:
         fields.append((ctx.rid_header_h2, x.rid))
-    size = h2map.section_size(fields)
-    if not 0 <= size <= stream.conn.max_list:  # (never sent: other streams share the connection, h2map.py)
-        log.info("%s from %s: the stream is reset", stream._too_large(size, "101 head"), up.address)
+    try:
+        stream.fit(fields, "101 head")
+    except framing.FramingError as e:  # (never sent: other streams share the connection, h2map.py)
+        log.info("%s from %s: the stream is reset", e, up.address)
         up.close()
         stream._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
         return

@@ -211,9 +211,7 @@ class H2Stream:
         if not self.ended:
             out = analyze_response(head, status, False, False, True, self.ctx.own_cookie)[0]
             fields = h2map.response_fields(out)
-            size = h2map.section_size(fields)
-            if not 0 <= size <= self.conn.max_list:
-                raise self._too_large(size, "1xx head")
+            self.fit(fields, "1xx head")
             self.conn.h2.send_headers(self.sid, fields)
             self.conn.flush_later()
 
@@ -232,11 +230,7 @@ class H2Stream:
             rid_name = ctx.rid_header_h2 if ctx.rid_header and ctx.rid_in_response.search(head) is None else None
             # The head must fit what the client takes with any request ID the gateway sends (at most
             # MAX_REQUEST_ID bytes): measured here, once per head, and refused before HPACK sees it.
-            size = h2map.section_size(fields)
-            if rid_name is not None and size >= 0:
-                size += 32 + len(rid_name) + MAX_REQUEST_ID
-            if not 0 <= size <= conn.max_list:
-                raise self._too_large(size, "response head")
+            self.fit(fields, "response head", 0 if rid_name is None else 32 + len(rid_name) + MAX_REQUEST_ID)
             if len(conn.heads) >= 32:
                 conn.heads.clear()
             conn.heads[key] = got = (r, fields, rid_name)
@@ -258,17 +252,23 @@ class H2Stream:
             self.ended = True
         return body_in, length
 
-    def _too_large(self, size: int, what: str) -> framing.FramingError:
-        """A header block this client does not take (h2map.py): never sent; the exchange fails with
-        502 if nothing of the response was sent yet, else the stream is reset."""
+    def fit(
+        self, fields: list[tuple[bytes, bytes]] | tuple[tuple[bytes, bytes], ...], what: str, room: int = 0
+    ) -> None:
+        """Raises framing.FramingError for a header block this client does not take (h2map.py), with
+        ``room`` bytes more for fields added after: never sent; the exchange fails with 502 if
+        nothing of the response was sent yet, else the stream is reset."""
+        size = h2map.section_size(fields)
         if size < 0:
-            return framing.FramingError(
+            raise framing.FramingError(
                 framing.TOO_LARGE, f"{what} with a field name or value over {h2map.MAX_STRING} bytes"
             )
-        return framing.FramingError(
-            framing.TOO_LARGE,
-            f"{what} of {size} bytes (RFC 9113 §6.5.2) is more than this client takes ({self.conn.max_list})",
-        )
+        size += room
+        if size > self.conn.max_list:
+            raise framing.FramingError(
+                framing.TOO_LARGE,
+                f"{what} of {size} bytes (RFC 9113 §6.5.2) is more than this client takes ({self.conn.max_list})",
+            )
 
     def send_body(self, x: Exchange, pieces: list[bytes]) -> None:
         if self.ended:
@@ -315,9 +315,7 @@ class H2Stream:
             return
         if x.trailers:
             trailers = h2map.fields_of(x.trailers)
-            size = h2map.section_size(trailers)
-            if not 0 <= size <= self.conn.max_list:  # (the body went: the exchange resets the stream)
-                raise self._too_large(size, "trailer section")
+            self.fit(trailers, "trailer section")  # (the body went: the exchange resets the stream)
             self.trailers = trailers
         elif not self.out and not self.holding:  # the common case: all of the rest in one DATA frame
             data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
