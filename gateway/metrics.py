@@ -73,6 +73,10 @@ class Histogram:
         self.counts[bisect_left(self.bounds, v)] += 1
         self.sum += v
 
+    def data(self) -> dict[str, Any]:
+        """As a snapshot holds it."""
+        return {"counts": list(self.counts), "sum": self.sum}
+
 
 class Metrics:
     """One worker's numbers. The data plane updates the attributes directly."""
@@ -108,10 +112,10 @@ class Metrics:
             + [[_class(s), "sandbox", "http/1.1", n] for s, n in self.sandbox_status.items()]
             + [[_class(s), r, "h2", n] for (s, r), n in self.h2_requests.items()]
             + [[_class(s), "sandbox", "h2", n] for s, n in self.h2_sandbox_status.items()],
-            "duration": {"counts": list(self.duration.counts), "sum": self.duration.sum},
-            "connect": {"counts": list(self.connect.counts), "sum": self.connect.sum},
-            "loop_lag": {"counts": list(self.loop_lag.counts), "sum": self.loop_lag.sum},
-            "gc_pause": {"counts": list(self.gc_pause.counts), "sum": self.gc_pause.sum},
+            "duration": self.duration.data(),
+            "connect": self.connect.data(),
+            "loop_lag": self.loop_lag.data(),
+            "gc_pause": self.gc_pause.data(),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "tunnels_total": self.tunnels_total,
@@ -138,7 +142,7 @@ def _add_hist(into: dict[str, Any], h: dict[str, Any]) -> None:
 
 def merge(snapshots: Iterable[tuple[Snapshot, bool]]) -> Snapshot:
     """Sum worker snapshots; ``(snapshot, alive)``: a dead worker's gauges are left out."""
-    out: Snapshot = {"requests": {}, "duration": {}, "connect": {}, "loop_lag": {}, "gc_pause": {}, "workers": 0}
+    out: Snapshot = {"requests": {}, "workers": 0} | {k: {} for k in _HISTOGRAMS}
     for snap, alive in snapshots:
         for entry in snap.get("requests", ()):
             c, r, p, n = entry if len(entry) == 4 else (entry[0], entry[1], "http/1.1", entry[2])

@@ -41,7 +41,6 @@ from gateway.catalog import connection
 from gateway.catalog.cache import CatalogCache
 from gateway.catalog.invalidation import InvalidationListener
 from gateway.catalog.reader import Catalog
-from gateway.collector import PauseClock
 from gateway.config import Config
 from gateway.http.context import Context
 from gateway.http.downstream import ClientConnection
@@ -167,7 +166,7 @@ class Gateway:
         self._stopping: asyncio.Event | None = None
         self._fast = False
         self.heartbeat: Heartbeat | None = None  # the loop proves it turns (watchdog.py)
-        self.gc_clock: PauseClock | None = None  # the collector's pauses (collector.py)
+        self.gc_clock: collector.PauseClock | None = None  # the collector's pauses (collector.py)
 
     async def start(self) -> None:
         cfg = self.config
@@ -228,7 +227,7 @@ class Gateway:
         self._tick_handle = loop.call_later(1.0, self._tick)
         self.heartbeat = Heartbeat(ctx.metrics.loop_lag, self.worker_dir)
         self.heartbeat.start()
-        self.gc_clock = PauseClock(ctx.metrics.gc_pause)
+        self.gc_clock = collector.PauseClock(ctx.metrics.gc_pause)
         self.gc_clock.start()
         self._watch_task = loop.create_task(self.catalog.watch())
         self._listen_task = loop.create_task(self.invalidation.run())
