@@ -13,16 +13,23 @@ FUZZ_S ?= 60
 TEST_FUZZ_S ?= 10
 FUZZ_TARGETS := requests responses h2requests
 
-.PHONY: install peers run test lint typecheck pytest fuzz fuzz-short conformance bench config clean
+.PHONY: install peers run test lint typecheck pytest pytest-pure fuzz fuzz-short conformance bench config clean
 
-# `make install`: .venv with an editable install and the dev extras (tests, types, lint).
-install: $(VENV)/.installed
+# `make install`: .venv with an editable install and the dev extras (tests, types, lint), then the
+# data plane compiled with mypyc in place (gateway/native.py; pure Python where there is no C
+# compiler), rebuilt whenever one of its sources changes.
+install: $(VENV)/.installed $(VENV)/.native
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python >= 3.11 with venv support is needed (Debian: apt-get install python3-venv)"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || \
 	  { echo "python3 -m venv failed: on Debian, apt-get install python3-venv"; rm -rf $(VENV); exit 1; }
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	GATEWAY_COMPILE=0 $(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+NATIVE_SRC := setup.py gateway/native.py $(shell $(PYTHON) -c 'import runpy; print(*(m.replace(".", "/") + ".py" for m in runpy.run_path("gateway/native.py")["COMPILED"]))' 2>/dev/null)
+$(VENV)/.native: $(VENV)/.installed $(NATIVE_SRC)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	@touch $@
 
 # The gateway on 127.0.0.1:8080 and [::1]:8080 (admin 127.0.0.1:8081) with a local Redis and a demo
@@ -47,7 +54,7 @@ tests/e2e/vite-app/node_modules/.installed: tests/e2e/vite-app/package.json
 	else echo "peers: no npm (apt-get install nodejs npm): the Vite tests will skip (fail under CI)"; fi
 
 # The whole suite: lint, types, tests (real Redis, real sockets, real peers), a short fuzz run.
-test: install peers lint typecheck pytest fuzz-short
+test: install peers lint typecheck pytest pytest-pure fuzz-short
 
 lint: install
 	$(BIN)/ruff check .
@@ -58,19 +65,25 @@ typecheck: install
 pytest: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The unit tests (tables, properties, fuzz regressions) again on the pure Python modules, the
+# reference a build without a C compiler runs (~1 min). (test_native.py is about the build itself.)
+pytest-pure: install
+	GATEWAY_PURE=1 $(BIN)/pytest -q tests/unit --ignore=tests/unit/test_native.py
+
 # Coverage-guided fuzzing (atheris) of the framer and head analysis, both directions (tests/fuzz/).
+# On the pure Python modules (GATEWAY_PURE=1): atheris sees coverage in bytecode, not in compiled code.
 # A crash, a broken property or an input over 100 ms of CPU fails and prints the input.
 fuzz: install
 	@for t in $(FUZZ_TARGETS); do \
 	  echo "fuzz: $$t for $(FUZZ_S) s"; \
-	  $(BIN)/python -m tests.fuzz $$t $(FUZZ_S) || exit 1; \
+	  GATEWAY_PURE=1 $(BIN)/python -m tests.fuzz $$t $(FUZZ_S) || exit 1; \
 	done
 
 # The same, quietly, for make test: the log is shown only when a target fails.
 fuzz-short: install
 	@for t in $(FUZZ_TARGETS); do \
 	  log=$$(mktemp); \
-	  if $(BIN)/python -m tests.fuzz $$t $(TEST_FUZZ_S) >$$log 2>&1; then \
+	  if GATEWAY_PURE=1 $(BIN)/python -m tests.fuzz $$t $(TEST_FUZZ_S) >$$log 2>&1; then \
 	    echo "fuzz: $$t, $(TEST_FUZZ_S) s: $$(grep -o 'number_of_executed_units: *[0-9]*' $$log | grep -o '[0-9]*$$') inputs, no failure"; \
 	    rm -f $$log; \
 	  else tail -n 40 $$log; rm -f $$log; exit 1; fi; \
@@ -91,4 +104,5 @@ config: install
 	$(BIN)/python -c 'from gateway.config import settings_markdown; print(settings_markdown(), end="")' > docs/settings.md
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/fuzz/found
+	find gateway -name '*.so' -delete
+	rm -rf $(VENV) build gateway/_native.sha256 .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/fuzz/found

@@ -10,6 +10,13 @@ address the gateway finds in a Redis catalog. The public surface is small on pur
 Everything else is internal and may change.
 """
 
+import os
+
+if os.environ.get("GATEWAY_PURE") == "1":  # (before any compiled module is imported: gateway/native.py)
+    from gateway import native
+
+    native.prefer_source()
+
 from gateway.config import Config, ConfigError, load_config
 from gateway.server import Gateway
 

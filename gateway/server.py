@@ -34,7 +34,7 @@ import struct
 import time
 from typing import Any, Final
 
-from gateway import collector
+from gateway import collector, native
 from gateway.access_log import AccessLog
 from gateway.admin import AdminServer
 from gateway.catalog import connection
@@ -190,6 +190,13 @@ class Gateway:
         if cfg.tls_certificates:
             self.tls = TlsCertificates(cfg.tls_certificates, cfg.tls_min_version, cfg.http2)
         if self.settle:  # before the first connection: none of them is frozen, none waits for this
+            built = native.status()
+            build = f"compiled ({len(built.compiled)} modules)" if built.compiled else "pure Python"
+            log.info("data plane: %s", build)
+            if built.stale:
+                log.warning(
+                    "compiled modules older than their sources (make install rebuilds): %s", ", ".join(built.stale)
+                )
             t = time.perf_counter()
             n = collector.settle()
             log.info("startup heap frozen: %d objects left out of collections (%.0f ms)", n,

@@ -22,6 +22,7 @@ import pytest
 import redis
 import uvloop
 
+from gateway import native
 from gateway.config import load_config
 from gateway.server import Gateway
 from tests import needs
@@ -34,6 +35,18 @@ WAIT = 10.0  # upper bound for any single wait in a test (seconds)
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], Any]]:
     """Async tests run on uvloop, like the gateway."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The suite tests the sources: never a compiled build older than them (gateway/native.py); and
+    under CI, the compiled build that make install makes and production runs."""
+    built = native.status()
+    if built.stale:
+        pytest.exit(f"compiled modules older than their sources: {', '.join(built.stale)} (run make install)", 2)
+    pure = os.environ.get("GATEWAY_PURE") == "1"
+    if os.environ.get("CI") and not pure and len(built.compiled) != len(native.COMPILED):
+        missing = sorted(set(native.COMPILED) - set(built.compiled))
+        pytest.exit(f"CI runs the compiled data plane, and these are not compiled: {', '.join(missing)}", 2)
 
 
 @pytest.hookimpl(trylast=True)

@@ -252,8 +252,8 @@ class ClientConnection(asyncio.Protocol):
                     break
         except _Reject as e:
             self._protocol_error(e.reason)
-        except framing.FramingError as e:
-            self._protocol_error(_REASONS[e.kind])
+        except framing.FramingError as fe:  # (not `e` again: mypyc types a name once per function)
+            self._protocol_error(_REASONS[fe.kind])
         except Exception:
             log.exception("request handling failed")
             self._protocol_error(errors.INTERNAL_ERROR)

@@ -22,6 +22,8 @@ import logging
 import select
 from typing import TYPE_CHECKING, Protocol, cast
 
+from mypy_extensions import mypyc_attr
+
 from gateway import errors
 from gateway.errors import Reason
 from gateway.http import flow, framing
@@ -63,6 +65,7 @@ class SandboxLink(Protocol):
     def reset(self) -> None: ...
 
 
+@mypyc_attr(native_class=False)  # (mypyc compiles no subclass of OSError)
 class OwnListener(OSError):
     """The connection reached one of the gateway's own listeners (policy.OwnListeners)."""
 

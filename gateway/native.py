@@ -1,0 +1,113 @@
+"""Which of the gateway's modules run compiled, and whether any compiled one is older than its source.
+
+The data plane's modules (:data:`COMPILED`: everything a request's bytes go through, from the
+host grammar to the HTTP/2 streams) are compiled to C extension modules with mypyc when the build
+has it (``make install`` does; setup.py): the same source, type-checked by ``mypy --strict`` as it
+is, runs as native code, and the interpreter's per-call and per-attribute work, most of what the
+gateway's own code cost per request, goes (docs/development.md, "Compiled data plane"). The pure
+Python modules stay the reference: a build without a C compiler runs them, slower, with the same
+behaviour.
+
+An extension module shadows the ``.py`` beside it, so a source edited after the build would not be
+what runs. The build writes each compiled source's SHA-256 to :data:`SUMS`; :func:`status` compares,
+the test suite refuses to run on a stale build, and ``gateway serve`` says which build it runs.
+
+``GATEWAY_PURE=1`` runs the sources whatever was built (:func:`prefer_source`, installed by the
+package before it imports any of them): the fuzzers need it (atheris follows coverage in bytecode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+__all__ = ["COMPILED", "SUMS", "Status", "prefer_source", "status"]
+
+#: The modules mypyc compiles, in one group (calls between them are native calls). Not here:
+#: h2conn.py (its ServerConnection subclasses h2's Python class, which mypyc cannot compile), the
+#: control plane (configuration, catalog, admin app, supervisor: not per request).
+COMPILED: Final = (
+    "gateway.hostname",
+    "gateway.policy",
+    "gateway.http.admission",
+    "gateway.http.context",
+    "gateway.http.downstream",
+    "gateway.http.flow",
+    "gateway.http.framing",
+    "gateway.http.h2map",
+    "gateway.http.h2tunnel",
+    "gateway.http.headers",
+    "gateway.http.http2",
+    "gateway.http.proxy",
+    "gateway.http.proxy_protocol",
+    "gateway.http.resume",
+    "gateway.http.tunnel",
+    "gateway.http.upstream",
+    "gateway.http.wsframes",
+)
+
+#: Written by the build next to this module: ``<module> <sha256 of its source>`` per line.
+SUMS: Final = Path(__file__).with_name("_native.sha256")
+
+
+@dataclass(frozen=True)
+class Status:
+    compiled: tuple[str, ...]  # modules that import as extension modules
+    stale: tuple[str, ...]  # ... whose source changed since they were built
+
+
+def source_sum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def status(sums: Path = SUMS) -> Status:
+    """Which modules of :data:`COMPILED` import as extension modules, and which of those are stale.
+
+    Read from the files beside each source (the import system takes an extension module before the
+    ``.py`` of the same name), not from imported modules: a compiled module's ``__spec__`` need not
+    name the file it came from."""
+    if any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+        return Status((), ())
+    try:
+        built = dict(line.split() for line in sums.read_text().splitlines() if line.strip())
+    except OSError:
+        built = {}
+    root = Path(__file__).parent.parent
+    compiled: list[str] = []
+    stale: list[str] = []
+    for name in COMPILED:
+        source = root.joinpath(*name.split(".")).with_suffix(".py")
+        if not any(source.with_suffix(suffix).exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+            continue
+        compiled.append(name)
+        if source.exists() and built.get(name) != source_sum(source):
+            stale.append(name)
+    return Status(tuple(compiled), tuple(stale))
+
+
+class _SourceFirst(importlib.abc.MetaPathFinder):
+    """Finds the ``.py`` of a module in :data:`COMPILED` before the import system finds its build."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in COMPILED:
+            return None
+        for entry in path if path is not None else sys.path:
+            source = Path(entry) / (fullname.rpartition(".")[2] + ".py")
+            if source.is_file():
+                return importlib.util.spec_from_file_location(fullname, source)
+        return None
+
+
+def prefer_source() -> None:
+    """Import the compiled modules from their sources from now on (before any of them is imported)."""
+    if not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFirst())

@@ -1,0 +1,59 @@
+"""The compiled data plane (gateway/native.py): which build runs, a stale build is found, and
+GATEWAY_PURE=1 runs the sources."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import native
+
+_PROBE = (
+    "import json, gateway, gateway.http.http2, gateway.hostname; from gateway import native; "
+    "print(json.dumps([gateway.http.http2.__file__, gateway.hostname.__file__, native.status().compiled]))"
+)
+
+
+def _probe(pure: bool) -> tuple[str, str, list[str]]:
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_PURE"}
+    if pure:
+        env["GATEWAY_PURE"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    http2, hostname, compiled = json.loads(out.stdout)
+    return http2, hostname, compiled
+
+
+def test_pure_runs_the_sources_whatever_was_built() -> None:
+    http2, hostname, compiled = _probe(pure=True)
+    assert http2.endswith("http2.py") and hostname.endswith("hostname.py")
+    assert compiled == []
+
+
+def test_the_build_that_runs_is_the_one_status_reports() -> None:
+    http2, hostname, compiled = _probe(pure=False)
+    built = native.status()
+    assert compiled == list(built.compiled)
+    assert ("gateway.http.http2" in compiled) == (not http2.endswith(".py"))
+    assert ("gateway.hostname" in compiled) == (not hostname.endswith(".py"))
+    if os.environ.get("CI"):  # (CI installs a C compiler: make install compiles every module)
+        assert compiled == list(native.COMPILED)
+
+
+def test_a_source_changed_after_the_build_is_stale(tmp_path: Path) -> None:
+    built = native.status()
+    if not built.compiled:
+        pytest.skip("pure Python build: nothing compiled can be stale")
+    sums = native.SUMS.read_text().splitlines()
+    first = built.compiled[0]
+    edited = [f"{first} {'0' * 64}" if line.split()[0] == first else line for line in sums]
+    (tmp_path / "sums").write_text("\n".join(edited) + "\n")
+    assert native.status(tmp_path / "sums").stale == (first,)
+    assert native.status(native.SUMS).stale == ()
+    assert set(native.status(tmp_path / "missing").stale) == set(built.compiled)  # no sums: all stale
