@@ -27,10 +27,16 @@ $(VENV)/.installed: pyproject.toml
 	GATEWAY_COMPILE=0 $(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
 
-NATIVE_SRC := setup.py gateway/native.py $(shell $(PYTHON) -c 'import runpy; print(*(m.replace(".", "/") + ".py" for m in runpy.run_path("gateway/native.py")["COMPILED"]))' 2>/dev/null)
+# Every source of the package: compiled code also relies on what it inferred from the modules it
+# imports. Old builds are removed first (a module no longer compiled, a build that falls back to pure
+# Python). The stamp is left only by a compiled build: without a compiler, the next make tries again.
+NATIVE_SRC := setup.py $(shell find gateway -name '*.py' -not -path '*/__pycache__/*')
 $(VENV)/.native: $(VENV)/.installed $(NATIVE_SRC)
+	find gateway \( -name '*.so' -o -name '_native.sha256' \) -delete
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
-	@touch $@
+	@$(BIN)/python -c 'from gateway import native; n = len(native.status().compiled); \
+	  print(f"data plane: compiled ({n} modules)" if n else "data plane: pure Python (to compile it: apt-get install gcc python3-dev, then make install)")'
+	@$(BIN)/python -c 'import sys; from gateway import native; sys.exit(not native.status().compiled)' && touch $@ || true
 
 # The gateway on 127.0.0.1:8080 and [::1]:8080 (admin 127.0.0.1:8081) with a local Redis and a demo
 # sandbox. Ctrl-C stops all.
@@ -104,5 +110,5 @@ config: install
 	$(BIN)/python -c 'from gateway.config import settings_markdown; print(settings_markdown(), end="")' > docs/settings.md
 
 clean:
-	find gateway -name '*.so' -delete
-	rm -rf $(VENV) build gateway/_native.sha256 .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/fuzz/found
+	find gateway \( -name '*.so' -o -name '_native.sha256' \) -delete
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache .hypothesis tests/fuzz/found

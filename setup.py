@@ -8,7 +8,6 @@ Compiled when mypyc can be imported (it comes with mypy: ``make install`` builds
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import runpy
@@ -40,19 +39,21 @@ def compiler() -> str | None:
 
 
 class BuildExt(build_ext):  # type: ignore[misc]
-    """Also writes each compiled source's SHA-256 (gateway/native.py: a stale build is found)."""
+    """Also writes the SHA-256 of every source of the package (gateway/native.py: a stale build is
+    found), beside the modules it built."""
 
     def run(self) -> None:
         super().run()
+        if not self.extensions:
+            return
         base = HERE if self.inplace else Path(self.build_lib)
-        lines = []
-        for name in NATIVE["COMPILED"]:
-            src = HERE / (name.replace(".", "/") + ".py")
-            lines.append(f"{name} {hashlib.sha256(src.read_bytes()).hexdigest()}\n")
-        (base / "gateway" / "_native.sha256").write_text("".join(lines))
+        sums = NATIVE["source_sums"](HERE / "gateway")
+        (base / "gateway" / "_native.sha256").write_text("".join(f"{p} {h}\n" for p, h in sums.items()))
 
 
 def ext_modules() -> list[Any]:
+    if {"egg_info", "dist_info"} & set(sys.argv[1:]):  # (pip asks for metadata first: no compiling)
+        return []
     why = compiler()
     if why is not None:
         print(f"gateway: building pure Python ({why})", file=sys.stderr)

@@ -1,19 +1,21 @@
-"""Which of the gateway's modules run compiled, and whether any compiled one is older than its source.
+"""Which of the gateway's modules run compiled, and whether the build is older than the sources.
 
 The data plane's modules (:data:`COMPILED`: everything a request's bytes go through, from the
 host grammar to the HTTP/2 streams) are compiled to C extension modules with mypyc when the build
 has it (``make install`` does; setup.py): the same source, type-checked by ``mypy --strict`` as it
 is, runs as native code, and the interpreter's per-call and per-attribute work, most of what the
-gateway's own code cost per request, goes (docs/development.md, "Compiled data plane"). The pure
-Python modules stay the reference: a build without a C compiler runs them, slower, with the same
-behaviour.
+gateway's own code cost per request, goes (docs/development.md, "Compiling the data plane with
+mypyc"). The pure Python modules stay the reference: a build without a C compiler runs them,
+slower, with the same behaviour.
 
 An extension module shadows the ``.py`` beside it, so a source edited after the build would not be
-what runs. The build writes each compiled source's SHA-256 to :data:`SUMS`; :func:`status` compares,
-the test suite refuses to run on a stale build, and ``gateway serve`` says which build it runs.
+what runs; and compiled code also relies on what it inferred from the modules it imports (a
+setting's type, a class's attributes). The build writes the SHA-256 of every source of the package
+to :data:`SUMS`; :func:`status` compares, the test suite refuses to run on a stale build, and
+``gateway serve`` says which build it runs.
 
 ``GATEWAY_PURE=1`` runs the sources whatever was built (:func:`prefer_source`, installed by the
-package before it imports any of them): the fuzzers need it (atheris follows coverage in bytecode).
+package before it imports any of them): the fuzzers need it, since atheris instruments bytecode.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["COMPILED", "SUMS", "Status", "prefer_source", "status"]
+__all__ = ["COMPILED", "SUMS", "Status", "prefer_source", "source_sums", "status"]
 
 #: The modules mypyc compiles, in one group (calls between them are native calls). Not here:
-#: h2conn.py (its ServerConnection subclasses h2's Python class, which mypyc cannot compile), the
-#: control plane (configuration, catalog, admin app, supervisor: not per request).
+#: http/h2conn.py (its ServerConnection subclasses h2's Python class: compiled, as a class mypyc
+#: leaves to the interpreter, it gained 0.5 %), http/client.py and http/hdrs.py (names and
+#: constants), http/tls_accept.py (once per connection), and the control plane (configuration,
+#: catalog, admin app, supervisor, metrics: not per request).
 COMPILED: Final = (
     "gateway.hostname",
     "gateway.policy",
@@ -53,43 +57,50 @@ COMPILED: Final = (
     "gateway.http.wsframes",
 )
 
-#: Written by the build next to this module: ``<module> <sha256 of its source>`` per line.
+#: Written by the build next to this module: ``<path in the package> <sha256>`` per source.
 SUMS: Final = Path(__file__).with_name("_native.sha256")
 
 
 @dataclass(frozen=True)
 class Status:
     compiled: tuple[str, ...]  # modules that import as extension modules
-    stale: tuple[str, ...]  # ... whose source changed since they were built
+    stale: tuple[str, ...]  # sources (paths in the package) added, removed or changed since the build
 
 
-def source_sum(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def source_sums(package: Path) -> dict[str, str]:
+    """``{path in the package: sha256}`` of every ``.py`` of the package in ``package``."""
+    return {
+        p.relative_to(package).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(package.rglob("*.py"))
+        if "__pycache__" not in p.parts
+    }
 
 
 def status(sums: Path = SUMS) -> Status:
-    """Which modules of :data:`COMPILED` import as extension modules, and which of those are stale.
+    """Which modules of :data:`COMPILED` import as extension modules, and which sources changed since.
 
     Read from the files beside each source (the import system takes an extension module before the
     ``.py`` of the same name), not from imported modules: a compiled module's ``__spec__`` need not
     name the file it came from."""
     if any(isinstance(f, _SourceFirst) for f in sys.meta_path):
         return Status((), ())
+    package = Path(__file__).parent
+    compiled = tuple(
+        name
+        for name in COMPILED
+        if any(
+            package.joinpath(*name.split(".")[1:]).with_suffix(suffix).exists()
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES
+        )
+    )
+    if not compiled:
+        return Status((), ())
     try:
         built = dict(line.split() for line in sums.read_text().splitlines() if line.strip())
     except OSError:
         built = {}
-    root = Path(__file__).parent.parent
-    compiled: list[str] = []
-    stale: list[str] = []
-    for name in COMPILED:
-        source = root.joinpath(*name.split(".")).with_suffix(".py")
-        if not any(source.with_suffix(suffix).exists() for suffix in importlib.machinery.EXTENSION_SUFFIXES):
-            continue
-        compiled.append(name)
-        if source.exists() and built.get(name) != source_sum(source):
-            stale.append(name)
-    return Status(tuple(compiled), tuple(stale))
+    now = source_sums(package)
+    return Status(compiled, tuple(sorted(p for p in built.keys() | now.keys() if built.get(p) != now.get(p))))
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):
@@ -108,6 +119,12 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
 
 
 def prefer_source() -> None:
-    """Import the compiled modules from their sources from now on (before any of them is imported)."""
-    if not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
-        sys.meta_path.insert(0, _SourceFirst())
+    """Import the compiled modules from their sources from now on (before any of them is imported).
+
+    The finder goes just before the one that finds files (``PathFinder``), not first: an import
+    hook ahead of it, such as atheris's, asks the finders after itself and wraps their loader, which
+    is how the fuzzers instrument these modules."""
+    if any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+        return
+    at = next((i for i, f in enumerate(sys.meta_path) if f is importlib.machinery.PathFinder), len(sys.meta_path))
+    sys.meta_path.insert(at, _SourceFirst())

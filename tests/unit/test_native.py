@@ -50,10 +50,34 @@ def test_a_source_changed_after_the_build_is_stale(tmp_path: Path) -> None:
     built = native.status()
     if not built.compiled:
         pytest.skip("pure Python build: nothing compiled can be stale")
-    sums = native.SUMS.read_text().splitlines()
-    first = built.compiled[0]
-    edited = [f"{first} {'0' * 64}" if line.split()[0] == first else line for line in sums]
-    (tmp_path / "sums").write_text("\n".join(edited) + "\n")
-    assert native.status(tmp_path / "sums").stale == (first,)
-    assert native.status(native.SUMS).stale == ()
-    assert set(native.status(tmp_path / "missing").stale) == set(built.compiled)  # no sums: all stale
+    assert built.stale == ()
+    recorded = dict(line.split() for line in native.SUMS.read_text().splitlines())
+    # Any source of the package counts, compiled or not (compiled code relies on what it inferred
+    # from the modules it imports: config.py's types, for one).
+    assert {"config.py", "http/http2.py", "http/h2conn.py"} <= recorded.keys()
+    for edited in ("config.py", "http/http2.py"):
+        sums = tmp_path / edited.replace("/", "_")
+        sums.write_text("".join(f"{p} {'0' * 64 if p == edited else h}\n" for p, h in recorded.items()))
+        assert native.status(sums).stale == (edited,)
+    gone = tmp_path / "gone"
+    gone.write_text("".join(f"{p} {h}\n" for p, h in recorded.items() if p != "http/flow.py"))
+    assert native.status(gone).stale == ("http/flow.py",)  # (a source added since the build)
+    assert set(native.status(tmp_path / "missing").stale) == set(recorded)  # no sums: all stale
+
+
+_FUZZ_PROBE = (
+    "import atheris\n"
+    "with atheris.instrument_imports(include=['gateway']):\n"
+    "    import gateway.http.framing, gateway.http.headers\n"
+    "print(type(gateway.http.framing.__loader__).__name__, type(gateway.http.headers.__loader__).__name__)\n"
+)
+
+
+def test_the_fuzzers_instrument_the_pure_modules() -> None:
+    """atheris's import hook asks the finders after itself: GATEWAY_PURE's finder must be one of
+    them, or the modules load uninstrumented and the fuzzers mutate without coverage."""
+    env = {**os.environ, "GATEWAY_PURE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _FUZZ_PROBE], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["AtherisSourceFileLoader", "AtherisSourceFileLoader"]
