@@ -34,9 +34,9 @@ NATIVE_SRC := setup.py $(shell find gateway -name '*.py' -not -path '*/__pycache
 $(VENV)/.native: $(VENV)/.installed $(NATIVE_SRC)
 	find gateway \( -name '*.so' -o -name '_native.sha256' \) -delete
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
-	@$(BIN)/python -c 'from gateway import native; n = len(native.status().compiled); \
-	  print(f"data plane: compiled ({n} modules)" if n else "data plane: pure Python (to compile it: apt-get install gcc python3-dev, then make install)")'
-	@$(BIN)/python -c 'import sys; from gateway import native; sys.exit(not native.status().compiled)' && touch $@ || true
+	@$(BIN)/python -c 'import sys; from gateway import native; n = len(native.status().compiled); \
+	  print(f"data plane: compiled ({n} modules)" if n else "data plane: pure Python (to compile it: apt-get install gcc python3-dev, then make install)"); \
+	  sys.exit(not n)' && touch $@ || true
 
 # The gateway on 127.0.0.1:8080 and [::1]:8080 (admin 127.0.0.1:8081) with a local Redis and a demo
 # sandbox. Ctrl-C stops all.

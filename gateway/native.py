@@ -109,9 +109,9 @@ class _SourceFirst(importlib.abc.MetaPathFinder):
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: object = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in COMPILED:
+        if fullname not in COMPILED or path is None:  # (each is a submodule: found in its package's path)
             return None
-        for entry in path if path is not None else sys.path:
+        for entry in path:
             source = Path(entry) / (fullname.rpartition(".")[2] + ".py")
             if source.is_file():
                 return importlib.util.spec_from_file_location(fullname, source)

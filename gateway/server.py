@@ -195,7 +195,8 @@ class Gateway:
             log.info("data plane: %s", build)
             if built.stale:
                 log.warning(
-                    "compiled modules older than their sources (make install rebuilds): %s", ", ".join(built.stale)
+                    "sources changed since the data plane was compiled (make install rebuilds): %s",
+                    ", ".join(built.stale),
                 )
             t = time.perf_counter()
             n = collector.settle()

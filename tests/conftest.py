@@ -42,7 +42,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     under CI, the compiled build that make install makes and production runs."""
     built = native.status()
     if built.stale:
-        pytest.exit(f"compiled modules older than their sources: {', '.join(built.stale)} (run make install)", 2)
+        pytest.exit(f"sources changed since the data plane was compiled: {', '.join(built.stale)} (make install)", 2)
     pure = os.environ.get("GATEWAY_PURE") == "1"
     if os.environ.get("CI") and not pure and len(built.compiled) != len(native.COMPILED):
         missing = sorted(set(native.COMPILED) - set(built.compiled))
